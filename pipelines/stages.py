@@ -1,0 +1,7 @@
+"""The built-in stages, registered in execution order."""
+from __future__ import annotations
+
+from pipelines.fmri_stage import FmriStage
+from pipelines.registry import register
+
+register(FmriStage())

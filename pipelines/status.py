@@ -1,0 +1,52 @@
+"""``giblet-preprocess status``: each unit done, stale (and why) or missing."""
+from __future__ import annotations
+
+from giblet.config import StudyConfig
+from giblet.store import ALIGN_KEY, read_manifest
+from pipelines.registry import Unit
+
+
+def why_stale(unit: Unit, entry: dict) -> str:
+    """Which version, parameter or input changed between the store and the config."""
+    reasons = []
+    if entry.get("version") != unit.version:
+        reasons.append(f"stage version {entry.get('version')} -> {unit.version}")
+    old_p, new_p = entry.get("params", {}), unit.params
+    for k in sorted(set(old_p) | set(new_p)):
+        if old_p.get(k) != new_p.get(k):
+            reasons.append(f"parameter {k}: {old_p.get(k, 'default')!r} -> {new_p.get(k, 'default')!r}")
+    old_i, new_i = entry.get("inputs", {}), unit.inputs
+    for k in sorted(set(old_i) | set(new_i)):
+        if old_i.get(k) != new_i.get(k):
+            reasons.append(f"input {k} changed" if k in old_i and k in new_i else f"input {k} added/removed")
+    return "; ".join(reasons) or "fingerprint changed"
+
+
+def status_lines(cfg: StudyConfig, units: list[Unit]) -> tuple[list[str], bool]:
+    """Human-readable status lines and whether everything is done."""
+    manifest = read_manifest(cfg.output_path) or {"units": {}}
+    lines, all_done = [], True
+    width = max([len(u.key) for u in units] + [5])
+    for unit in units:
+        entry = manifest["units"].get(unit.key)
+        if entry is None:
+            state = "missing"
+        elif entry.get("fingerprint") == unit.fingerprint:
+            state = "done"
+        else:
+            state = f"stale ({why_stale(unit, entry)})"
+        all_done &= state == "done"
+        lines.append(f"{unit.key:<{width}}  {state}")
+    planned = {u.key for u in units}
+    for key in sorted(set(manifest["units"]) - planned):
+        lines.append(f"{key:<{width}}  extra (not in the config; removed by the next run)")
+        all_done = False
+    align = manifest.get(ALIGN_KEY)
+    current = {k: e["fingerprint"] for k, e in manifest["units"].items()}
+    if align and align.get("units") == current:
+        lines.append(f"{'align':<{width}}  done (n_trs {align['n_trs']}, train {align['split']['train']}, "
+                     f"val {align['split']['val']})")
+    else:
+        lines.append(f"{'align':<{width}}  missing")
+        all_done = False
+    return lines, all_done

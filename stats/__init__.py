@@ -1,0 +1,1 @@
+"""Consumers of stores and training logs: scale reports, convergence diagnostics, plots."""
