@@ -51,13 +51,16 @@ class FmriParams:
 
 @dataclass(frozen=True)
 class VideoParams:
-    width: int = 160
+    width: int = 160  # stored frame size (pixels); the movie is resized once, on decode
     height: int = 90
     frame_skip: int = 4  # keep every k-th frame of each TR window
-    frames_per_tr: Optional[int] = None  # None: ceil(tr_s * fps / frame_skip)
-    interpolation: str = "area"
-    chunk_trs: int = 16
-    segment_trs: int = 128  # TRs decoded by one Dask task
+    frames_per_tr: Optional[int] = None  # None: ceil(tr_s * fps / frame_skip); short TRs repeat their last frame
+    interpolation: str = "area"  # one of VIDEO_INTERPOLATIONS (swscale)
+    chunk_trs: int = 16  # TRs per Zarr chunk of video/frames
+    segment_trs: int = 128  # TRs decoded by one Dask task; a multiple of chunk_trs
+
+
+VIDEO_INTERPOLATIONS = ("area", "bilinear", "bicubic", "nearest", "lanczos")
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,17 @@ def _check_values(cfg: StudyConfig, problems: list[str]) -> None:
     check(f.mask_reference is None or f.mask_reference in cfg.inputs.fmri,
           f"fmri.mask_reference: {f.mask_reference!r} is not a subject in inputs.fmri "
           f"({', '.join(cfg.inputs.fmri) or 'none'})")
+    v = cfg.video
+    check(v.interpolation in VIDEO_INTERPOLATIONS,
+          f"video.interpolation: must be one of {', '.join(VIDEO_INTERPOLATIONS)}, got {v.interpolation!r}")
+    for name in ("width", "height", "frames_per_tr"):
+        value = getattr(v, name)
+        check(value is None and name == "frames_per_tr" or isinstance(value, int) and value >= 1,
+              f"video.{name}: must be an integer >= 1{' or null' if name == 'frames_per_tr' else ''}, got {value!r}")
+    if isinstance(v.segment_trs, int) and isinstance(v.chunk_trs, int) and v.chunk_trs >= 1 and v.segment_trs >= 1:
+        check(v.segment_trs % v.chunk_trs == 0,
+              f"video.segment_trs: {v.segment_trs} is not a multiple of video.chunk_trs={v.chunk_trs} (each task "
+              f"writes whole chunks); set video.segment_trs={max(1, round(v.segment_trs / v.chunk_trs)) * v.chunk_trs}")
     for block in STAGE_BLOCKS:
         params = getattr(cfg, block)
         for fld in dataclasses.fields(params):

@@ -132,6 +132,13 @@ class StoreView:
         """Per-channel ``(mean, std)`` of [0, 1]-scaled pixels over the training TRs."""
         return self.array("video/mean")[...], self.array("video/std")[...]
 
+    def video_float(self, trs: Optional[slice] = None, zscore: bool = False) -> np.ndarray:
+        """``(tr, frame, y, x, channel) float32``: pixels / 255, or z-scored per channel
+        with the saved ``video_stats()`` (``zscore=True``; a zero-std channel maps to 0)."""
+        from giblet.features.video import to_float
+
+        return to_float(self.video(trs), *(self.video_stats() if zscore else (None, None)))
+
     def audio_codes(self, trs: Optional[slice] = None) -> np.ndarray:
         """``(tr, codebook, code_frame) int16`` EnCodec codes."""
         return self._series("audio/codes", trs)

@@ -72,6 +72,32 @@ def _check_zscore(view, subject: str) -> list[str]:
     return problems
 
 
+def _check_video(view) -> list[str]:
+    """video/frames uint8 (tr, frame, y, x, 3), video/padded matching it, finite [0, 1] stats."""
+    frames, padded = view.array("video/frames"), view.array("video/padded")
+    meta = view.unit_meta("video")
+    problems = []
+    if frames.dtype != np.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
+        problems.append(f"video/frames: {frames.dtype} {frames.shape}, expected uint8 (tr, frame, y, x, 3)")
+    elif (frames.shape[0], frames.shape[1]) != (meta.get("n_trs"), meta.get("frames_per_tr")):
+        problems.append(f"video/frames: shape {frames.shape} disagrees with the manifest's n_trs "
+                        f"{meta.get('n_trs')} / frames_per_tr {meta.get('frames_per_tr')}")
+    if padded.dtype != np.bool_ or padded.shape != frames.shape[:2]:
+        problems.append(f"video/padded: {padded.dtype} {padded.shape}, expected bool {frames.shape[:2]}")
+    elif int(padded[...].sum()) != meta.get("n_padded_frames"):
+        problems.append(f"video/padded: {int(padded[...].sum())} padded slots, manifest counts "
+                        f"{meta.get('n_padded_frames')}")
+    mean, std = view.video_stats()
+    if mean.shape != (3,) or std.shape != (3,) or mean.dtype != np.float32 or std.dtype != np.float32:
+        problems.append(f"video/mean|std: {mean.dtype} {mean.shape} / {std.dtype} {std.shape}, expected float32 (3,)")
+    elif not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        problems.append(f"video/mean|std: not finite (mean {mean}, std {std})")
+    elif (mean < 0).any() or (mean > 1).any() or (std < 0).any() or (std > 0.5).any():
+        problems.append(f"video/mean|std: outside [0, 1] pixel scale (mean {mean}, std {std}); were they "
+                        f"computed on 0-255 values?")
+    return problems
+
+
 def verify_store(path: str | Path, invariants: bool = True) -> list[str]:
     """All problems found in the store at ``path`` (an empty list means it verified)."""
     path = Path(path)
@@ -100,4 +126,6 @@ def verify_store(path: str | Path, invariants: bool = True) -> list[str]:
             bold = view.array(f"fmri/{subject}/bold")
             if bold.shape[1] != view.n_voxels:
                 problems.append(f"fmri/{subject}/bold: {bold.shape[1]} voxels, mask has {view.n_voxels}")
+        if view.has("video/frames"):
+            problems += _check_video(view)
     return problems

@@ -3,5 +3,7 @@ from __future__ import annotations
 
 from pipelines.fmri_stage import FmriStage
 from pipelines.registry import register
+from pipelines.video_stage import VideoStage
 
 register(FmriStage())
+register(VideoStage())
