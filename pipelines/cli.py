@@ -108,7 +108,13 @@ def cmd_stats(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # KEY=VALUE overrides may come after options (`run CONFIG --force fmri.detrend=true`).
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     commands = {"run": cmd_run, "status": cmd_status, "verify": cmd_verify, "stats": cmd_stats}
     try:
         return commands[args.command](args)

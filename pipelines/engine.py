@@ -97,8 +97,9 @@ def _client(scheduler: Optional[str], workers: Optional[int]):
             raise StoreError(f"--scheduler {scheduler}: cannot connect ({exc}); start `dask scheduler` "
                              f"and `dask worker {scheduler}`, or drop --scheduler to use a LocalCluster") from None
     n = workers or max(1, min(4, os.cpu_count() or 1))
+    # Task errors reach the user once, as giblet's one-line message: keep worker logs quiet.
     cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=logging.ERROR)
+                           silence_logs=logging.CRITICAL)
     return Client(cluster), cluster
 
 
