@@ -1,0 +1,164 @@
+"""How one epoch's samples are split over ranks and dataloader workers: pure functions of integers.
+
+Everything here is a function of its integer arguments only (no clock, no global RNG, no
+torch), so every rank computes the same global order on its own and the split can be
+tested over many geometries without a process group (mosaicml/streaming's ``partition``).
+
+One epoch, step by step (:func:`epoch_order`, then :func:`rank_share`, then :func:`partition`):
+
+1. **Chunk-aware shuffle.** Sample ids ``0 .. n-1`` are grouped into *chunks*: runs of
+   consecutive ids stored in one Zarr chunk (the dataset passes its layout as
+   ``chunk_size``). The chunk order is shuffled; consecutive shuffled chunks are grouped
+   ``mix_chunks`` at a time into *blocks*; samples are shuffled within each block. With
+   ``mix_chunks=1`` this is exactly "shuffle chunk order, then within chunks"; larger
+   values mix more (subject, time) stretches into each batch and need that many chunks
+   in a reader's cache at once. The generator is ``np.random.default_rng([seed, epoch])``.
+2. **Equal length per rank.** Every rank gets ``ceil(n / world_size)`` samples: the
+   shuffled order is *padded by wrapping* (its first few samples are served twice this
+   epoch). With ``drop_last=True`` every rank gets ``floor(n / world_size)`` and the last
+   ``n % world_size`` samples of the shuffled order are skipped this epoch (different ones
+   each epoch). Rank ``r`` takes the ``r``-th contiguous slice, so it reads whole chunks.
+3. **Lanes.** A rank's slice is cut into ``lanes`` contiguous stretches whose batches
+   are interleaved (lane 0's batch 0, lane 1's batch 0, ..., lane 0's batch 1, ...). That
+   interleaving is the rank's *sequence*: the order a loader delivers batches in.
+4. **Workers.** After skipping the first ``position`` samples (already consumed), the
+   rest of the sequence is cut into batches of ``batch_size`` and batch ``i`` goes to
+   worker ``i % num_workers`` -- the order in which ``torch.utils.data.DataLoader``
+   collects worker outputs, so the delivered order *is* the sequence, whatever the
+   number of workers. When ``num_workers`` divides ``lanes``, each worker reads its own
+   lanes only: no chunk is decompressed by two workers.
+
+So the samples consumed after ``position`` deliveries are always the first ``position``
+of the rank's sequence, which depends on (seed, epoch, n, chunk layout, world_size,
+batch_size, mix_chunks, lanes) and *not* on ``num_workers``: a run resumed with another
+worker count gets exactly the remaining samples.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import numpy as np
+
+from giblet.errors import ConfigError
+
+ChunkLayout = Union[int, Sequence[int]]
+
+
+def _check(name: str, value: int, low: int) -> int:
+    if int(value) != value or value < low:
+        raise ConfigError(f"partition: {name}={value!r}; it must be an integer >= {low}")
+    return int(value)
+
+
+def chunk_sizes(n_samples: int, chunk_size: ChunkLayout) -> np.ndarray:
+    """Lengths of the chunks that tile ``0 .. n_samples-1``.
+
+    Args:
+        chunk_size: one int (uniform chunks, the last one shorter) or the lengths of each
+            chunk in id order (they must sum to ``n_samples``).
+
+    Returns:
+        ``(n_chunks,) int64``.
+    """
+    if np.ndim(chunk_size) == 0:
+        size = _check("chunk_size", chunk_size, 1)
+        full, rest = divmod(n_samples, size)
+        return np.array([size] * full + ([rest] if rest else []), dtype=np.int64)
+    sizes = np.asarray(chunk_size, dtype=np.int64)
+    if sizes.sum() != n_samples or (sizes < 1).any():
+        raise ConfigError(f"partition: chunk sizes sum to {int(sizes.sum())} (min {int(sizes.min(initial=0))}), "
+                          f"not n_samples={n_samples}; pass positive lengths that tile the samples")
+    return sizes
+
+
+def epoch_order(n_samples: int, *, seed: int, epoch: int, shuffle: bool = True,
+                chunk_size: ChunkLayout = 1, mix_chunks: int = 1) -> np.ndarray:
+    """The global order of one epoch (step 1 of the module docstring).
+
+    Returns:
+        ``(n_samples,) int64`` permutation of the sample ids.
+    """
+    _check("n_samples", n_samples, 0)
+    _check("mix_chunks", mix_chunks, 1)
+    if not shuffle or n_samples == 0:
+        return np.arange(n_samples, dtype=np.int64)
+    sizes = chunk_sizes(n_samples, chunk_size)
+    rng = np.random.default_rng([_check("seed", seed, 0), _check("epoch", epoch, 0)])
+    chunk_rank = np.empty(len(sizes), dtype=np.int64)
+    chunk_rank[rng.permutation(len(sizes))] = np.arange(len(sizes))
+    block = np.repeat(chunk_rank // mix_chunks, sizes)
+    # lexsort: primary key the block (shuffled chunk order), secondary a random key.
+    return np.lexsort((rng.random(n_samples), block)).astype(np.int64)
+
+
+def rank_share(n_samples: int, world_size: int, drop_last: bool = False) -> int:
+    """Samples per rank per epoch: ``ceil(n / world_size)``, or ``floor`` with ``drop_last``."""
+    _check("world_size", world_size, 1)
+    return n_samples // world_size if drop_last else -(-n_samples // world_size)
+
+
+def rank_sequence(n_samples: int, *, rank: int, world_size: int, seed: int, epoch: int, shuffle: bool = True,
+                  chunk_size: ChunkLayout = 1, drop_last: bool = False, batch_size: int = 1,
+                  mix_chunks: int = 1, lanes: int = 1) -> np.ndarray:
+    """Every sample rank ``rank`` serves this epoch, in delivery order (steps 1-3).
+
+    Returns:
+        ``(rank_share(n, world_size, drop_last),) int64`` sample ids.
+    """
+    _check("world_size", world_size, 1)
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"partition: rank={rank} is outside 0..{world_size - 1} (world_size={world_size}); "
+                          f"take rank and world_size from giblet.data.world.get_world()")
+    batch_size, lanes = _check("batch_size", batch_size, 1), _check("lanes", lanes, 1)
+    order = epoch_order(n_samples, seed=seed, epoch=epoch, shuffle=shuffle, chunk_size=chunk_size,
+                        mix_chunks=mix_chunks)
+    per_rank = rank_share(n_samples, world_size, drop_last)
+    if per_rank == 0:
+        return np.zeros(0, dtype=np.int64)
+    padded = np.resize(order, per_rank * world_size)  # np.resize repeats cyclically: pad by wrap
+    mine = padded[rank * per_rank:(rank + 1) * per_rank]
+    batches = [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)]
+    per_lane = -(-len(batches) // lanes)
+    lane_batches = [batches[j * per_lane:(j + 1) * per_lane] for j in range(lanes)]
+    interleaved = [lane[r] for r in range(per_lane) for lane in lane_batches if r < len(lane)]
+    return np.concatenate(interleaved)
+
+
+def partition(n_samples: int, *, rank: int, world_size: int, worker: int = 0, num_workers: int = 1,
+              seed: int = 0, epoch: int = 0, shuffle: bool = True, chunk_size: ChunkLayout = 1,
+              drop_last: bool = False, batch_size: int = 1, mix_chunks: int = 1, lanes: int = 1,
+              position: int = 0) -> np.ndarray:
+    """The sample ids one (rank, worker) reads this epoch, in order.
+
+    Args:
+        n_samples: samples in the epoch (e.g. ``len(GibletDataset(...))``).
+        rank, world_size: this process and the number of processes (see ``giblet.data.world``).
+        worker, num_workers: this dataloader worker and the worker count (0 workers = 1).
+        seed, epoch: the only inputs of the shuffle.
+        shuffle: False keeps id order (still split and padded the same way).
+        chunk_size: the storage layout, an int or per-chunk lengths (see :func:`chunk_sizes`).
+        drop_last: drop instead of pad to equalize ranks (module docstring, step 2).
+        batch_size: samples handed to a worker at a time.
+        mix_chunks: chunks shuffled together (step 1).
+        lanes: interleaved stretches of each rank's slice (step 3).
+        position: samples of this rank's sequence already consumed (resume point).
+
+    Returns:
+        ``(k,) int64`` sample ids; the batches of worker ``w`` are batches
+        ``w, w + num_workers, ...`` of ``rank_sequence(...)[position:]``.
+    """
+    num_workers = _check("num_workers", num_workers, 1)
+    if not 0 <= worker < num_workers:
+        raise ConfigError(f"partition: worker={worker} is outside 0..{num_workers - 1}")
+    seq = rank_sequence(n_samples, rank=rank, world_size=world_size, seed=seed, epoch=epoch, shuffle=shuffle,
+                        chunk_size=chunk_size, drop_last=drop_last, batch_size=batch_size,
+                        mix_chunks=mix_chunks, lanes=lanes)
+    position = _check("position", position, 0)
+    if position > len(seq):
+        raise ConfigError(f"partition: position={position} is past the end of this rank's epoch "
+                          f"({len(seq)} samples); the saved loader state belongs to another dataset or world size")
+    rest = seq[position:]
+    starts = np.arange(worker * batch_size, len(rest), num_workers * batch_size)
+    if len(starts) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([rest[s:s + batch_size] for s in starts])

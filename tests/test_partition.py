@@ -1,0 +1,181 @@
+"""giblet.data.partition / loader / world: pure splits over many geometries, resume, rank discovery."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from giblet.data import GibletLoader, World, epoch_order, partition, rank_sequence, rank_share
+from giblet.data.world import world_from_env
+from giblet.errors import ConfigError
+
+
+def deal(n, ws, nw, **kw):
+    """{(rank, worker): ids} for one epoch."""
+    return {(r, w): partition(n, rank=r, world_size=ws, worker=w, num_workers=nw, **kw)
+            for r in range(ws) for w in range(nw)}
+
+
+def round_robin(parts, batch_size):
+    """What a DataLoader delivers: batch i from worker i % W, in order."""
+    batches = [[p[i:i + batch_size] for i in range(0, len(p), batch_size)] for p in parts]
+    out = [b for row in itertools.zip_longest(*batches) for b in row if b is not None]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+GEOMETRIES = [(ws, nw, n) for ws in (1, 2, 3, 4, 8) for nw in (1, 2, 3, 4) for n in (0, 1, 2, 5, 7, 16, 33, 100, 257)]
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_every_sample_once_equal_lengths_over_many_geometries(drop_last):
+    for (ws, nw, n), (bs, chunk, mix, lanes) in itertools.product(GEOMETRIES, [(1, 1, 1, 1), (4, 5, 2, 4), (3, 16, 1, 2)]):
+        kw = dict(seed=7, epoch=3, chunk_size=chunk, drop_last=drop_last, batch_size=bs, mix_chunks=mix, lanes=lanes)
+        parts = deal(n, ws, nw, **kw)
+        per_rank = [sum(len(parts[r, w]) for w in range(nw)) for r in range(ws)]
+        expected = n // ws if drop_last else -(-n // ws)
+        assert per_rank == [expected] * ws == [rank_share(n, ws, drop_last)] * ws, (ws, nw, n)
+        ids = np.concatenate(list(parts.values()))
+        counts = np.bincount(ids, minlength=n)
+        order = epoch_order(n, seed=7, epoch=3, chunk_size=chunk, mix_chunks=mix)
+        if drop_last:  # the last n % ws samples of the shuffled order sit out this epoch
+            assert (counts[order[:expected * ws]] == 1).all() and (counts[order[expected * ws:]] == 0).all()
+        else:  # pad by wrap: the first (ceil * ws - n) samples of the shuffled order are served again
+            assert (counts == np.bincount(np.resize(order, expected * ws), minlength=n)).all(), (ws, nw, n)
+            assert (counts >= 1).all() and (counts <= -(-expected * ws // max(n, 1))).all()
+        for r in range(ws):  # the workers of a rank split its share: nothing lost, nothing added
+            mine = np.concatenate([parts[r, w] for w in range(nw)])
+            share = rank_sequence(n, rank=r, world_size=ws, **kw)
+            assert (np.sort(mine) == np.sort(share)).all()
+
+
+def test_delivered_order_is_the_rank_sequence_whatever_the_worker_count():
+    kw = dict(seed=1, epoch=0, chunk_size=[3, 8, 8, 5, 8, 1, 8, 9], batch_size=4, mix_chunks=2, lanes=4)
+    for ws, rank in ((1, 0), (3, 2)):
+        seq = rank_sequence(50, rank=rank, world_size=ws, **kw)
+        for nw in (1, 2, 3, 4, 5):
+            parts = [partition(50, rank=rank, world_size=ws, worker=w, num_workers=nw, **kw) for w in range(nw)]
+            assert (round_robin(parts, 4) == seq).all(), nw
+
+
+def test_order_depends_on_seed_and_epoch_only_and_is_deterministic():
+    kw = dict(rank=1, world_size=2, worker=0, num_workers=2, chunk_size=4, batch_size=2)
+    a = partition(100, seed=3, epoch=5, **kw)
+    assert (a == partition(100, seed=3, epoch=5, **kw)).all()
+    assert not (a == partition(100, seed=3, epoch=6, **kw)).all()
+    assert not (a == partition(100, seed=4, epoch=5, **kw)).all()
+    plain = epoch_order(10, seed=3, epoch=5, shuffle=False)
+    assert (plain == np.arange(10)).all()
+    assert (rank_sequence(10, rank=1, world_size=2, seed=0, epoch=0, shuffle=False) == np.arange(5, 10)).all()
+
+
+def test_chunk_aware_shuffle_keeps_chunks_together_and_mixes_blocks():
+    sizes = [16] * 20 + [2] + [16] * 9  # e.g. 2 subjects of 322 and 146 TRs in 16-TR chunks
+    n = sum(sizes)
+    chunk_of = np.repeat(np.arange(len(sizes)), sizes)
+    order = epoch_order(n, seed=0, epoch=0, chunk_size=sizes, mix_chunks=1)
+    runs = chunk_of[order]
+    assert (np.diff(runs) != 0).sum() == len(sizes) - 1  # each chunk is one contiguous run
+    assert not (np.diff(runs) == 1).all()  # chunk order is shuffled
+    assert not (order[:16] == np.sort(order[:16])).all()  # and samples within a chunk too
+    mixed = chunk_of[epoch_order(n, seed=0, epoch=0, chunk_size=sizes, mix_chunks=3)]
+    blocks = [set(mixed[i:i + 48]) for i in range(0, 16 * 3 * 5, 48)]
+    assert max(len(b) for b in blocks) <= 4 and min(len(b) for b in blocks) >= 2  # 3 chunks per block
+
+
+def test_workers_dividing_lanes_read_disjoint_chunks():
+    sizes = [16] * 64
+    chunk_of = np.repeat(np.arange(64), sizes)
+    for nw, lanes in ((2, 4), (4, 4), (2, 2)):
+        parts = [partition(1024, rank=0, world_size=1, worker=w, num_workers=nw, seed=2, epoch=0, chunk_size=sizes,
+                           batch_size=16, mix_chunks=2, lanes=lanes) for w in range(nw)]
+        touched = [set(chunk_of[p]) for p in parts]
+        shared = set.union(*[a & b for a, b in itertools.combinations(touched, 2)])
+        assert len(shared) <= lanes, (nw, lanes, len(shared))  # only chunks straddling a lane boundary
+        lanes_off = [set(chunk_of[partition(1024, rank=0, world_size=1, worker=w, num_workers=nw, seed=2, epoch=0,
+                                            chunk_size=sizes, batch_size=16, mix_chunks=2, lanes=1)])
+                     for w in range(nw)]
+        shared_off = set.union(*[a & b for a, b in itertools.combinations(lanes_off, 2)])
+        assert len(shared_off) > 32  # without lanes, consecutive batches of a block go to two workers
+
+
+def test_position_resumes_with_exactly_the_remaining_samples():
+    kw = dict(rank=0, world_size=2, seed=9, epoch=1, chunk_size=7, batch_size=3, mix_chunks=2, lanes=2)
+    seq = rank_sequence(61, **kw)
+    for position, nw in ((0, 3), (6, 2), (7, 1), (30, 4), (31, 2)):
+        parts = [partition(61, worker=w, num_workers=nw, position=position, **kw) for w in range(nw)]
+        assert (round_robin(parts, 3) == seq[position:]).all()
+    with pytest.raises(ConfigError, match="past the end"):
+        partition(61, position=32, **kw)
+
+
+def test_bad_arguments_fail_with_the_value():
+    with pytest.raises(ConfigError, match="rank=2 is outside 0..1"):
+        partition(10, rank=2, world_size=2)
+    with pytest.raises(ConfigError, match="worker=2"):
+        partition(10, rank=0, world_size=1, worker=2, num_workers=2)
+    with pytest.raises(ConfigError, match="sum to 9"):
+        partition(10, rank=0, world_size=1, chunk_size=[4, 5])
+    with pytest.raises(ConfigError, match="batch_size=0"):
+        partition(10, rank=0, world_size=1, batch_size=0)
+
+
+class Ints(torch.utils.data.Dataset):
+    """A tiny map-style dataset: sample i is {"index": i}, in 5-sample chunks."""
+
+    chunk_sizes = (5,) * 11 + (2,)
+
+    def __len__(self):
+        return 57
+
+    def __getitem__(self, i):
+        return {"index": torch.tensor(i)}
+
+
+def ids(batches):
+    return [b["index"].tolist() for b in batches]
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_loader_resume_mid_epoch_with_another_worker_count_gives_the_same_batches():
+    full = GibletLoader(Ints(), batch_size=4, num_workers=2, seed=5, world=World(0, 1))
+    epoch0, epoch1 = ids(full), ids(full)
+    assert sorted(sum(epoch0, [])) == list(range(57)) and epoch0 != epoch1 and full.epoch == 2
+    first = GibletLoader(Ints(), batch_size=4, num_workers=2, seed=5, world=World(0, 1))
+    it = iter(first)
+    head = ids(next(it) for _ in range(6))
+    state = first.state_dict()
+    assert state["epoch"] == 0 and state["position"] == 24 and state["seed"] == 5
+    del it  # "killed" mid-epoch
+    for nw in (0, 1, 3):
+        resumed = GibletLoader(Ints(), batch_size=4, num_workers=nw, seed=0, world=World(0, 1))
+        resumed.load_state_dict(state)
+        assert len(resumed) == 9
+        assert head + ids(resumed) == epoch0, nw  # exactly the remaining samples, same batches
+        assert ids(resumed) == epoch1  # and the next epoch as if never interrupted
+
+
+def test_loader_ranks_split_the_epoch_and_refuse_a_changed_order():
+    per_rank = [ids(GibletLoader(Ints(), batch_size=3, world=World(r, 3), seed=1)) for r in range(3)]
+    flat = sum((sum(p, []) for p in per_rank), [])
+    assert [len(sum(p, [])) for p in per_rank] == [19] * 3 and sorted(set(flat)) == list(range(57))
+    loader = GibletLoader(Ints(), batch_size=3, world=World(0, 3))
+    next(iter(loader))
+    state = loader.state_dict()
+    other = GibletLoader(Ints(), batch_size=6, world=World(0, 3))
+    with pytest.raises(ConfigError, match="batch_size: saved 3, now 6"):
+        other.load_state_dict(state)
+    other.load_state_dict({**state, "position": 0})  # nothing consumed yet: any order is fine
+
+
+def test_world_comes_from_torchrun_env_never_from_local_rank():
+    assert world_from_env({}) == World(0, 1, 0, 1)
+    w = world_from_env({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"})
+    assert (w.rank, w.world_size, w.local_rank, w.local_world_size) == (5, 8, 1, 4)
+    with pytest.raises(ConfigError, match="never taken from LOCAL_RANK"):
+        world_from_env({"LOCAL_RANK": "1", "WORLD_SIZE": "2"})
+    with pytest.raises(ConfigError, match="RANK=4 is outside"):
+        world_from_env({"RANK": "4", "WORLD_SIZE": "4"})
+    with pytest.raises(ConfigError, match="not an integer"):
+        world_from_env({"RANK": "zero", "WORLD_SIZE": "1"})
