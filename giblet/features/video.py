@@ -72,9 +72,9 @@ def _open(path: Path):
         raise InputError(f"video: {path} is not a readable movie ({type(exc).__name__}: {exc}); the file is "
                          f"corrupt or truncated: re-copy or re-export it") from None
     if not container.streams.video:
+        kinds = ", ".join(s.type for s in container.streams) or "none"
         container.close()
-        raise InputError(f"video: {path} has no video stream (streams: "
-                         f"{', '.join(s.type for s in container.streams) or 'none'}); point inputs.movie at the movie")
+        raise InputError(f"video: {path} has no video stream (streams: {kinds}); point inputs.movie at the movie")
     return container, container.streams.video[0]
 
 
@@ -237,10 +237,14 @@ def _frames_from(path: Path, t_start: Fraction):
 def _decode(container, stream, path: Path):
     import av
 
+    last = None
     try:
-        yield from container.decode(stream)
+        for last in container.decode(stream):
+            yield last
     except av.error.FFmpegError as exc:
-        raise InputError(f"video: {path} is corrupt: decoding failed ({type(exc).__name__}: {exc}); "
+        at = (f"after t = {float((last.pts - (stream.start_time or 0)) * stream.time_base):.2f} s"
+              if last is not None and last.pts is not None else "at the first frame")
+        raise InputError(f"video: {path} is corrupt: decoding failed {at} ({type(exc).__name__}: {exc}); "
                          f"re-copy or re-export the file") from None
 
 

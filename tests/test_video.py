@@ -1,0 +1,251 @@
+"""Video stage: exact timestamp -> TR assignment (frames carry their own index), padding
+rules, bad files, and the round trip through the real engine, store and reader."""
+from __future__ import annotations
+
+import math
+import shutil
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import yaml
+import zarr
+
+import giblet
+from giblet.config import VIDEO_INTERPOLATIONS, load_config
+from giblet.errors import ConfigError, InputError, InputMissingError
+from giblet.features import video
+from giblet.synth import decode_frame_index, make_study, scenes, write_movie
+from giblet.verify import verify_store
+from pipelines import cli, engine
+
+W, H = 160, 90
+
+
+@pytest.fixture(scope="module")
+def movie(tmp_path_factory) -> Path:
+    """20 s, 192x108, 25 fps H.264 (keyframe every 2 s) whose frames carry their index."""
+    path = tmp_path_factory.mktemp("movie") / "m.mp4"
+    rng = np.random.default_rng(3)
+    write_movie(path, scenes(20, rng), 20, size=(192, 108), fps=25, rng=rng, audio=False)
+    return path
+
+
+def decode_all(path, tmp, tr_s=1.5, onset_s=0.0, frame_skip=4, frames_per_tr=None, segment_trs=64, chunk_trs=16):
+    """Run the stage's prepare + every segment task directly; return grid, results, frames, padded."""
+    info = video.probe_movie(path)
+    grid = video.make_grid(info, tr_s, onset_s, frame_skip, frames_per_tr)
+    staging = Path(tmp) / "staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    video.create_arrays(staging, grid, W, H, chunk_trs, {})
+    results = [video.decode_segment(str(staging), str(path), t0, t1, grid.n_trs, tr_s, onset_s, frame_skip,
+                                    grid.frames_per_tr, W, H, "area", chunk_trs, info.fps)
+               for t0, t1 in video.segments(grid.n_trs, segment_trs)]
+    frames = zarr.open_array(str(staging / video.FRAMES))[...]
+    padded = zarr.open_array(str(staging / video.PADDED))[...]
+    return grid, results, frames, padded
+
+
+def frame_indices(frames: np.ndarray) -> np.ndarray:
+    """(tr, frame) source-frame index read back from the pixels of each stored frame."""
+    return np.array([[decode_frame_index(f) for f in tr] for tr in frames])
+
+
+def expected(n_trs, fps, tr_s, onset_s, skip, fpt):
+    """Source index of every slot, stated per TR: TR k spans frames ceil((onset + k tr) fps) ..."""
+    tr, onset = Fraction(str(tr_s)), Fraction(str(onset_s))
+    idx, pad = np.zeros((n_trs, fpt), int), np.zeros((n_trs, fpt), bool)
+    for k in range(n_trs):
+        first, end = math.ceil((onset + k * tr) * fps), math.ceil((onset + (k + 1) * tr) * fps)
+        kept = list(range(first, end, skip))[:fpt]
+        idx[k] = kept + [kept[-1]] * (fpt - len(kept))
+        pad[k, len(kept):] = True
+    return idx, pad
+
+
+@pytest.mark.parametrize("onset_s,skip,fpt,segment_trs,chunk_trs,want_fpt,want_padded", [
+    (0.0, 4, None, 64, 16, 10, 0),  # 37.5 frames per TR: 38/37 frames -> 10 kept either way
+    (0.2, 1, None, 4, 2, 38, 6),  # onset on a frame time; TR boundaries fall on frames; 37-frame TRs padded
+    (0.52, 3, None, 2, 2, 13, 0),  # onset between frames; many segments, each seeks once
+    (0.2, 4, 6, 4, 4, 6, 0),  # frames_per_tr below the natural 10: extra frames dropped
+])
+def test_frames_are_assigned_to_trs_by_timestamp_exactly(movie, tmp_path, onset_s, skip, fpt, segment_trs,
+                                                         chunk_trs, want_fpt, want_padded):
+    grid, results, frames, padded = decode_all(movie, tmp_path, onset_s=onset_s, frame_skip=skip,
+                                               frames_per_tr=fpt, segment_trs=segment_trs, chunk_trs=chunk_trs)
+    assert grid.n_trs == math.floor((20 - onset_s) / 1.5) and grid.frames_per_tr == want_fpt
+    assert frames.shape == (grid.n_trs, want_fpt, H, W, 3) and frames.dtype == np.uint8
+    want_idx, want_pad = expected(grid.n_trs, 25, 1.5, onset_s, skip, want_fpt)
+    np.testing.assert_array_equal(frame_indices(frames), want_idx)
+    np.testing.assert_array_equal(padded, want_pad)
+    assert sum(r["n_padded"] for r in results) == int(want_pad.sum()) == want_padded
+    assert len(results) == math.ceil(grid.n_trs / segment_trs)
+    # every frame in a TR window was decoded once, by exactly one segment
+    first = math.ceil(Fraction(str(onset_s)) * 25)
+    assert sum(r["n_frames_in_trs"] for r in results) == math.ceil((Fraction(str(onset_s)) + grid.n_trs * Fraction(3, 2)) * 25) - first
+    natural_kept = sum(len(range(math.ceil((Fraction(str(onset_s)) + k * Fraction(3, 2)) * 25),
+                                 math.ceil((Fraction(str(onset_s)) + (k + 1) * Fraction(3, 2)) * 25), skip))
+                       for k in range(grid.n_trs))
+    assert sum(r["n_dropped"] for r in results) == natural_kept - int((~want_pad).sum())
+
+
+def test_pixels_match_an_opencv_area_resize(movie, tmp_path):
+    import cv2
+
+    _, _, frames, _ = decode_all(movie, tmp_path)
+    cap = cv2.VideoCapture(str(movie))
+    cap.set(cv2.CAP_PROP_POS_FRAMES, 75)  # TR 2, slot 0: frame ceil(2 * 37.5)
+    ok, bgr = cap.read()
+    ref = cv2.resize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (W, H), interpolation=cv2.INTER_AREA)
+    diff = np.abs(frames[2, 0].astype(int) - ref)
+    assert ok and diff.mean() < 2.0 and np.percentile(diff, 99) <= 6  # same image, RGB order, area filter
+
+
+def test_a_tr_without_frames_shows_the_frame_on_screen(tmp_path):
+    path = tmp_path / "slow.mp4"  # 2 fps: frames at 0, 0.5, 1.0 ... s; TR 0.4 s -> every 5th TR is empty
+    rng = np.random.default_rng(0)
+    write_movie(path, scenes(6, rng), 6, size=(192, 108), fps=2, rng=rng, audio=False)
+    grid, results, frames, padded = decode_all(path, tmp_path, tr_s=0.4, frame_skip=1, segment_trs=4, chunk_trs=2)
+    assert grid.n_trs == 15 and grid.frames_per_tr == 1
+    first = [math.ceil(k * Fraction(2, 5) * 2) for k in range(16)]  # first frame at or after each TR start
+    empty = [k for k in range(15) if first[k] == first[k + 1]]
+    assert empty == [4, 9, 14]
+    # a TR's own first frame, or for an empty TR the frame on screen when it starts (the one before)
+    want = [first[k] - (k in empty) for k in range(15)]
+    np.testing.assert_array_equal(frame_indices(frames)[:, 0], want)
+    np.testing.assert_array_equal(np.flatnonzero(padded[:, 0]), empty)
+    assert sum(r["n_empty_trs"] for r in results) == 3
+
+
+def test_pixel_stats_and_float_helpers():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(7, 3, 4, 5, 3), dtype=np.uint8)
+    hists = [[np.bincount(part[..., c].ravel(), minlength=256) for c in range(3)] for part in (x[:4], x[4:])]
+    mean, std, n = video.pixel_stats(hists)
+    ref = x.reshape(-1, 3) / 255.0
+    assert n == ref.shape[0]
+    np.testing.assert_allclose(mean, ref.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(std, ref.std(0), rtol=1e-5)
+    z = video.to_float(x, mean, std)
+    np.testing.assert_allclose(z.reshape(-1, 3).mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(z.reshape(-1, 3).std(0), 1, atol=1e-4)
+    flat = video.to_float(x, np.array([0.5, 0.5, 0.5]), np.array([0.2, 0.0, 0.2]))
+    assert np.isfinite(flat).all() and (flat[..., 1] == 0).all() and video.to_float(x).max() <= 1.0
+    assert set(VIDEO_INTERPOLATIONS) == set(video.INTERPOLATIONS)
+
+
+# -- bad inputs ---------------------------------------------------------------------------
+
+def test_missing_garbage_truncated_and_videoless_files_fail_in_one_line(movie, tmp_path):
+    with pytest.raises(InputMissingError, match="does not exist; fix inputs.movie"):
+        video.probe_movie(tmp_path / "nope.mp4")
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    with pytest.raises(InputError, match="not a readable movie"):
+        video.probe_movie(garbage)
+    cut = tmp_path / "cut.mp4"  # an mp4 cut short loses its index (moov at the end)
+    cut.write_bytes(movie.read_bytes()[: movie.stat().st_size // 2])
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        video.probe_movie(cut)
+    wav = tmp_path / "sound.wav"
+    with av.open(str(wav), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for pkt in list(stream.encode(frame)) + list(stream.encode(None)):
+            out.mux(pkt)
+    with pytest.raises(InputError, match="has no video stream \\(streams: audio\\)"):
+        video.probe_movie(wav)
+    info = video.probe_movie(movie)
+    with pytest.raises(InputError, match="covers no whole TR"):
+        video.make_grid(info, 1.5, 19.0, 4, None)
+
+
+def test_truncated_stream_with_intact_header_fails_at_decode(tmp_path):
+    mkv = tmp_path / "m.mkv"  # Matroska keeps its header (duration) at the front
+    rng = np.random.default_rng(0)
+    write_movie(mkv, scenes(10, rng), 10, size=(96, 54), fps=25, rng=rng, audio=False)
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(mkv.read_bytes()[: mkv.stat().st_size // 2])
+    assert video.probe_movie(cut).duration == 10  # the header still promises 10 s
+    with pytest.raises(InputError, match=r"cut.mkv ends at \d+\.\d+ s while its header promises at least 9.00 s"):
+        decode_all(cut, tmp_path)
+
+
+def test_config_checks_for_the_video_block(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"inputs": {"movie": "m.mp4"}}))
+    with pytest.raises(ConfigError, match="video.segment_trs: 100 is not a multiple of video.chunk_trs=16.*"
+                                          "set video.segment_trs=96"):
+        load_config(cfg, ["video.segment_trs=100"])
+    with pytest.raises(ConfigError, match="2 problem.*video.interpolation.*video.width"):
+        load_config(cfg, ["video.interpolation=cubic", "video.width=0"])
+
+
+# -- through the engine ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def study_template(tmp_path_factory) -> Path:
+    """1 subject x 20 TRs of fMRI and a 33 s movie (22 whole TRs), generated once."""
+    root = tmp_path_factory.mktemp("video_study")
+    return make_study(root, n_subjects=1, n_trs=20, shape=(8, 10, 6), annotations=False, audio_track=False,
+                      extra_s=3.0, seed=2, stages={"fmri": {"mask_strategy": "background"}})
+
+
+@pytest.fixture
+def study(study_template, tmp_path) -> Path:
+    dst = tmp_path / "study"
+    shutil.copytree(study_template.parent, dst)
+    return dst / study_template.name
+
+
+def build(config, *overrides):
+    return engine.run(load_config(config, overrides), only=["fmri", "video"], workers=1, progress=False)
+
+
+def test_round_trip_cache_hit_and_targeted_recompute(study):
+    report = build(study, "video.segment_trs=16", "video.chunk_trs=8")
+    assert "video" in report.ran
+    s = giblet.open_store(report.store)
+    meta = s.unit_meta("video")
+    assert meta["n_trs"] == 22 and s.align["n_trs_by_unit"]["video"] == 22 and s.n_trs == 20  # trimmed to fMRI
+    assert meta["n_segments"] == 2 and meta["frames_per_tr"] == 10 and meta["fps"] == 25.0
+    frames = s.video()
+    assert frames.shape == (20, 10, H, W, 3) and frames.dtype == np.uint8
+    want, _ = expected(22, 25, 1.5, 0.0, 4, 10)
+    np.testing.assert_array_equal(frame_indices(frames), want[:20])
+    mean, std = s.video_stats()
+    assert meta["train_trs"] == round(0.8 * 22) == 18
+    train = s.array("video/frames")[:18].reshape(-1, 3) / 255.0  # the stage's own first 18 TRs
+    np.testing.assert_allclose(mean, train.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(std, train.std(0), rtol=1e-4)
+    z = s.video_float(slice(0, 18), zscore=True).reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(z.std(0), 1, atol=1e-4)
+    assert s.video_float(slice(0, 2)).max() <= 1.0
+    assert verify_store(report.store) == []
+    ds = s.to_xarray()
+    assert ds["video_frames"].dims == ("tr", "frame", "height", "width", "channel")
+
+    assert build(study, "video.segment_trs=16", "video.chunk_trs=8").ran == []  # cache hit
+    assert build(study, "video.segment_trs=8", "video.chunk_trs=8").ran == []  # segmenting is not output
+    again = build(study, "video.width=96", "video.chunk_trs=8")
+    assert again.ran == ["video"] and giblet.open_store(again.store).video().shape == (20, 10, H, 96, 3)
+    later = build(study, "onset_s=5.0")  # the movie now covers 18 TRs: shorter than the fMRI
+    assert later.ran == ["video"]
+    s = giblet.open_store(later.store)
+    assert s.n_trs == 18 and s.align["n_trs_by_unit"] == {"fmri/sub-01": 20, "video": 18}
+    np.testing.assert_array_equal(frame_indices(s.video(slice(0, 1)))[0], np.arange(125, 163, 4))
+
+
+def test_corrupt_movie_fails_the_run_with_one_line(study, capsys):
+    path = study.parent / "movie.mp4"
+    data = bytearray(path.read_bytes())
+    n = len(data)
+    data[n // 3: n // 3 + 20000] = np.random.default_rng(1).integers(0, 256, 20000, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    assert cli.main(["run", str(study), "--only", "video", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("giblet-preprocess: error: video:") and "is corrupt: decoding failed after t =" in err
