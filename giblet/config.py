@@ -79,6 +79,8 @@ class TextParams:
     columns: list[str] = field(default_factory=lambda: ["Scene Details - A Level"])
     start_column: str = "Start Time (s)"
     end_column: str = "End Time (s)"
+    time_unit: str = "s"  # s: seconds | tr: 1-based TR numbers, inclusive end (Sherlock's "(TRs, 1.5s)")
+    allow_unsorted: bool = False  # rows out of time order (e.g. a clock restarting per run) are an error
     combine: str = "mean"  # mean (overlap-weighted embeddings) | concat (joined text)
     fill: str = "zeros"  # zeros | ffill, for TRs no annotation covers
     batch_size: int = 64
@@ -245,6 +247,12 @@ def _check_values(cfg: StudyConfig, problems: list[str]) -> None:
         dev = getattr(cfg, block).device
         check(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"),
               f"{block}.device: must be auto, cpu or cuda, got {dev!r}")
+    t = cfg.text
+    check(t.combine in ("mean", "concat"), f"text.combine: must be mean or concat, got {t.combine!r}")
+    check(t.fill in ("zeros", "ffill"), f"text.fill: must be zeros or ffill, got {t.fill!r}")
+    check(t.time_unit in ("s", "tr"), f"text.time_unit: must be s (seconds) or tr (1-based TR numbers), got {t.time_unit!r}")
+    check(bool(t.columns) and all(str(c).strip() for c in t.columns),
+          f"text.columns: must name at least one column, got {t.columns!r}")
 
 
 def parse_config(raw: dict, config_path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> StudyConfig:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pipelines.fmri_stage import FmriStage
 from pipelines.registry import register
+from pipelines.text_stage import TextStage
 from pipelines.video_stage import VideoStage
 
 register(FmriStage())
 register(VideoStage())
+register(TextStage())

