@@ -140,6 +140,7 @@ def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, pro
             meta = unit.finalize(state["staging"], state["results"]) if unit.finalize else _merge(state["results"])
             entry = unit.entry()
             entry["meta"] = meta
+            entry["ran_on"] = sorted(state.get("ran_on", ()))  # worker addresses (provenance)
             writer.commit(key, entry, state["staging"], unit.arrays)
             log(f"{key}: done in {time.perf_counter() - state['t0']:.1f} s")
             del waiting_on[key]
@@ -152,6 +153,7 @@ def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, pro
             key, task_id = owner.pop(fut.key)
             result = fut.result()  # re-raises the task's own exception
             state = started[key]
+            state.setdefault("ran_on", set()).update(*client.who_has([fut]).values())
             atomic_write_json(state["staging"] / ".tasks" / f"{task_id}.json", result)
             state["results"][task_id] = result
             state["left"].discard(task_id)
