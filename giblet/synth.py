@@ -100,16 +100,28 @@ def write_bold(path: Path, data: np.ndarray, affine: np.ndarray, tr_s: float) ->
     nib.save(img, str(path))
 
 
-def make_bold(shape, n_trs, tr_s, z_hrf, weights, inside, base, rng, amplitude=0.03, noise=0.01) -> np.ndarray:
-    """``(x, y, z, tr)`` raw BOLD: baseline * (1 + drift + amplitude * response) + noise."""
+def make_bold(shape, n_trs, tr_s, z_hrf, weights, inside, base, rng, amplitude=0.03, noise=0.01,
+              block: int = 64) -> np.ndarray:
+    """``(x, y, z, tr)`` float32 raw BOLD: baseline * (1 + drift + amplitude * response) + noise.
+
+    Built in blocks of TRs so a Sherlock-sized subject (61x73x61x946) needs one float32
+    copy of the run, not several float64 ones.
+    """
     t = np.arange(n_trs) / max(n_trs - 1, 1)
-    drift = (rng.uniform(-0.02, 0.02, size=shape)[..., None] * t
-             + rng.uniform(0, 0.01, size=shape)[..., None] * np.cos(2 * np.pi * t))
+    lin = rng.uniform(-0.02, 0.02, size=shape).astype(np.float32)
+    cos = rng.uniform(0, 0.01, size=shape).astype(np.float32)
     zc = (z_hrf[:n_trs] - z_hrf[:n_trs].mean(0)) / (z_hrf[:n_trs].std(0) + 1e-9)
-    response = np.tensordot(weights, zc.T, axes=([3], [0]))  # (x, y, z, tr)
-    response = response * inside[..., None]
-    signal = base[..., None] * (1.0 + drift + amplitude * response)
-    return signal + rng.normal(0, noise, size=signal.shape) * base[..., None]
+    w = (weights * inside[..., None]).astype(np.float32)
+    base32 = base.astype(np.float32)
+    out = np.empty(shape + (n_trs,), dtype=np.float32)
+    for t0 in range(0, n_trs, block):
+        tb = slice(t0, min(n_trs, t0 + block))
+        response = np.tensordot(w, zc[tb].T.astype(np.float32), axes=([3], [0]))  # (x, y, z, b)
+        drift = lin[..., None] * t[tb].astype(np.float32) + cos[..., None] * np.cos(2 * np.pi * t[tb]).astype(np.float32)
+        sig = base32[..., None] * (1.0 + drift + amplitude * response)
+        sig += rng.standard_normal(size=sig.shape, dtype=np.float32) * (noise * base32[..., None])
+        out[..., tb] = sig
+    return out
 
 
 def frame_code_blocks(index: int, width: int, strip: int) -> list[tuple[int, int, int]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from giblet.config import StudyConfig, to_dict
-from giblet.errors import ConfigError, StoreError
+from giblet.errors import ConfigError, GibletError, StoreError
 from giblet.fingerprint import FileHashCache, hash_obj
 from giblet.store import ALIGN_KEY, META_DIR, StoreLock, StoreWriter, atomic_write_json
 from pipelines.align import align_record
@@ -75,7 +75,13 @@ def run(cfg: StudyConfig, *, only: Optional[list[str]] = None, force: bool = Fal
         report.removed = stale_keys
         if todo:
             log(f"{len(todo)} unit(s) to build, {len(report.skipped)} up to date")
-            _execute(todo, writer, scheduler, workers, log, progress)
+            try:
+                _execute(todo, writer, scheduler, workers, log, progress)
+            except OSError as exc:
+                if isinstance(exc, GibletError):
+                    raise
+                raise StoreError(f"{ctx.store}: write failed ({exc.strerror or exc}); completed units are "
+                                 f"untouched: free space (or fix permissions) and rerun to resume") from exc
             report.ran = [u.key for u in todo]
         align = align_record(cfg, units, writer.manifest)
         if writer.manifest.get(ALIGN_KEY, {}).get("fingerprint") != align["record"]["fingerprint"]:
@@ -141,7 +147,11 @@ def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, pro
             entry = unit.entry()
             entry["meta"] = meta
             entry["ran_on"] = sorted(state.get("ran_on", ()))  # worker addresses (provenance)
-            writer.commit(key, entry, state["staging"], unit.arrays)
+            try:
+                writer.commit(key, entry, state["staging"], unit.arrays)
+            except OSError as exc:
+                raise StoreError(f"{key}: committing to {writer.path} failed ({exc.strerror or exc}); free space "
+                                 f"(or fix permissions) and rerun to resume") from exc
             log(f"{key}: done in {time.perf_counter() - state['t0']:.1f} s")
             del waiting_on[key]
             for deps in waiting_on.values():
@@ -151,7 +161,13 @@ def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, pro
         start_ready()
         for fut in futures:
             key, task_id = owner.pop(fut.key)
-            result = fut.result()  # re-raises the task's own exception
+            try:
+                result = fut.result()  # re-raises the task's own exception
+            except OSError as exc:
+                if isinstance(exc, GibletError):
+                    raise
+                raise StoreError(f"{key}: writing to {writer.path} failed ({exc.strerror or exc}); completed units "
+                                 f"are untouched: free space (or fix permissions) and rerun to resume") from exc
             state = started[key]
             state.setdefault("ran_on", set()).update(*client.who_has([fut]).values())
             atomic_write_json(state["staging"] / ".tasks" / f"{task_id}.json", result)
