@@ -119,10 +119,12 @@ def test_a_tr_without_frames_shows_the_frame_on_screen(tmp_path):
     assert sum(r["n_empty_trs"] for r in results) == 3
 
 
-def test_pixel_stats_and_float_helpers():
+def test_pixel_stats_and_float_helpers(monkeypatch):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(7, 3, 4, 5, 3), dtype=np.uint8)
     hists = [[np.bincount(part[..., c].ravel(), minlength=256) for c in range(3)] for part in (x[:4], x[4:])]
+    monkeypatch.setattr(video, "HIST_MAX_PIXELS", 12)  # force several calcHist slices
+    np.testing.assert_array_equal(video._histogram(x[:4]), hists[0])
     mean, std, n = video.pixel_stats(hists)
     ref = x.reshape(-1, 3) / 255.0
     assert n == ref.shape[0]

@@ -39,7 +39,8 @@ VERSION = 1
 INTERPOLATIONS = {"area": "AREA", "bilinear": "BILINEAR", "bicubic": "BICUBIC", "nearest": "POINT",
                   "lanczos": "LANCZOS"}
 FRAMES, PADDED, MEAN, STD = "video/frames", "video/padded", "video/mean", "video/std"
-SEEK_BACKOFF_S = (0, 2, 8, 32)  # seek this much earlier if the first keyframe lands after the target
+SEEK_BACKOFF_S = (0, 2, 8, 32)
+HIST_MAX_PIXELS = 2**24  # cv2.calcHist counts in float32: exact below this many pixels per call  # seek this much earlier if the first keyframe lands after the target
 
 
 def _exact(x: float) -> Fraction:
@@ -182,8 +183,7 @@ class _SegmentWriter:
             self.n_empty_trs += 1
         elif n < self.buf.shape[1]:
             self.buf[i, n:] = self.buf[i, n - 1]
-        self.pad[i] = np.arange(self.buf.shape[1]) >= max(n, 1)
-        self.pad[i, 0] = n == 0
+        self.pad[i] = np.arange(self.buf.shape[1]) >= n  # n == 0: every slot is padded
         self.n_padded += int(self.pad[i].sum())
         if k + 1 == min(self.chunk0 + self.chunk, self.tr1):
             self._flush(k + 1)
@@ -194,11 +194,29 @@ class _SegmentWriter:
         self.padded[self.chunk0:end] = self.pad[:m]
         n_stat = max(0, min(end, self.n_train) - self.chunk0)
         if n_stat:
-            for c in range(3):  # exact integer statistics; combined over segments in finalize
-                self.hist[c] += np.bincount(self.buf[:n_stat, ..., c].ravel(), minlength=256)
+            self.hist += _histogram(self.buf[:n_stat])
         self.chunk0 = end
         self.count[:] = 0
         self.pad[:] = False
+
+
+def _histogram(frames: np.ndarray) -> np.ndarray:
+    """Exact per-channel pixel-value counts ``(3, 256) int64`` of ``(..., y, x, 3) uint8`` frames.
+
+    ``cv2.calcHist`` is several times faster than ``np.bincount`` on strided channels; it
+    counts in float32, exact up to 2**24, so it is called on slices of at most 2**24 pixels.
+    """
+    import cv2
+
+    w = frames.shape[-2]
+    img = frames.reshape(-1, w, 3)
+    step = max(1, HIST_MAX_PIXELS // w)
+    out = np.zeros((3, 256), dtype=np.int64)
+    for r0 in range(0, img.shape[0], step):
+        part = np.ascontiguousarray(img[r0:r0 + step])
+        for c in range(3):
+            out[c] += cv2.calcHist([part], [c], None, [256], [0, 256]).ravel().astype(np.int64)
+    return out
 
 
 def _frames_from(path: Path, t_start: Fraction):
@@ -263,7 +281,7 @@ def decode_segment(staging: str, path: str, tr0: int, tr1: int, n_train: int, tr
     algo = INTERPOLATIONS[interpolation]
 
     def convert(frame) -> np.ndarray:
-        return reformatter.reformat(frame, width, height, "rgb24", interpolation=algo).to_ndarray()
+        return reformatter.reformat(frame, width, height, "rgb24", interpolation=algo, threads=1).to_ndarray()
 
     out = _SegmentWriter(Path(staging), tr0, tr1, chunk_trs, frames_per_tr, n_train, convert)
     cur, seen, on_screen, last_t, n_decoded = tr0, 0, None, None, 0
