@@ -98,6 +98,36 @@ def _check_video(view) -> list[str]:
     return problems
 
 
+def _check_text(view) -> list[str]:
+    """Embeddings float32 and finite; has_text bool (tr,); zero rows where has_text is False
+    under fill=zeros; mean/std finite; the manifest's uncovered-TR count matches."""
+    emb, has = view.array("text/embeddings"), view.array("text/has_text")
+    if emb.dtype != np.float32 or emb.ndim != 2 or has.dtype != bool or has.shape != emb.shape[:1]:
+        return [f"text: embeddings {emb.dtype} {emb.shape} / has_text {has.dtype} {has.shape}; expected float32 "
+                f"(tr, embedding) and bool (tr,)"]
+    problems = []
+    flags = has[...]
+    zero_fill = emb.attrs.get("fill", "zeros") == "zeros"
+    step = emb.chunks[0]
+    for t0 in range(0, emb.shape[0], step):
+        block = emb[t0:t0 + step]
+        if not np.isfinite(block).all():
+            problems.append(f"text/embeddings: NaN/inf in TRs {t0}-{t0 + len(block) - 1}")
+        bad = ~flags[t0:t0 + step] & np.any(block != 0, axis=1)
+        if zero_fill and bad.any():
+            problems.append(f"text/embeddings: TR {t0 + int(np.argmax(bad))} has no text (has_text False) but a "
+                            f"non-zero row under fill=zeros")
+    for name in ("mean", "std"):
+        v = view.array(f"text/{name}")[...]
+        ok = v.dtype == np.float32 and v.shape == emb.shape[1:] and np.isfinite(v).all()
+        if not ok or (name == "std" and (v < 0).any()):
+            problems.append(f"text/{name}: {v.dtype} {v.shape}, expected finite float32 {emb.shape[1:]} (std >= 0)")
+    n_uncovered = view.unit_meta("text").get("n_uncovered_trs")
+    if n_uncovered is not None and n_uncovered != int((~flags).sum()):
+        problems.append(f"text: manifest counts {n_uncovered} uncovered TRs, has_text has {int((~flags).sum())}")
+    return problems
+
+
 def verify_store(path: str | Path, invariants: bool = True) -> list[str]:
     """All problems found in the store at ``path`` (an empty list means it verified)."""
     path = Path(path)
@@ -128,4 +158,6 @@ def verify_store(path: str | Path, invariants: bool = True) -> list[str]:
                 problems.append(f"fmri/{subject}/bold: {bold.shape[1]} voxels, mask has {view.n_voxels}")
         if view.has("video/frames"):
             problems += _check_video(view)
+        if view.has("text/embeddings"):
+            problems += _check_text(view)
     return problems

@@ -289,6 +289,7 @@ class SentenceEncoder:
 
     def __init__(self, path: str | Path, device: str = "auto"):
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         self.path = check_model_dir(path)
         modules = self._modules()
@@ -297,6 +298,8 @@ class SentenceEncoder:
         self.normalize = "Normalize" in modules
         st_cfg = _read_json(body / "sentence_bert_config.json")
         self.device = resolve_device(device)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a "Loading weights" bar per worker is noise in the run's log
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(body), local_files_only=True)
             self.model = AutoModel.from_pretrained(str(body), local_files_only=True).float().to(self.device).eval()
@@ -304,6 +307,9 @@ class SentenceEncoder:
             raise InputError(f"text: text.model {self.path} does not load as a transformers model "
                              f"({type(exc).__name__}: {_first_line(exc)}); point text.model at a complete "
                              f"save_pretrained / sentence-transformers folder") from None
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         cfg = self.model.config
         self.max_length = int(st_cfg.get("max_seq_length") or min(self.tokenizer.model_max_length,
                                                                    getattr(cfg, "max_position_embeddings", 512)))
