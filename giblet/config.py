@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -115,6 +116,7 @@ class StudyConfig:
 
 
 STAGE_BLOCKS = ("fmri", "video", "audio", "text")
+_SUBJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _INTERNAL = {"config_path"}
 
 
@@ -213,6 +215,15 @@ def _check_values(cfg: StudyConfig, problems: list[str]) -> None:
             problems.append(msg)
 
     check(cfg.tr_s > 0, f"tr_s: must be > 0 seconds, got {cfg.tr_s}")
+    # giblet replaces and deletes folders inside `output`: a relative path may not climb out
+    # of the config's folder (a stray `../..` must never aim that at a parent tree).
+    out = Path(cfg.output).expanduser()
+    check(out.is_absolute() or ".." not in out.parts,
+          f"output: {cfg.output!r} escapes the config folder via '..'; give an absolute path or a path "
+          f"inside {cfg.root}")
+    bad_subjects = [s for s in cfg.inputs.fmri if not _SUBJECT.fullmatch(s)]
+    check(not bad_subjects, f"inputs.fmri: subject names {bad_subjects} must be letters, digits, '-', '_' or '.' "
+                            f"(they become store paths), e.g. sub-01")
     check(0.0 <= cfg.split.val_fraction < 1.0,
           f"split.val_fraction: must be in [0, 1), got {cfg.split.val_fraction}")
     f = cfg.fmri

@@ -110,6 +110,12 @@ class StoreWriter:
 
     # -- layout --------------------------------------------------------------------------
     def create(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"output {self.path}: exists and is not a folder; choose another output path")
+        if self.path.is_dir() and any(self.path.iterdir()) and not (
+                (self.path / "zarr.json").exists() or (self.path / META_DIR).exists()):
+            raise StoreError(f"output {self.path}: folder exists, is not empty and is not a giblet store; "
+                             f"giblet will not write into it -- choose a new output path")
         self.path.mkdir(parents=True, exist_ok=True)
         self.meta.mkdir(exist_ok=True)
         zarr.open_group(str(self.path), mode="a")

@@ -57,9 +57,21 @@ def run(cfg: StudyConfig, *, only: Optional[list[str]] = None, force: bool = Fal
     """Build or update the store described by ``cfg``; returns what ran and what was skipped."""
     t_start = time.perf_counter()
     ctx, units = plan_for(cfg)
+    report = RunReport(store=ctx.store)
+    try:
+        _run_locked(cfg, ctx, units, report, only, force, scheduler, workers, log, progress)
+    except OSError as exc:
+        if isinstance(exc, GibletError):
+            raise
+        raise StoreError(f"{ctx.store}: write failed ({exc.strerror or exc}); completed units are untouched: "
+                         f"free space (or fix permissions) and rerun to resume") from exc
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _run_locked(cfg, ctx, units, report, only, force, scheduler, workers, log, progress) -> None:
     writer = StoreWriter(ctx.store)
     writer.create()
-    report = RunReport(store=ctx.store)
     with StoreLock(ctx.store):
         ctx.files.cache_path = ctx.store / META_DIR / "file-hashes.json"
         ctx.files.save()
@@ -75,21 +87,13 @@ def run(cfg: StudyConfig, *, only: Optional[list[str]] = None, force: bool = Fal
         report.removed = stale_keys
         if todo:
             log(f"{len(todo)} unit(s) to build, {len(report.skipped)} up to date")
-            try:
-                _execute(todo, writer, scheduler, workers, log, progress)
-            except OSError as exc:
-                if isinstance(exc, GibletError):
-                    raise
-                raise StoreError(f"{ctx.store}: write failed ({exc.strerror or exc}); completed units are "
-                                 f"untouched: free space (or fix permissions) and rerun to resume") from exc
+            _execute(todo, writer, scheduler, workers, log, progress)
             report.ran = [u.key for u in todo]
         align = align_record(cfg, units, writer.manifest)
         if writer.manifest.get(ALIGN_KEY, {}).get("fingerprint") != align["record"]["fingerprint"]:
             writer.write_align(align["record"], align["attrs"])
         if not todo:
             log(f"all {len(report.skipped)} unit(s) up to date" + (" (stages: " + ", ".join(only) + ")" if only else ""))
-    report.seconds = time.perf_counter() - t_start
-    return report
 
 
 def _client(scheduler: Optional[str], workers: Optional[int]):
