@@ -108,8 +108,10 @@ def _client(scheduler: Optional[str], workers: Optional[int]):
                              f"and `dask worker {scheduler}`, or drop --scheduler to use a LocalCluster") from None
     n = workers or max(1, min(4, os.cpu_count() or 1))
     # Task errors reach the user once, as giblet's one-line message: keep worker logs quiet.
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=logging.CRITICAL)
+    # dashboard_address=None does not disable the HTTP server (dask/distributed#8136): bind it
+    # to a free loopback port so parallel runs never collide on 8787.
+    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+                           dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL)
     return Client(cluster), cluster
 
 
