@@ -1,0 +1,334 @@
+"""GibletDataset on real stores: built by the engine (fMRI and any registered stimulus stage), and
+real stores given stimulus arrays of the documented schema through the store's own commit path."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch.utils.data import DataLoader
+
+import giblet
+from giblet import store as gstore
+from giblet.config import load_config
+from giblet.data import GibletDataset, GibletLoader, World, hrf_convolve, hrf_kernel
+from giblet.errors import ConfigError, ModalityMissingError
+from giblet.synth import make_study
+from pipelines import engine
+
+N_TRS = 72
+EXTRA = 4  # stimulus arrays are stored longer than n_trs: only [:n_trs] may be served
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build(config, **kw):
+    return engine.run(load_config(config), workers=1, progress=False, **kw).store
+
+
+@pytest.fixture(scope="session")
+def built_store(tmp_path_factory) -> Path:
+    """A real store from the engine: 3 subjects x N_TRS TRs, plus every registered stimulus stage."""
+    from pipelines.registry import stages
+
+    registered = set(stages())
+    root = tmp_path_factory.mktemp("ds_built")
+    config = make_study(root, n_subjects=3, n_trs=N_TRS, shape=(10, 12, 8), movie=bool({"video", "audio"} & registered),
+                        annotations="text" in registered, seed=4, fps=10,
+                        stages={"audio": {"model": "random"}} if "audio" in registered else None)
+    return build(config)
+
+
+@pytest.fixture(scope="session")
+def fmri_store(built_store, tmp_path_factory) -> Path:
+    """The built store with its stimulus units removed (as a config without a movie would leave it)."""
+    path = tmp_path_factory.mktemp("ds_fmri") / "fmri.zarr"
+    shutil.copytree(built_store, path)
+    writer = gstore.StoreWriter(path)
+    record = dict(writer.manifest["align"])
+    for key in [k for k in writer.manifest["units"] if not k.startswith("fmri/")]:
+        writer.remove_unit(key)
+    record["units"] = {k: e["fingerprint"] for k, e in writer.manifest["units"].items()}
+    writer.write_align(record, dict(zarr.open_group(str(path), mode="r").attrs["giblet"]))
+    return path
+
+
+def add_stimulus(path: Path, units: dict[str, dict[str, tuple]]) -> None:
+    """Commit stimulus units ({unit: {array: (data, chunks, dims)}}) and re-align, as a stage would."""
+    writer = gstore.StoreWriter(path)
+    record = dict(writer.manifest["align"])  # commit() drops it: the store is incomplete until re-aligned
+    for key, arrays in units.items():
+        fp = f"test-{key}".ljust(16, "0")[:16]
+        staging = writer.staging_dir(key, fp)
+        staging.mkdir(parents=True)
+        for name, (data, chunks, dims) in arrays.items():
+            gstore.create_array(staging, name, data.shape, str(data.dtype), chunks, dims)[...] = data
+        entry = {"stage": key, "version": 1, "fingerprint": fp, "params": {}, "inputs": {}, "deps": [],
+                 "meta": {"n_trs": N_TRS + EXTRA}}
+        writer.commit(key, entry, staging, list(arrays))
+    record["units"] = {k: e["fingerprint"] for k, e in writer.manifest["units"].items()}
+    writer.write_align(record, dict(zarr.open_group(str(path), mode="r").attrs["giblet"]))
+
+
+def stimulus_units(rng, n=N_TRS + EXTRA, video=(2, 4, 6), text_dim=8, text=None, frames=None, video_chunk=16):
+    f, h, w = video
+    if frames is None:  # every pixel of TR t holds t (mod 251): the TR is readable from any sample
+        frames = np.broadcast_to((np.arange(n) % 251).astype(np.uint8)[:, None, None, None, None], (n, f, h, w, 3)).copy()
+    text = rng.normal(0.5, 2.0, size=(n, text_dim)).astype(np.float32) if text is None else text
+    has_text = np.ones(n, dtype=bool)
+    has_text[20:24] = False
+    text[~has_text] = 0.0
+    return {
+        "video": {"video/frames": (frames, (video_chunk,) + frames.shape[1:], ("tr", "frame", "height", "width", "channel")),
+                  "video/mean": (np.array([0.2, 0.3, 0.4], np.float32), (3,), ("channel",)),
+                  "video/std": (np.array([0.1, 0.2, 0.25], np.float32), (3,), ("channel",))},
+        "audio": {"audio/codes": (rng.integers(0, 1024, size=(n, 4, 7)).astype(np.int16), (64, 4, 7),
+                                  ("tr", "codebook", "code_frame"))},
+        "text": {"text/embeddings": (text, (32, text_dim), ("tr", "embedding")),
+                 "text/has_text": (has_text, (32,), ("tr",)),
+                 "text/mean": (text.mean(0), (text_dim,), ("embedding",)),
+                 "text/std": (text.std(0), (text_dim,), ("embedding",))},
+    }
+
+
+def stimulus_copy(fmri_store: Path, dst: Path, **kw) -> tuple[Path, dict]:
+    path = dst / "stim.zarr"
+    shutil.copytree(fmri_store, path)
+    units = stimulus_units(np.random.default_rng(0), **kw)
+    add_stimulus(path, units)
+    return path, {name: arr[0] for u in units.values() for name, arr in u.items()}
+
+
+@pytest.fixture(scope="session")
+def stim_store(fmri_store, tmp_path_factory) -> tuple[Path, dict]:
+    return stimulus_copy(fmri_store, tmp_path_factory.mktemp("ds_stim"))
+
+
+# -- fMRI through the engine -------------------------------------------------------------------
+def test_fmri_samples_are_the_stored_rows_of_each_split(fmri_store):
+    s = giblet.open_store(fmri_store)
+    a, b = s.split["train"]
+    ds = GibletDataset(fmri_store)
+    assert ds.modalities == ("fmri",) and len(ds) == 3 * (b - a) and ds.trs == (a, b)
+    assert sum(ds.chunk_sizes) == len(ds) and max(ds.chunk_sizes) == s.array("fmri/sub-01/bold").chunks[0]
+    for i in (0, 17, b - a, len(ds) - 1):
+        x = ds[i]
+        subj, tr = divmod(i, b - a)
+        assert set(x) == {"index", "subject", "tr", "fmri"} and x["fmri"].dtype == torch.float32
+        assert (int(x["subject"]), int(x["tr"]), int(x["index"])) == (subj, tr, i)
+        np.testing.assert_array_equal(x["fmri"].numpy(), s.fmri(s.subjects[subj])[tr])
+    val = GibletDataset(fmri_store, split="val", subjects=["sub-03", "sub-01"])
+    assert val.subjects == ["sub-01", "sub-03"] and val.trs == s.split["val"] and len(val) == 2 * (N_TRS - b)
+    last = val[len(val) - 1]
+    assert int(last["tr"]) == N_TRS - 1
+    np.testing.assert_array_equal(last["fmri"].numpy(), s.fmri("sub-03")[N_TRS - 1])
+    assert len(GibletDataset(fmri_store, split="all")) == 3 * N_TRS
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_dataset_pickles_small_and_opens_the_store_per_process(fmri_store):
+    ds = GibletDataset(fmri_store, split="all")
+    for i in range(0, len(ds), 7):
+        ds[i]
+    assert ds.cache.misses > 0 and ds.cache.nbytes > 0
+    blob = pickle.dumps(ds)
+    assert len(blob) < 4096  # path and integers only: no arrays, no open store, no cache
+    clone = pickle.loads(blob)
+    assert clone._local is None
+    np.testing.assert_array_equal(clone[5]["fmri"].numpy(), ds[5]["fmri"].numpy())
+
+
+def test_bad_requests_name_the_value_and_the_fix(fmri_store):
+    with pytest.raises(ModalityMissingError, match="no subject.*'sub-09'.*sub-01, sub-02, sub-03"):
+        GibletDataset(fmri_store, subjects=["sub-09"])
+    with pytest.raises(ModalityMissingError, match="has no video.*add that input"):
+        GibletDataset(fmri_store, modalities=["fmri", "video"])
+    with pytest.raises(ConfigError, match="split='test'"):
+        GibletDataset(fmri_store, split="test")
+    with pytest.raises(ConfigError, match="window=-1"):
+        GibletDataset(fmri_store, window=-1)
+    with pytest.raises(ConfigError, match="hrf=True convolves text embeddings only"):
+        GibletDataset(fmri_store, hrf=True)
+
+
+def test_denormalize_goes_through_the_stores_scaler(fmri_store):
+    s = giblet.open_store(fmri_store)
+    ds = GibletDataset(fmri_store, split="all")
+    batch = next(iter(DataLoader(ds, batch_size=40, shuffle=True, generator=torch.Generator().manual_seed(0))))
+    raw = ds.denormalize(batch["fmri"], batch["subject"])
+    assert isinstance(raw, torch.Tensor) and len(set(batch["subject"].tolist())) == 3
+    for j in range(40):
+        subject = s.subjects[int(batch["subject"][j])]
+        expect = s.denormalize(subject, s.fmri(subject)[int(batch["tr"][j])])
+        np.testing.assert_allclose(raw[j].numpy(), expect, rtol=1e-6)
+        assert expect.mean() > 100  # scanner units, not z-scores
+    mean, std = s.fmri_stats("sub-02")
+    assert (ds.stats["fmri"]["sub-02"].mean_ == mean).all() and (ds.scaler(1).std_ == std).all()
+
+
+def test_plain_dataloader_with_two_workers_serves_every_sample(fmri_store):
+    ds = GibletDataset(fmri_store, split="all")
+    batches = list(DataLoader(ds, batch_size=16, num_workers=2))
+    index = torch.cat([b["index"] for b in batches])
+    assert (index == torch.arange(len(ds))).all()
+    s = giblet.open_store(fmri_store)
+    expect = np.concatenate([s.fmri(sub) for sub in s.subjects])
+    np.testing.assert_array_equal(torch.cat([b["fmri"] for b in batches]).numpy(), expect)
+
+
+# -- every modality, schema-exact arrays committed into a real store ---------------------------
+def test_stimulus_samples_match_the_stored_arrays(stim_store):
+    path, arrays = stim_store
+    s = giblet.open_store(path)
+    assert s.n_trs == N_TRS  # the longer stimulus arrays are trimmed, never served past n_trs
+    ds = GibletDataset(path, split="all")
+    assert ds.modalities == ("fmri", "video", "audio", "text")
+    spec = ds.sample_spec()
+    for i in (0, 33, 95, len(ds) - 1):
+        x = ds[i]
+        t = int(x["tr"])
+        assert {k: (tuple(v.shape), v.dtype) for k, v in x.items()} == spec
+        np.testing.assert_array_equal(x["video"].numpy(), arrays["video/frames"][t])
+        assert x["audio"].dtype == torch.int64
+        np.testing.assert_array_equal(x["audio"].numpy(), arrays["audio/codes"][t])
+        np.testing.assert_array_equal(x["text"].numpy(), arrays["text/embeddings"][t])
+        assert bool(x["has_text"]) == arrays["text/has_text"][t] and bool(x["stim_valid"])
+    norm = GibletDataset(path, split="all", normalize=True, modalities=["video", "text"])
+    x = norm[40]
+    vmean, vstd = arrays["video/mean"], arrays["video/std"]
+    np.testing.assert_allclose(x["video"].numpy(), (arrays["video/frames"][40] / 255 - vmean) / vstd, rtol=1e-5)
+    tmean, tstd = arrays["text/mean"], arrays["text/std"]
+    np.testing.assert_allclose(x["text"].numpy(), (arrays["text/embeddings"][40] - tmean) / tstd, rtol=1e-4, atol=1e-5)
+    assert set(norm.stats) == {"fmri", "video", "text"} and "fmri" not in x
+
+
+def test_window_lag_and_the_rule_before_tr_zero(stim_store):
+    path, arrays = stim_store
+    ds = GibletDataset(path, split="all", window=3, lag=2)
+    x = ds[1]  # target TR 1: sources -4..-1, all before the movie
+    assert x["video"].shape == (4, 2, 4, 6, 3) and x["stim_valid"].tolist() == [False] * 4
+    assert int(x["video"].abs().sum()) == 0 and int(x["audio"].abs().sum()) == 0 and not x["has_text"].any()
+    x = ds[4]  # sources -1..2
+    assert x["stim_valid"].tolist() == [False, True, True, True]
+    assert x["video"][:, 0, 0, 0, 0].tolist() == [0, 0, 1, 2]
+    x = ds[50]
+    assert x["video"][:, 0, 0, 0, 0].tolist() == [45, 46, 47, 48]
+    np.testing.assert_array_equal(x["audio"].numpy(), arrays["audio/codes"][45:49])
+    np.testing.assert_array_equal(x["text"].numpy(), arrays["text/embeddings"][45:49])
+    dropped = GibletDataset(path, split="all", window=3, lag=2, edge="drop")
+    assert dropped.trs == (5, N_TRS) and dropped[0]["stim_valid"].all()
+
+
+def test_impulse_influences_only_later_samples_and_the_hrf_peaks_4_to_6_s_after(fmri_store, tmp_path):
+    onset, n = 30, N_TRS + EXTRA
+    text = np.zeros((n, 8), np.float32)
+    text[onset] = np.linspace(1, 2, 8)
+    frames = np.zeros((n, 2, 4, 6, 3), np.uint8)
+    frames[onset] = 255
+    path, _ = stimulus_copy(fmri_store, tmp_path, text=text, frames=frames)
+    tr_s = giblet.open_store(path).tr_s
+    for window, lag in ((0, 0), (2, 0), (0, 3), (4, 2)):
+        ds = GibletDataset(path, split="all", subjects=["sub-02"], window=window, lag=lag, modalities=["video"])
+        hit = [t for t in range(N_TRS) if ds[t]["video"].any()]
+        assert hit == list(range(onset + lag, onset + lag + window + 1)), (window, lag)  # t >= s, never before
+    ds = GibletDataset(path, split="all", subjects=["sub-02"], hrf=True, modalities=["text"])
+    response = np.stack([ds[t]["text"].numpy() for t in range(N_TRS)])
+    assert not response[:onset].any()  # exactly zero before the event: causal
+    peak = int(np.abs(response[:, 0]).argmax())
+    assert 4.0 <= (peak - onset) * tr_s <= 6.0
+    kernel = hrf_kernel(tr_s)
+    np.testing.assert_allclose(response[onset:onset + len(kernel), 0], kernel * text[onset, 0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(response, hrf_convolve(text[:N_TRS], tr_s), rtol=1e-5, atol=1e-7)
+    lagged = GibletDataset(path, split="all", subjects=["sub-02"], hrf=True, lag=2, window=1, modalities=["text"])
+    np.testing.assert_allclose(lagged[40]["text"].numpy(), response[[37, 38]], rtol=1e-5, atol=1e-7)
+
+
+def test_loader_epoch_covers_the_split_and_resumes_with_other_workers(stim_store):
+    path, _ = stim_store
+    ds = GibletDataset(path, split="train")
+    full = GibletLoader(ds, batch_size=8, num_workers=2, seed=3, world=World(0, 1))
+    epoch = [b["index"].tolist() for b in full]
+    assert sorted(sum(epoch, [])) == list(range(len(ds)))
+    part = GibletLoader(ds, batch_size=8, num_workers=2, seed=3, world=World(0, 1))
+    it = iter(part)
+    head = [next(it)["index"].tolist() for _ in range(7)]
+    state = part.state_dict()
+    del it
+    resumed = GibletLoader(GibletDataset(path, split="train"), batch_size=8, num_workers=1, world=World(0, 1))
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert head + [b["index"].tolist() for b in rest] == epoch
+    first = rest[0]
+    assert first["video"].shape == (8, 2, 4, 6, 3) and first["audio"].dtype == torch.int64
+    np.testing.assert_array_equal(first["video"][:, 0, 0, 0, 0].numpy(), first["tr"].numpy() % 251)
+
+
+def test_epoch_memory_stays_within_the_cache_bound(fmri_store, tmp_path):
+    psutil = pytest.importorskip("psutil")
+    rng = np.random.default_rng(1)
+    frames = rng.integers(0, 256, size=(N_TRS + EXTRA, 24, 90, 160, 3), dtype=np.uint8)  # 79 MB, incompressible
+    path, _ = stimulus_copy(fmri_store, tmp_path, frames=frames, video_chunk=4)
+    del frames
+    bound, largest_chunk, margin = 4 * 2**20, 4 * 24 * 90 * 160 * 3, 16 * 2**20
+    ds = GibletDataset(path, split="all", modalities=["fmri", "video"], cache_bytes=bound)
+    loader = GibletLoader(ds, batch_size=4, world=World(0, 1), seed=0)
+    proc = psutil.Process()
+    it = iter(loader)
+    next(it), next(it)  # warm up: lazy imports, the store opened, first allocations
+    base = peak = proc.memory_info().rss
+    for batch in it:
+        peak = max(peak, proc.memory_info().rss)
+    assert ds.cache.misses >= (N_TRS // 4) and ds.cache.nbytes <= bound + largest_chunk
+    # An unbounded cache grows by most of the 79 MB video (checked: 63 MiB); the bound allows < 24 MiB
+    # (cache + one chunk + a margin for allocator slack: glibc keeps freed multi-MB buffers in its heap).
+    assert peak - base < bound + largest_chunk + margin, f"RSS grew {(peak - base) / 2**20:.1f} MiB"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_torchrun_two_ranks_cover_the_epoch_exactly(stim_store, tmp_path):
+    path, _ = stim_store
+    out = tmp_path / "ids.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           str(REPO / "tests" / "_torchrun_partition.py"), str(path), str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    got = json.loads(out.read_text())
+    n = len(GibletDataset(path, split="train"))
+    assert got["world_size"] == 2 and sorted(got["ranks"]) == [0, 1]
+    per_rank = got["ids"]
+    assert len(per_rank[0]) == len(per_rank[1]) == -(-n // 2)
+    flat = per_rank[0] + per_rank[1]
+    assert sorted(set(flat)) == list(range(n)) and len(flat) - n == (-n) % 2  # pad by wrap only
+    assert not set(per_rank[0][: n // 2]) & set(per_rank[1])  # the ranks split the epoch
+
+
+def test_store_from_every_registered_stage(built_store):
+    from pipelines.registry import stages
+
+    s = giblet.open_store(built_store)
+    ds = GibletDataset(built_store, split="all", window=1)
+    assert set(ds.modalities) == {"fmri"} | {m for m in ("video", "audio", "text") if m in stages()}
+    x = ds[len(ds) - 1]
+    t = int(x["tr"])
+    assert t == s.n_trs - 1
+    for m, name in (("video", "video/frames"), ("audio", "audio/codes"), ("text", "text/embeddings")):
+        if m in ds.modalities:
+            np.testing.assert_array_equal(x[m].numpy(), s.array(name)[t - 1:t + 1])
+    assert {k: (tuple(v.shape), v.dtype) for k, v in x.items()} == ds.sample_spec()
+    batch = next(iter(DataLoader(ds, batch_size=4, num_workers=2)))
+    assert batch["fmri"].shape == (4, s.n_voxels)
