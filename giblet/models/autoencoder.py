@@ -1,0 +1,330 @@
+"""The multimodal autoencoder: stimulus encoders -> shared per-TR bottleneck -> fMRI head + decoders.
+
+Data flow for one sample (a causal window of ``W = window + 1`` stimulus TRs ending at the
+target TR minus ``lag``, oldest first; see ``giblet.data.context``)::
+
+    video (W, F, H, Wd, C) uint8 --pool + z-score--> MLP --+
+    audio (W, codebook, code_frame) int64 --embed--> MLP --+--> tokens (W, d_model)
+    text  (W, embedding) --z-score--> MLP -----------------+        | + position
+                                                   transformer blocks over the W tokens
+                                                                    |
+                                            bottleneck (W, d_bottleneck)   <- shared
+                                  /                                              \\
+        fMRI head: per-channel temporal filter over W                 decoders: the newest token
+        (initialised to the Glover HRF) -> Linear -> (voxel,)          -> each stimulus modality
+
+**fMRI is a target, never an input.** The model is an encoding model: it must predict the
+brain's response from what the subject saw and heard. Given the BOLD it is asked to
+predict, a network copies it (val r near 1, nothing learned about the stimulus), and
+given past BOLD it mostly learns the signal's autocorrelation; neither tells us anything
+about the stimulus -> brain mapping, and neither exists when predicting a new movie.
+
+Why the head looks like this: BOLD is a causal convolution of neural activity with a
+slow haemodynamic response (peak ~5 s, undershoot ~15 s), so the voxels are read out
+from an HRF-weighted sum of per-TR latents. The filter starts at the Glover HRF and is
+learned; ``temporal_init: uniform`` starts it flat instead.
+
+Why the decoders read the newest token: the reconstructions keep the bottleneck a
+description of the stimulus (the autoencoder part) without asking one vector to hold a
+whole window. Video is reconstructed at the pooled resolution the encoder sees; audio
+codes are classes, so the audio decoder emits logits per codebook and code frame (or,
+with ``loss.audio: mse``, the prototype's float regression of codes).
+
+Video is average-pooled *inside* the model (on the GPU when there is one): DataLoader
+workers only pick ``video_frames`` frames per TR, so a batch crosses to the device as
+uint8 and the CPU never expands full frames to float.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from giblet.errors import ConfigError
+
+TEMPORAL_INITS = ("hrf", "uniform")
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """Sizes of the model; everything data-dependent (voxels, codebooks, window) comes from :class:`ModelSpec`."""
+
+    d_model: int = 128  # width of the per-TR tokens and the transformer blocks
+    n_layers: int = 2  # transformer blocks over the window's tokens (0: encoders feed the bottleneck directly)
+    n_heads: int = 4
+    mlp_ratio: float = 4.0
+    d_bottleneck: int = 64  # the shared per-TR latent
+    dropout: float = 0.0
+    video_frames: int = 2  # frames per TR the model sees (evenly spaced among the stored ones)
+    video_pool: list[int] = field(default_factory=lambda: [6, 8])  # (height, width) after average pooling
+    audio_embed: int = 32  # per-codebook code embedding width
+    audio_segments: int = 4  # code frames of a TR are pooled into this many segments
+    temporal_init: str = "hrf"  # hrf | uniform: start of the fMRI head's temporal filter
+
+
+def check_model(cfg: AutoencoderConfig, problems: list[str]) -> None:
+    """Append one message per bad value to ``problems``."""
+    for name in ("d_model", "n_heads", "d_bottleneck", "video_frames", "audio_embed", "audio_segments"):
+        value = getattr(cfg, name)
+        if not (isinstance(value, int) and value >= 1):
+            problems.append(f"model.{name}: must be an integer >= 1, got {value!r}")
+    if not (isinstance(cfg.n_layers, int) and cfg.n_layers >= 0):
+        problems.append(f"model.n_layers: must be an integer >= 0, got {cfg.n_layers!r}")
+    if isinstance(cfg.d_model, int) and isinstance(cfg.n_heads, int) and cfg.n_heads >= 1 and cfg.d_model % cfg.n_heads:
+        problems.append(f"model.d_model: {cfg.d_model} is not divisible by model.n_heads={cfg.n_heads}")
+    if len(cfg.video_pool) != 2 or not all(isinstance(v, int) and v >= 1 for v in cfg.video_pool):
+        problems.append(f"model.video_pool: must be [height, width] >= 1, got {cfg.video_pool!r}")
+    if not 0.0 <= cfg.dropout < 1.0:
+        problems.append(f"model.dropout: must be in [0, 1), got {cfg.dropout}")
+    if cfg.temporal_init not in TEMPORAL_INITS:
+        problems.append(f"model.temporal_init: must be one of {', '.join(TEMPORAL_INITS)}, got {cfg.temporal_init!r}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the data dictates: read from the store and the dataset, never hand-edited.
+
+    Attributes:
+        n_voxels: width of the fMRI head (the store's mask).
+        window, lag: the dataset's causal context (``window + 1`` tokens).
+        tr_s: TR in seconds (for the HRF).
+        video: stored ``(frames_per_tr, height, width, channel)`` or None.
+        audio: ``(codebooks, code_frames, vocab)`` or None.
+        text: embedding width or None.
+        video_stats, text_stats: the store's ``(mean, std)`` (per channel over [0, 1]
+            pixels; per embedding dim), used to z-score inside the model.
+        audio_loss: ``"ce"`` (logits) or ``"mse"`` (the prototype's float regression).
+    """
+
+    n_voxels: int
+    window: int = 0
+    lag: int = 0
+    tr_s: float = 1.5
+    video: Optional[tuple] = None
+    audio: Optional[tuple] = None
+    text: Optional[int] = None
+    video_stats: Optional[tuple] = None
+    text_stats: Optional[tuple] = None
+    audio_loss: str = "ce"
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in ("video", "audio", "text") if getattr(self, m) is not None)
+
+
+def hrf_kernel(tr_s: float, length_s: float = 32.0) -> np.ndarray:
+    """The Glover HRF once per TR from lag 0, unit sum: ``giblet.data.hrf_kernel`` (nilearn)
+    when importable, else the same double-gamma formula in numpy (GPU images often lack nilearn)."""
+    try:
+        from giblet.data.context import hrf_kernel as nilearn_kernel
+
+        return np.array(nilearn_kernel(tr_s, length_s))
+    except ImportError:
+        pass
+    over = 50
+    dt = tr_s / over
+    t = np.linspace(0, length_s, int(np.rint(length_s / dt)))
+
+    def gamma_pdf(x, shape, scale):  # scipy.stats.gamma.pdf(x, shape, loc=dt, scale=scale)
+        y = np.clip((x - dt) / scale, 0, None)
+        with np.errstate(divide="ignore"):
+            return np.where(y > 0, np.exp((shape - 1) * np.log(np.where(y > 0, y, 1)) - y - math.lgamma(shape))
+                            / scale, 0.0)
+
+    fine = gamma_pdf(t, 6 / 0.9, 0.9) - 0.48 * gamma_pdf(t, 12 / 0.9, 0.9)
+    kernel = fine[::over]
+    return kernel / kernel.sum()
+
+
+def select_frames(frames: torch.Tensor, n: int) -> torch.Tensor:
+    """Keep ``n`` evenly spaced frames of ``(..., frame, H, W, C)`` (cheap: done in loader workers)."""
+    total = frames.shape[-4]
+    if n >= total:
+        return frames
+    idx = torch.from_numpy(np.linspace(0, total - 1, n).round().astype(np.int64))
+    return frames.index_select(-4, idx)
+
+
+def _mlp(d_in: int, d_hidden: int, d_out: int, dropout: float = 0.0) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_hidden, d_out))
+
+
+class _Standardize(nn.Module):
+    """z-score with fixed store statistics; zero-std features map to 0 (the ``ZScorer`` rule)."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        mean, std = torch.as_tensor(np.asarray(mean), dtype=torch.float32), torch.as_tensor(np.asarray(std), dtype=torch.float32)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("inv_std", torch.where(std > 0, 1.0 / std.clamp(min=1e-12), torch.zeros_like(std)),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) * self.inv_std
+
+
+class VideoPool(nn.Module):
+    """``(..., frame, H, W, C) uint8`` -> ``(..., frame * C * h * w)`` z-scored average-pooled pixels."""
+
+    def __init__(self, pool: tuple[int, int], stats: Optional[tuple]):
+        super().__init__()
+        self.pool = tuple(pool)
+        mean, std = stats if stats is not None else (np.full(3, 0.5), np.full(3, 0.25))
+        self.norm = _Standardize(np.asarray(mean).reshape(-1, 1, 1), np.asarray(std).reshape(-1, 1, 1))
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        lead = frames.shape[:-3]
+        x = frames.reshape(-1, *frames.shape[-3:]).permute(0, 3, 1, 2).float().div_(255.0)  # (N, C, H, W)
+        x = self.norm(F.adaptive_avg_pool2d(x, self.pool))
+        return x.reshape(*lead[:-1], -1)  # frames folded into features
+
+
+class AudioEncoder(nn.Module):
+    """Codes ``(..., codebook, code_frame)`` -> per-codebook embeddings, summed, pooled to segments."""
+
+    def __init__(self, n_codebooks: int, vocab: int, d_embed: int, segments: int, d_out: int, dropout: float):
+        super().__init__()
+        self.vocab, self.segments = vocab, segments
+        self.embed = nn.Embedding(n_codebooks * vocab, d_embed)
+        self.register_buffer("offset", torch.arange(n_codebooks).view(-1, 1) * vocab, persistent=False)
+        self.proj = _mlp(segments * d_embed, d_out, d_out, dropout)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        lead = codes.shape[:-2]
+        e = self.embed(codes.clamp(0, self.vocab - 1) + self.offset).sum(-3)  # (..., code_frame, d_embed)
+        e = F.adaptive_avg_pool1d(e.reshape(-1, *e.shape[-2:]).transpose(1, 2), self.segments)  # (N, d, seg)
+        return self.proj(e.transpose(1, 2).reshape(*lead, -1))
+
+
+class AudioDecoder(nn.Module):
+    """Bottleneck ``(batch, d)`` -> ``(batch, codebook, code_frame, vocab)`` logits (or floats for MSE)."""
+
+    def __init__(self, d_in: int, d_hidden: int, n_codebooks: int, code_frames: int, vocab: int, d_embed: int,
+                 segments: int, loss: str):
+        super().__init__()
+        self.segments, self.code_frames, self.d_embed = segments, code_frames, d_embed
+        self.body = _mlp(d_in, d_hidden, segments * d_embed)
+        n_out = vocab if loss == "ce" else 1
+        self.out = nn.Parameter(torch.randn(n_codebooks, d_embed, n_out) / math.sqrt(d_embed))
+        self.bias = nn.Parameter(torch.zeros(n_codebooks, 1, n_out))
+        self.loss = loss
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.body(z).view(-1, self.segments, self.d_embed)
+        idx = torch.arange(self.code_frames, device=z.device) * self.segments // self.code_frames
+        h = h[:, idx]  # (batch, code_frame, d_embed): each segment spans its code frames
+        out = torch.einsum("btd,kdv->bktv", h, self.out) + self.bias
+        return out if self.loss == "ce" else out.squeeze(-1)
+
+
+class GibletAutoencoder(nn.Module):
+    """See the module docstring. ``forward(batch)`` takes a prepared batch (:func:`prepare_batch`)."""
+
+    def __init__(self, cfg: AutoencoderConfig, spec: ModelSpec):
+        super().__init__()
+        if not spec.modalities:
+            raise ConfigError("GibletAutoencoder: the store has no stimulus modality (video, audio or text); "
+                              "fMRI is a target, so the model needs at least one stimulus input")
+        self.cfg, self.spec = cfg, spec
+        d, db, p = cfg.d_model, cfg.d_bottleneck, cfg.dropout
+        n_tok = spec.window + 1
+        if spec.video is not None:
+            frames, _, _, channels = spec.video
+            n_pix = min(cfg.video_frames, frames) * channels * cfg.video_pool[0] * cfg.video_pool[1]
+            self.video_pool = VideoPool(tuple(cfg.video_pool), spec.video_stats)
+            self.enc_video = _mlp(n_pix, d, d, p)
+            self.dec_video = _mlp(db, d, n_pix)
+        if spec.audio is not None:
+            n_cb, n_frames, vocab = spec.audio
+            self.enc_audio = AudioEncoder(n_cb, vocab, cfg.audio_embed, cfg.audio_segments, d, p)
+            self.dec_audio = AudioDecoder(db, d, n_cb, n_frames, vocab, cfg.audio_embed, cfg.audio_segments,
+                                          spec.audio_loss)
+        if spec.text is not None:
+            mean, std = spec.text_stats if spec.text_stats is not None else (np.zeros(spec.text), np.ones(spec.text))
+            self.text_norm = _Standardize(mean, std)
+            self.enc_text = _mlp(spec.text, d, d, p)
+            self.dec_text = _mlp(db, d, spec.text)
+        self.position = nn.Parameter(torch.zeros(n_tok, d))
+        self.token_norm = nn.LayerNorm(d)
+        layer = nn.TransformerEncoderLayer(d, cfg.n_heads, int(cfg.mlp_ratio * d), p, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.trunk = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False) if cfg.n_layers else nn.Identity()
+        self.bottleneck = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, db))
+        self.temporal = nn.Parameter(self._temporal_init(n_tok).repeat(db, 1))  # (d_bottleneck, W)
+        self.fmri_head = nn.Linear(db, spec.n_voxels)
+        nn.init.zeros_(self.fmri_head.weight)  # start at the z-scored mean: the fMRI loss starts at ~1
+        nn.init.zeros_(self.fmri_head.bias)
+
+    def _temporal_init(self, n_tok: int) -> torch.Tensor:
+        if self.cfg.temporal_init == "uniform":
+            return torch.full((n_tok,), 1.0 / n_tok)
+        kernel = hrf_kernel(self.spec.tr_s)
+        delays = self.spec.lag + np.arange(n_tok)[::-1]  # token w is (lag + W-1-w) TRs before the target
+        w = np.where(delays < len(kernel), kernel[np.minimum(delays, len(kernel) - 1)], 0.0)
+        return torch.tensor(w, dtype=torch.float32)
+
+    # -- forward -------------------------------------------------------------------------------
+    def encode(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """Prepared batch -> bottleneck ``(batch, W, d_bottleneck)`` and the normalized stimulus."""
+        valid = batch["stim_valid"].unsqueeze(-1).float()  # (B, W, 1): no stimulus before TR 0
+        tokens, normalized = 0.0, {}
+        if self.spec.video is not None:
+            normalized["video"] = v = self.video_pool(batch["video"])
+            tokens = tokens + self.enc_video(v) * valid
+        if self.spec.audio is not None:
+            tokens = tokens + self.enc_audio(batch["audio"]) * valid
+        if self.spec.text is not None:
+            normalized["text"] = t = self.text_norm(batch["text"])
+            tokens = tokens + self.enc_text(t) * (valid * batch["has_text"].unsqueeze(-1).float())
+        h = self.trunk(self.token_norm(tokens) + self.position)
+        return self.bottleneck(h), normalized
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Returns ``fmri`` ``(batch, voxel)``, ``recon_<m>`` for each stimulus modality (of the
+        newest TR) and ``target_<m>`` (the z-scored, pooled stimulus they are compared with)."""
+        z, normalized = self.encode(batch)
+        out = {"fmri": self.fmri_head(torch.einsum("bwd,dw->bd", z, self.temporal))}
+        last = z[:, -1]
+        for m in self.spec.modalities:
+            out[f"recon_{m}"] = getattr(self, f"dec_{m}")(last)
+            if m in normalized:
+                out[f"target_{m}"] = normalized[m][:, -1].detach()
+        return out
+
+
+def prepare_batch(samples: list[dict], video_frames: int, denormalize=None) -> dict[str, torch.Tensor]:
+    """Collate ``GibletDataset`` samples into the model's input (runs in DataLoader workers).
+
+    Keeps ``video_frames`` frames per TR (uint8; pooling happens in the model), gives every
+    stimulus entry a context axis even with ``window=0``, and adds the targets:
+    ``target_fmri`` (the stored z-scores, or ``denormalize(z, subject)`` -- e.g.
+    ``GibletDataset.denormalize``, the prototype's raw scanner units), and for the
+    decoders the newest TR's ``target_audio`` codes, ``target_valid`` and ``target_has_text``.
+    """
+    from torch.utils.data import default_collate
+
+    if "video" in samples[0]:
+        samples = [{**s, "video": select_frames(s["video"], video_frames)} for s in samples]
+    batch = default_collate(samples)
+    if "stim_valid" in batch and batch["stim_valid"].dim() == 1:  # window=0: add the context axis
+        for k in ("video", "audio", "text", "has_text", "stim_valid"):
+            if k in batch:
+                batch[k] = batch[k].unsqueeze(1)
+    if "fmri" in batch:
+        batch["target_fmri"] = batch["fmri"] if denormalize is None else denormalize(batch["fmri"], batch["subject"])
+    if "stim_valid" in batch:
+        batch["target_valid"] = batch["stim_valid"][:, -1]
+    if "audio" in batch:
+        batch["target_audio"] = batch["audio"][:, -1]
+    if "has_text" in batch:
+        batch["target_has_text"] = batch["has_text"][:, -1]
+    return batch
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,142 @@
+"""Losses that are comparable by construction, and the val metric (per-voxel Pearson r).
+
+Each component starts near a known scale, so a weight means what it says:
+
+- ``fmri``: MSE on z-scored voxels (about 1 for a model predicting 0);
+- ``video``: MSE on the z-scored, pooled frames of the newest TR of the window (about 1);
+- ``text``: MSE on z-scored embeddings, only where an annotation covers the TR (about 1);
+- ``audio``: cross-entropy per codebook over the code classes, averaged over codebooks and
+  code frames (``ln(vocab)`` = 6.9 nats for 1024 codes at the start; hence its smaller
+  default weight).
+
+The prototype's choices are kept as flags so ``configs/train/prototype.yaml`` can
+reproduce them: ``fmri_target: raw`` (targets de-normalized to scanner units, ~1000x
+larger) and ``audio: mse`` (integer codes as floats under MSE, ~10^5 at the start).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+FMRI_TARGETS = ("z", "raw")
+AUDIO_LOSSES = ("ce", "mse")
+COMPONENTS = ("fmri", "video", "audio", "text")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Per-modality weights (explicit: a modality the store has must have one) and loss kinds."""
+
+    weights: dict[str, float] = field(default_factory=lambda: {"fmri": 1.0, "video": 0.1, "audio": 0.02,
+                                                                "text": 0.1})
+    fmri_target: str = "z"  # z (store's z-scores) | raw (de-normalized scanner units: the prototype)
+    audio: str = "ce"  # ce (codes are classes) | mse (codes as floats: the prototype)
+
+
+def check_losses(cfg: LossConfig, modalities: Optional[tuple] = None, problems: Optional[list] = None) -> list[str]:
+    """Messages for bad values; with ``modalities``, also for a present modality without a weight."""
+    problems = [] if problems is None else problems
+    if cfg.fmri_target not in FMRI_TARGETS:
+        problems.append(f"loss.fmri_target: must be one of {', '.join(FMRI_TARGETS)}, got {cfg.fmri_target!r}")
+    if cfg.audio not in AUDIO_LOSSES:
+        problems.append(f"loss.audio: must be one of {', '.join(AUDIO_LOSSES)}, got {cfg.audio!r}")
+    unknown = [k for k in cfg.weights if k not in COMPONENTS]
+    if unknown:
+        problems.append(f"loss.weights: unknown component(s) {unknown}; known: {', '.join(COMPONENTS)}")
+    bad = {k: v for k, v in cfg.weights.items() if not v >= 0}
+    if bad:
+        problems.append(f"loss.weights: must be >= 0, got {bad}")
+    for m in modalities or ():
+        if m not in cfg.weights:
+            problems.append(f"loss.weights.{m}: the store has {m} but no weight is set; set loss.weights.{m}=W "
+                            f"(0 turns its decoder's loss off)")
+    return problems
+
+
+def fmri_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE over ``(batch, voxel)``, in whatever units the target is in."""
+    return F.mse_loss(pred.float(), target.float())
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MSE over ``(batch, ...)`` rows where ``mask`` ``(batch,)`` is True (0 if none)."""
+    err = (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+    weight = mask.float()
+    return (err * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def audio_ce(logits: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``(batch, codebook, code_frame, vocab)`` logits against ``(batch, codebook,
+    code_frame)`` int64 codes, averaged over codebooks and frames of rows where ``mask`` is True."""
+    per = F.cross_entropy(logits.float().flatten(0, 2), codes.flatten(), reduction="none")
+    per = per.view(codes.shape).flatten(1).mean(1)
+    weight = mask.float()
+    return (per * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def compute_losses(outputs: dict, batch: dict, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted total and each unweighted component.
+
+    Args:
+        outputs: the model's ``forward`` dict: ``fmri``, ``recon_<m>`` and ``target_<m>``
+            (the z-scored, pooled stimulus the model saw, for video and text).
+        batch: the prepared batch: ``target_fmri`` (z-scores, or raw units with
+            ``fmri_target: raw``), ``target_audio`` codes, ``target_valid``, ``target_has_text``.
+
+    Returns:
+        ``(total, {component: loss})``; log the components with ``.item()``.
+    """
+    parts: dict[str, torch.Tensor] = {"fmri": fmri_loss(outputs["fmri"], batch["target_fmri"])}
+    valid = batch.get("target_valid")
+    if "recon_video" in outputs:
+        parts["video"] = masked_mse(outputs["recon_video"], outputs["target_video"], valid)
+    if "recon_text" in outputs:
+        parts["text"] = masked_mse(outputs["recon_text"], outputs["target_text"], valid & batch["target_has_text"])
+    if "recon_audio" in outputs:
+        codes = batch["target_audio"]
+        if cfg.audio == "ce":
+            parts["audio"] = audio_ce(outputs["recon_audio"], codes, valid)
+        else:  # the prototype: integer codes regressed as floats
+            parts["audio"] = masked_mse(outputs["recon_audio"], codes.float(), valid)
+    total = sum(cfg.weights.get(k, 0.0) * v for k, v in parts.items())
+    return total, parts
+
+
+class VoxelCorrelation:
+    """Per-voxel Pearson r of predictions against targets, accumulated over batches and ranks.
+
+    Keeps float64 sums ``n, x, y, xx, yy, xy`` per voxel, so the result is exact whatever
+    the batching, and :meth:`all_reduce` sums them over ranks (the r of the whole val split,
+    not an average of rank-local r).
+    """
+
+    def __init__(self, n_voxels: int, device: torch.device | str = "cpu"):
+        self.sums = torch.zeros(6, n_voxels, dtype=torch.float64, device=device)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        """Add ``(batch, voxel)`` predictions and targets."""
+        x, y = pred.detach().double(), target.detach().double()
+        self.sums[0] += x.shape[0]
+        self.sums[1] += x.sum(0)
+        self.sums[2] += y.sum(0)
+        self.sums[3] += (x * x).sum(0)
+        self.sums[4] += (y * y).sum(0)
+        self.sums[5] += (x * y).sum(0)
+
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.sums)
+
+    def r(self) -> torch.Tensor:
+        """``(voxel,) float64``; 0 where either side has no variance."""
+        n, sx, sy, sxx, syy, sxy = self.sums
+        cov = sxy - sx * sy / n.clamp(min=1)
+        vx = (sxx - sx * sx / n.clamp(min=1)).clamp(min=0)
+        vy = (syy - sy * sy / n.clamp(min=1)).clamp(min=0)
+        den = (vx * vy).sqrt()
+        return torch.where(den > 1e-12, cov / den.clamp(min=1e-300), torch.zeros_like(den))
