@@ -37,7 +37,7 @@ class FmriStage(Stage):
             return [Task("mask", fmri.build_mask, dict(
                 staging=str(staging), strategy=p.mask_strategy, reference=str(subjects[ref_subject]),
                 ref_subject=ref_subject, mask_file=str(mask_file) if mask_file else None,
-                block_trs=p.read_block_trs))]
+                block_trs=p.read_block_trs, mask_trs=p.mask_trs))]
 
         mask = Unit("fmri/mask", self.name, self.version, mask_params, mask_inputs, mask_tasks,
                     ["fmri/mask", "fmri/voxels"], label="fMRI mask")

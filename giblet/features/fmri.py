@@ -50,9 +50,9 @@ def check_same_grid(img: nib.Nifti1Image, ref: nib.Nifti1Image, subject: str, re
                          f"{np.abs(img.affine - ref.affine).max():.4g} mm); resample every subject to one space first")
 
 
-def _blocks(img: nib.Nifti1Image, path: Path, subject: str, block_trs: int):
+def _blocks(img: nib.Nifti1Image, path: Path, subject: str, block_trs: int, stop: int | None = None):
     """Yield ``(t0, block)`` with block ``(x, y, z, b)`` as read (scaled) from the file."""
-    n = img.shape[3]
+    n = img.shape[3] if stop is None else stop
     for t0 in range(0, n, block_trs):
         t1 = min(n, t0 + block_trs)
         try:
@@ -72,22 +72,27 @@ def _check_finite(block: np.ndarray, t0: int, subject: str, path: Path) -> None:
                          f"repair the file (e.g. nilearn.image.clean_img) before preprocessing")
 
 
-def mean_image(path: Path, subject: str, block_trs: int) -> nib.Nifti1Image:
-    """Temporal mean of a 4D image, streamed (float64 accumulator of one volume only)."""
+def mean_image(path: Path, subject: str, block_trs: int, max_trs: int | None = None) -> nib.Nifti1Image:
+    """Temporal mean of a 4D image over its first ``max_trs`` TRs (all if None), streamed.
+
+    Only the TRs averaged are decompressed, so the mask costs a fraction of a full read.
+    """
     img = load_bold(path, subject)
+    n = img.shape[3] if max_trs is None else min(max_trs, img.shape[3])
     total = np.zeros(img.shape[:3], dtype=np.float64)
-    for t0, block in _blocks(img, path, subject, block_trs):
+    for t0, block in _blocks(img, path, subject, block_trs, stop=n):
         _check_finite(block, t0, subject, path)
         total += block.sum(axis=-1, dtype=np.float64)
-    return nib.Nifti1Image((total / img.shape[3]).astype(np.float32), img.affine)
+    return nib.Nifti1Image((total / n).astype(np.float32), img.affine)
 
 
 def compute_mask(strategy: str, reference: Path, ref_subject: str, mask_file: Path | None,
-                 block_trs: int) -> tuple[np.ndarray, np.ndarray]:
+                 block_trs: int, mask_trs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The shared mask ``(x, y, z) bool`` and its affine ``(4, 4)``.
 
     ``epi``/``background`` run nilearn's ``compute_epi_mask``/``compute_background_mask`` on
-    the reference subject's mean image, so adding a subject never changes the mask;
+    the reference subject's mean image over its first ``mask_trs`` TRs, so adding a subject
+    never changes the mask;
     ``file`` loads a NIfTI mask on the same grid.
     """
     from nilearn.masking import compute_background_mask, compute_epi_mask
@@ -102,7 +107,7 @@ def compute_mask(strategy: str, reference: Path, ref_subject: str, mask_file: Pa
                              f"{ref_img.shape[:3]} (or its affine differs); resample the mask to the BOLD images")
         mask = np.asanyarray(mimg.dataobj).astype(bool).reshape(ref_img.shape[:3])
     else:
-        mean = mean_image(reference, ref_subject, block_trs)
+        mean = mean_image(reference, ref_subject, block_trs, mask_trs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fn = compute_epi_mask if strategy == "epi" else compute_background_mask
@@ -147,13 +152,13 @@ def clean(x: np.ndarray, detrend: bool, high_pass: float | None, tr_s: float, bl
 
 
 def build_mask(staging: str, strategy: str, reference: str, ref_subject: str, mask_file: str | None,
-               block_trs: int) -> dict:
+               block_trs: int, mask_trs: int | None = None) -> dict:
     """Task: write ``fmri/mask`` (x, y, z) bool and ``fmri/voxels`` (voxel, 3) int32."""
     mask, affine = compute_mask(strategy, Path(reference), ref_subject,
-                                Path(mask_file) if mask_file else None, block_trs)
+                                Path(mask_file) if mask_file else None, block_trs, mask_trs)
     voxels = np.argwhere(mask).astype(np.int32)
     attrs = {"affine": affine.tolist(), "n_voxels": int(len(voxels)), "strategy": strategy,
-             "reference": ref_subject, "order": "C (np.argwhere(mask))"}
+             "reference": ref_subject, "mean_of_first_trs": mask_trs, "order": "C (np.argwhere(mask))"}
     m = store.create_array(Path(staging), "fmri/mask", mask.shape, "bool", mask.shape, (store.X, store.Y, store.Z),
                            attrs, fill_value=False)
     m[...] = mask
