@@ -170,7 +170,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
 def check_warmup(sched: Schedule) -> Optional[str]:
     """A warning when the schedule cannot reach its peak LR in the run (or ``None``)."""
     if sched.unit == "epoch":
-        reach = lr_factor(sched.total_steps // sched.steps_per_epoch, sched.total_steps, sched.warmup_steps,
+        reach = lr_factor((sched.total_steps - 1) // sched.steps_per_epoch, sched.total_steps, sched.warmup_steps,
                           sched.min_lr_ratio)
         return (f"schedule.unit=epoch: the LR advances once per epoch, so after {sched.total_steps} steps it is at "
                 f"{100 * reach:.3g} % of the peak; set schedule.unit=step")

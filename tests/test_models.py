@@ -1,0 +1,327 @@
+"""Unit tier of the trainer: the model, losses, schedule, checkpoint, diagnostics and train config,
+on random tensors (no store)."""
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from giblet.errors import ConfigError
+from giblet.models.autoencoder import (AutoencoderConfig, GibletAutoencoder, ModelSpec, hrf_kernel, prepare_batch,
+                                       select_frames)
+from giblet.normalize import ZScorer
+from giblet.training import checkpoint as ckpt
+from giblet.training import distributed as D
+from giblet.training.diagnostics import enforce_scale_check, grad_norms, scale_check
+from giblet.training.losses import LossConfig, VoxelCorrelation, audio_ce, check_losses, compute_losses, masked_mse
+from giblet.training.schedule import (OptimConfig, ScheduleConfig, build_optimizer, build_scheduler, check_warmup,
+                                      lr_factor, resolve_schedule)
+
+REPO = Path(__file__).resolve().parents[1]
+V, W, F_, H, WD, C, NCB, T, VOCAB, E = 40, 5, 3, 12, 16, 3, 2, 10, 16, 24
+
+
+def spec(window=W - 1, video=True, audio=True, text=True, **kw) -> ModelSpec:
+    return ModelSpec(n_voxels=V, window=window, lag=0, tr_s=1.5, video=(F_, H, WD, C) if video else None,
+                     audio=(NCB, T, VOCAB) if audio else None, text=E if text else None,
+                     video_stats=(np.full(3, 0.5, np.float32), np.full(3, 0.2, np.float32)) if video else None,
+                     text_stats=(np.zeros(E, np.float32), np.ones(E, np.float32)) if text else None, **kw)
+
+
+def samples(n=4, window=W - 1, seed=0, video=True, audio=True, text=True) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    ctx = (window + 1,) if window else ()
+    out = []
+    for i in range(n):
+        s = {"fmri": torch.randn(V, generator=g), "subject": torch.tensor(i % 2), "tr": torch.tensor(10 + i),
+             "index": torch.tensor(i), "stim_valid": torch.ones(ctx, dtype=torch.bool)}
+        if video:
+            s["video"] = torch.randint(0, 256, ctx + (F_, H, WD, C), generator=g, dtype=torch.uint8)
+        if audio:
+            s["audio"] = torch.randint(0, VOCAB, ctx + (NCB, T), generator=g)
+        if text:
+            s["text"] = torch.randn(ctx + (E,), generator=g)
+            s["has_text"] = torch.ones(ctx, dtype=torch.bool)
+        out.append(s)
+    return out
+
+
+def small_cfg(**kw) -> AutoencoderConfig:
+    base = dict(d_model=16, n_layers=1, n_heads=2, d_bottleneck=8, video_frames=2, video_pool=[3, 4],
+                audio_embed=4, audio_segments=2)
+    return AutoencoderConfig(**{**base, **kw})
+
+
+# -- model -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mods", [(True, True, True), (True, False, False), (False, True, False), (False, False, True)])
+def test_output_shapes_follow_the_data(mods):
+    torch.manual_seed(0)
+    model = GibletAutoencoder(small_cfg(), spec(video=mods[0], audio=mods[1], text=mods[2]))
+    batch = prepare_batch(samples(video=mods[0], audio=mods[1], text=mods[2]), video_frames=2)
+    out = model(batch)
+    assert out["fmri"].shape == (4, V)  # the head's width is the store's n_voxels
+    if mods[0]:
+        assert out["recon_video"].shape == out["target_video"].shape == (4, 2 * C * 3 * 4)
+    if mods[1]:
+        assert out["recon_audio"].shape == (4, NCB, T, VOCAB)
+    if mods[2]:
+        assert out["recon_text"].shape == out["target_text"].shape == (4, E)
+
+
+def test_fmri_is_never_an_input_and_the_head_starts_at_zero():
+    torch.manual_seed(0)
+    model = GibletAutoencoder(small_cfg(), spec()).eval()
+    batch = prepare_batch(samples(), video_frames=2)
+    a = model(batch)["fmri"]
+    batch2 = {**batch, "fmri": batch["fmri"] * 100 + 7}
+    assert torch.equal(a, model(batch2)["fmri"])
+    assert torch.count_nonzero(a) == 0  # zero-initialized head: the first fMRI loss is mean(target^2)
+    _, parts = compute_losses(model(batch), batch, LossConfig())
+    assert parts["fmri"].item() == pytest.approx(float(batch["fmri"].pow(2).mean()), rel=1e-6)
+
+
+def test_stimulus_before_tr0_is_ignored():
+    torch.manual_seed(0)
+    model = GibletAutoencoder(small_cfg(dropout=0.0), spec()).eval()
+    with torch.no_grad():
+        model.fmri_head.weight.normal_()
+    s = samples(n=2)
+    for x in s:
+        x["stim_valid"][:2] = False  # the two oldest TRs of the window are before TR 0
+    b1 = prepare_batch(s, 2)
+    b2 = dict(b1, video=b1["video"].clone(), audio=b1["audio"].clone(), text=b1["text"].clone())
+    b2["video"][:, :2] = 255 - b2["video"][:, :2]
+    b2["audio"][:, :2] = (b2["audio"][:, :2] + 3) % VOCAB
+    b2["text"][:, :2] += 5.0
+    torch.testing.assert_close(model(b1)["fmri"], model(b2)["fmri"])
+    b2["text"][:, -1] += 5.0  # a real TR does matter
+    assert not torch.allclose(model(b1)["fmri"], model(b2)["fmri"])
+
+
+def test_temporal_filter_starts_at_the_causal_glover_hrf():
+    model = GibletAutoencoder(small_cfg(), spec(window=7))
+    kernel = hrf_kernel(1.5)
+    w = model.temporal[0].detach().numpy()
+    np.testing.assert_allclose(w[::-1], kernel[:8], rtol=1e-6)  # newest token = lag 0
+    assert int(np.argmax(w[::-1])) * 1.5 in (4.5, 6.0)  # peak 4-6 s after the stimulus
+    lagged = GibletAutoencoder(small_cfg(), ModelSpec(n_voxels=V, window=3, lag=2, tr_s=1.5, text=E))
+    np.testing.assert_allclose(lagged.temporal[0].detach().numpy()[::-1], kernel[2:6], rtol=1e-6)
+
+
+def test_hrf_fallback_matches_nilearn(monkeypatch):
+    reference = hrf_kernel(1.5)
+    monkeypatch.setitem(sys.modules, "giblet.data.context", None)  # import fails as without nilearn
+    fallback = hrf_kernel(1.5)
+    np.testing.assert_allclose(fallback, reference, atol=1e-9)
+    assert fallback.sum() == pytest.approx(1.0)
+
+
+def test_prepare_batch_selects_frames_adds_context_and_denormalizes():
+    s = samples(n=3, window=0)
+    frames = torch.arange(10).view(10, 1, 1, 1).expand(10, 2, 2, 3).to(torch.uint8)
+    assert select_frames(frames, 3)[:, 0, 0, 0].tolist() == [0, 4, 9] or \
+        select_frames(frames, 3)[:, 0, 0, 0].tolist() == [0, 5, 9]
+    b = prepare_batch(s, video_frames=2)
+    assert b["video"].shape == (3, 1, 2, H, WD, C) and b["stim_valid"].shape == (3, 1)
+    assert torch.equal(b["target_audio"], b["audio"][:, -1]) and b["target_valid"].all()
+    scalers = [ZScorer.from_stats(np.full(V, 1000.0), np.full(V, 30.0)), ZScorer.from_stats(np.full(V, 500.0), np.zeros(V))]
+
+    def denorm(z, subject):
+        return torch.stack([torch.from_numpy(scalers[int(i)].inverse_transform(r.numpy())) for r, i in zip(z, subject)])
+
+    raw = prepare_batch(s, video_frames=2, denormalize=denorm)["target_fmri"]
+    torch.testing.assert_close(raw[0], s[0]["fmri"] * 30 + 1000)
+    torch.testing.assert_close(raw[1], torch.full((V,), 500.0))  # zero-variance voxels map back to their mean
+
+
+# -- losses --------------------------------------------------------------------------------------------
+def test_loss_components_start_at_their_documented_scale():
+    torch.manual_seed(0)
+    model = GibletAutoencoder(small_cfg(), spec())
+    batch = prepare_batch(samples(n=8), 2)
+    total, parts = compute_losses(model(batch), batch, LossConfig(weights={"fmri": 1, "video": 0.5, "audio": 0.1,
+                                                                           "text": 0.0}))
+    assert parts["audio"].item() == pytest.approx(math.log(VOCAB), rel=0.15)  # CE over VOCAB classes
+    assert 0.2 < parts["fmri"].item() < 3.0
+    expected = parts["fmri"] + 0.5 * parts["video"] + 0.1 * parts["audio"]
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    mse = GibletAutoencoder(small_cfg(), spec(audio_loss="mse"))
+    out = mse(batch)
+    assert out["recon_audio"].shape == (8, NCB, T)
+    _, p2 = compute_losses(out, batch, LossConfig(audio="mse"))
+    assert p2["audio"].item() > 20  # codes ~ U(0, 16) regressed as floats: ~ E[code^2]
+
+
+def test_masked_losses_skip_masked_rows():
+    pred, target = torch.zeros(3, 4), torch.tensor([[1.0] * 4, [2.0] * 4, [100.0] * 4])
+    assert masked_mse(pred, target, torch.tensor([True, True, False])).item() == pytest.approx(2.5)
+    assert masked_mse(pred, target, torch.tensor([False] * 3)).item() == 0.0
+    logits = torch.zeros(2, 1, 3, 5)
+    logits[0, 0, :, 2] = 50.0  # row 0 predicts class 2 with certainty
+    codes = torch.full((2, 1, 3), 2)
+    assert audio_ce(logits, codes, torch.tensor([True, False])).item() == pytest.approx(0.0, abs=1e-6)
+    assert audio_ce(logits, codes, torch.tensor([False, True])).item() == pytest.approx(math.log(5), rel=1e-5)
+
+
+def test_voxel_correlation_is_exact_over_batches():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(50, 6)), rng.normal(size=(50, 6))
+    y[:, 0] = 3 * x[:, 0] + 1
+    y[:, 5] = 2.0  # no variance -> r = 0 by rule
+    c = VoxelCorrelation(6)
+    for a in range(0, 50, 7):
+        c.update(torch.from_numpy(x[a:a + 7]), torch.from_numpy(y[a:a + 7]))
+    r = c.r().numpy()
+    expected = [np.corrcoef(x[:, j], y[:, j])[0, 1] for j in range(5)]
+    np.testing.assert_allclose(r[:5], expected, rtol=1e-10)
+    assert r[0] == pytest.approx(1.0) and r[5] == 0.0
+
+
+def test_loss_config_checks():
+    assert check_losses(LossConfig()) == []
+    problems = check_losses(LossConfig(weights={"fmri": 1.0, "vidoe": 1.0}, fmri_target="scanner", audio="l2"),
+                            modalities=("video",))
+    text = " ".join(problems)
+    assert "vidoe" in text and "fmri_target" in text and "loss.audio" in text and "loss.weights.video" in text
+
+
+# -- schedule ----------------------------------------------------------------------------------------
+def test_lr_warms_up_linearly_then_decays_by_cosine_in_steps():
+    f = [lr_factor(s, 100, 10, 0.1) for s in range(100)]
+    np.testing.assert_allclose(f[:10], np.arange(1, 11) / 10)
+    assert f[10] == pytest.approx(1.0) and f[55] == pytest.approx(0.55, abs=0.01) and f[99] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+
+
+def test_warmup_in_epochs_is_converted_to_steps_and_the_optimizer_applies_it():
+    sched = resolve_schedule(ScheduleConfig(epochs=5, warmup_epochs=1.5), batches_per_epoch=40, accum_steps=2)
+    assert (sched.steps_per_epoch, sched.warmup_steps, sched.total_steps) == (20, 30, 100)
+    assert "30 steps (= 1.5 epochs)" in sched.describe()
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    sch = build_scheduler(opt, sched)
+    applied = []
+    for _ in range(sched.total_steps):
+        applied.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sch.step()
+    assert applied[0] == pytest.approx(0.1 / 30) and max(applied) == pytest.approx(0.1)
+    assert int(np.argmax(applied)) == 29 and check_warmup(sched) is None
+
+
+def test_epoch_unit_reproduces_the_prototype_stall():
+    sched = resolve_schedule(ScheduleConfig(epochs=15, warmup_steps=100, unit="epoch"), batches_per_epoch=50)
+    lrs = [lr_factor(s // sched.steps_per_epoch, sched.total_steps, sched.warmup_steps, 0.1)
+           for s in range(sched.total_steps)]
+    assert max(lrs) == pytest.approx(0.15)  # after 15 epochs, 15 % of the target LR
+    assert "15 %" in check_warmup(sched) and "unit=step" in check_warmup(sched)
+
+
+def test_optimizer_falls_back_to_torch_adamw_on_cpu():
+    model = torch.nn.Linear(3, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt, name = build_optimizer(model, OptimConfig(name="adamw8bit"), torch.device("cpu"))
+    assert isinstance(opt, torch.optim.AdamW) and name == "torch.AdamW" and caught
+    decay = {id(p) for p in opt.param_groups[0]["params"]}
+    assert id(model.weight) in decay and id(model.bias) not in decay  # no decay on biases
+
+
+# -- checkpoint, RNG -----------------------------------------------------------------------------------
+def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 7, "rng": [D.rng_state()],
+             "loader": {"epoch": 1, "position": 32, "seed": 0, "order": {"chunks": [16, 16]}}}
+    ckpt.save_checkpoint(tmp_path, state)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left behind
+    back = ckpt.load_checkpoint(tmp_path)
+    assert back["step"] == 7 and back["loader"]["position"] == 32
+    torch.testing.assert_close(back["model"]["weight"], model.weight.detach())
+    fresh = torch.optim.AdamW(torch.nn.Linear(4, 3).parameters())
+    fresh.load_state_dict(back["optimizer"])
+    assert ckpt.load_checkpoint(tmp_path / "none") is None
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot be loaded"):
+        ckpt.load_checkpoint(tmp_path)
+    with pytest.raises(ConfigError, match="n_voxels: checkpoint 10, now 12"):
+        ckpt.check_compatible({"fingerprint": {"n_voxels": 10}}, {"n_voxels": 12})
+
+
+def test_rng_state_round_trip():
+    import random
+
+    D.seed_everything(3, 1)
+    state = D.rng_state()
+    a = (torch.rand(3), np.random.rand(3), random.random())
+    D.seed_everything(9, 0)
+    D.set_rng_state(state)
+    b = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+# -- diagnostics --------------------------------------------------------------------------------------
+def test_grad_norms_per_top_level_module():
+    torch.manual_seed(0)
+    model = GibletAutoencoder(small_cfg(), spec())
+    batch = prepare_batch(samples(), 2)
+    total, _ = compute_losses(model(batch), batch, LossConfig())
+    total.backward()
+    norms = grad_norms(model)
+    assert {"enc_video", "enc_audio", "enc_text", "trunk", "bottleneck", "temporal", "fmri_head", "dec_video",
+            "dec_audio", "dec_text"} <= set(norms)
+    whole = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    assert math.sqrt(sum(v * v for v in norms.values())) == pytest.approx(float(whole), rel=1e-4)
+
+
+def test_scale_check_names_raw_fmri_and_codes_under_mse():
+    sp = spec()
+    b = prepare_batch(samples(n=8), 2)
+    ok = scale_check(b, sp, {"fmri_raw_mean": 1000.0, "fmri_raw_std": 30.0}, LossConfig())
+    assert [r["ok"] for r in ok] == [True, True, True, True], ok
+    b["target_fmri"] = b["fmri"] * 30 + 1000
+    rows = scale_check(b, sp, {"fmri_raw_mean": 1000.0, "fmri_raw_std": 30.0}, LossConfig(audio="mse"))
+    bad = {r["input"].split()[0]: r for r in rows if not r["ok"]}
+    assert set(bad) == {"fmri", "audio"}
+    assert "raw scanner units" in bad["fmri"]["note"] and "loss.audio=ce" in bad["audio"]["note"]
+    with pytest.raises(ConfigError, match="fmri target.*audio codes"):
+        enforce_scale_check(rows, "error")
+    with pytest.warns(UserWarning, match="scale check"):
+        enforce_scale_check(rows, "warn")
+    enforce_scale_check(rows, "off")
+    b["video"] = b["video"] // 255  # a store whose frames were saved in [0, 1] would look like this
+    assert not scale_check(b, sp, {}, LossConfig())[0]["ok"]
+
+
+# -- config -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["demo", "tiny", "gpu", "prototype"])
+def test_every_shipped_train_config_loads(name, tmp_path):
+    from pipelines.train import load_train_config
+
+    cfg = load_train_config(REPO / "configs" / "train" / f"{name}.yaml", [f"store={tmp_path}", "out=run"])
+    assert cfg.store == str(tmp_path) and cfg.out == str(Path.cwd() / "run")  # overrides: relative to the cwd
+    if name == "prototype":
+        assert (cfg.loss.fmri_target, cfg.loss.audio, cfg.schedule.unit) == ("raw", "mse", "epoch")
+        assert set(cfg.loss.weights.values()) == {1.0}
+
+
+def test_train_config_reports_every_problem_with_suggestions():
+    from pipelines.train import load_train_config
+
+    with pytest.raises(ConfigError) as info:
+        load_train_config(REPO / "configs" / "train" / "tiny.yaml",
+                          ["optim.lrr=1", "model.d_model=30", "schedule.unit=epochs", "data.window=-1"])
+    msg = str(info.value)
+    assert "did you mean 'lr'" in msg
+    with pytest.raises(ConfigError) as info:
+        load_train_config(REPO / "configs" / "train" / "tiny.yaml",
+                          ["model.d_model=31", "schedule.unit=epochs", "data.window=-1", "log.scale_check=maybe"])
+    msg = str(info.value)
+    assert "4 problem(s)" in msg and "scale_check" in msg and "not divisible" in msg and "schedule.unit" in msg and "data.window" in msg
