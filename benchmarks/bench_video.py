@@ -207,6 +207,25 @@ def engine_run(path: Path, workers: int, tr_s: float) -> dict:
     return out
 
 
+def in_process(out: dict, path: Path, args) -> None:
+    """The three sequential readers (interleaved, best of ``--repeat``) and the seek loop."""
+    size = (160, 90)
+    stage_one_task(path, size, args.tr_s, 4, 16, limit_trs=2)  # warm-up: imports, page cache
+    best = interleaved(args.repeat, {
+        "opencv_sequential": lambda: opencv_sequential(path, size),
+        "opencv_grab_retrieve": lambda: opencv_grab_retrieve(path, size, 4),
+        "stage_one_task": lambda: stage_one_task(path, size, args.tr_s, 4, 16)})
+    for name, m in best.items():
+        res = m.pop("out")
+        res = res if isinstance(res, dict) else {"frames": res}
+        out[name] = {**res, **m, "fps": res["frames"] / m["seconds"], "fps_per_cpu_s": res["frames"] / m["cpu_s"]}
+        print(f"{name}: {out[name]['fps']:.0f} frames/s wall, {out[name]['fps_per_cpu_s']:.0f} per CPU-second",
+              file=sys.stderr)
+    secs, n = timed(lambda: seek_per_frame(path, size, args.seek_frames))
+    out["seek_per_frame"] = {"frames": n, "seconds": secs, "fps": n / secs}
+    print(f"seek per frame (first {n} frames): {n / secs:.0f} frames/s", file=sys.stderr)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON file for the figures")
@@ -227,21 +246,7 @@ def main() -> int:
                              "ram_gib": round(psutil.virtual_memory().total / 2**30, 1)},
                  "date": dt.date.today().isoformat(), "target": "160x90, frame_skip 4, area",
                  "load_avg_start": os.getloadavg()}
-    size = (160, 90)
-    stage_one_task(path, size, args.tr_s, 4, 16, limit_trs=2)  # warm-up: imports, page cache
-    best = interleaved(args.repeat, {
-        "opencv_sequential": lambda: opencv_sequential(path, size),
-        "opencv_grab_retrieve": lambda: opencv_grab_retrieve(path, size, 4),
-        "stage_one_task": lambda: stage_one_task(path, size, args.tr_s, 4, 16)})
-    for name, m in best.items():
-        res = m.pop("out")
-        res = res if isinstance(res, dict) else {"frames": res}
-        out[name] = {**res, **m, "fps": res["frames"] / m["seconds"], "fps_per_cpu_s": res["frames"] / m["cpu_s"]}
-        print(f"{name}: {out[name]['fps']:.0f} frames/s wall, {out[name]['fps_per_cpu_s']:.0f} per CPU-second",
-              file=sys.stderr)
-    secs, n = timed(lambda: seek_per_frame(path, size, args.seek_frames))
-    out["seek_per_frame"] = {"frames": n, "seconds": secs, "fps": n / secs}
-    print(f"seek per frame (first {n} frames): {n / secs:.0f} frames/s", file=sys.stderr)
+    in_process(out, path, args)
     out["engine"] = []
     for workers in args.workers:
         e = engine_run(path, workers, args.tr_s)

@@ -39,8 +39,8 @@ VERSION = 1
 INTERPOLATIONS = {"area": "AREA", "bilinear": "BILINEAR", "bicubic": "BICUBIC", "nearest": "POINT",
                   "lanczos": "LANCZOS"}
 FRAMES, PADDED, MEAN, STD = "video/frames", "video/padded", "video/mean", "video/std"
-SEEK_BACKOFF_S = (0, 2, 8, 32)
-HIST_MAX_PIXELS = 2**24  # cv2.calcHist counts in float32: exact below this many pixels per call  # seek this much earlier if the first keyframe lands after the target
+SEEK_BACKOFF_S = (0, 2, 8, 32)  # seek this much earlier if the first keyframe lands after the target
+HIST_MAX_PIXELS = 2**24  # cv2.calcHist counts in float32: exact below this many pixels per call
 
 
 def _exact(x: float) -> Fraction:
