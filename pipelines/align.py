@@ -29,16 +29,23 @@ def _versions() -> dict:
     return out
 
 
-def align_record(cfg: StudyConfig, units: list, manifest: dict) -> dict:
-    """The ``align`` manifest record and the root ``attrs.giblet`` of the store."""
+def align_record(cfg: StudyConfig, units: list, manifest: dict, only: list | None = None) -> dict:
+    """The ``align`` manifest record and the root ``attrs.giblet`` of the store.
+
+    Units planned in this run vote with their TR count when built; with ``--only``, the
+    stored units of the stages not run keep their vote from the manifest.
+    """
+    planned = {u.key: u for u in units}
     lengths = {}
-    for unit in units:
-        entry = manifest["units"].get(unit.key)
-        if entry is None or entry.get("fingerprint") != unit.fingerprint:
-            continue  # not built (e.g. --only another stage): it does not vote
+    for key, entry in manifest["units"].items():
+        unit = planned.get(key)
+        if unit is None and not (only and entry.get("stage") not in only):
+            continue
+        if unit is not None and entry.get("fingerprint") != unit.fingerprint:
+            continue  # not built: it does not vote
         n = (entry.get("meta") or {}).get("n_trs")
         if n is not None:
-            lengths[unit.key] = int(n)
+            lengths[key] = int(n)
     n_trs = min(lengths.values()) if lengths else 0
     n_val = int(round(cfg.split.val_fraction * n_trs))
     split = {"train": [0, n_trs - n_val], "val": [n_trs - n_val, n_trs]}

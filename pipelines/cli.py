@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text)
         s.add_argument("config")
         s.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+        s.add_argument("--only", nargs="+", metavar="STAGE", help="only these stages")
         s.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     for name, text in (("verify", "re-check shapes, dtypes, checksums and invariants"),
                        ("stats", "print the data-scale report per modality")):
@@ -80,8 +81,8 @@ def cmd_status(args) -> int:
     from pipelines.status import status_lines
 
     cfg = load_config(args.config, args.overrides)
-    _, units = plan_for(cfg)
-    lines, _ = status_lines(cfg, units)
+    _, units = plan_for(cfg, args.only)
+    lines, _ = status_lines(cfg, units, args.only)
     print(f"store {cfg.output_path}")
     print("\n".join(lines))
     return 0

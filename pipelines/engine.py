@@ -34,21 +34,16 @@ class RunReport:
     seconds: float = 0.0
 
 
-def plan_for(cfg: StudyConfig) -> tuple[PlanContext, list[Unit]]:
+def plan_for(cfg: StudyConfig, only: Optional[list[str]] = None) -> tuple[PlanContext, list[Unit]]:
+    if only:
+        known = list(stages())
+        bad = [s for s in only if s not in known]
+        if bad:
+            raise ConfigError(f"--only {' '.join(bad)}: unknown stage; choose from {', '.join(known)}")
     store = cfg.output_path
     files = FileHashCache(store / META_DIR / "file-hashes.json" if store.exists() else None)
     ctx = PlanContext(cfg=cfg, store=store, files=files)
-    return ctx, build_plan(ctx)
-
-
-def _selected(units: list[Unit], only: Optional[list[str]]) -> list[Unit]:
-    if not only:
-        return units
-    known = set(stages())
-    bad = [s for s in only if s not in known]
-    if bad:
-        raise ConfigError(f"--only {' '.join(bad)}: unknown stage; choose from {', '.join(known)}")
-    return [u for u in units if u.stage in only]
+    return ctx, build_plan(ctx, only)
 
 
 def run(cfg: StudyConfig, *, only: Optional[list[str]] = None, force: bool = False,
@@ -56,7 +51,7 @@ def run(cfg: StudyConfig, *, only: Optional[list[str]] = None, force: bool = Fal
         log: Callable[[str], None] = lambda m: print(m, file=sys.stderr), progress: bool = True) -> RunReport:
     """Build or update the store described by ``cfg``; returns what ran and what was skipped."""
     t_start = time.perf_counter()
-    ctx, units = plan_for(cfg)
+    ctx, units = plan_for(cfg, only)
     report = RunReport(store=ctx.store)
     try:
         _run_locked(cfg, ctx, units, report, only, force, scheduler, workers, log, progress)
@@ -75,7 +70,7 @@ def _run_locked(cfg, ctx, units, report, only, force, scheduler, workers, log, p
     with StoreLock(ctx.store):
         ctx.files.cache_path = ctx.store / META_DIR / "file-hashes.json"
         ctx.files.save()
-        selected = _selected(units, only)
+        selected = units
         todo = [u for u in selected if force or (writer.unit(u.key) or {}).get("fingerprint") != u.fingerprint]
         report.skipped = [u.key for u in selected if u not in todo]
         planned_keys = {u.key for u in units}
@@ -89,7 +84,7 @@ def _run_locked(cfg, ctx, units, report, only, force, scheduler, workers, log, p
             log(f"{len(todo)} unit(s) to build, {len(report.skipped)} up to date")
             _execute(todo, writer, scheduler, workers, log, progress)
             report.ran = [u.key for u in todo]
-        align = align_record(cfg, units, writer.manifest)
+        align = align_record(cfg, units, writer.manifest, only)
         if writer.manifest.get(ALIGN_KEY, {}).get("fingerprint") != align["record"]["fingerprint"]:
             writer.write_align(align["record"], align["attrs"])
         if not todo:

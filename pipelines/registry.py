@@ -90,11 +90,15 @@ def stages() -> dict[str, Stage]:
     return dict(_STAGES)
 
 
-def build_plan(ctx: PlanContext) -> list[Unit]:
-    """Every unit the config asks for, dependencies before dependents."""
+def build_plan(ctx: PlanContext, only: Optional[list[str]] = None) -> list[Unit]:
+    """Every unit the config asks for (of the ``only`` stages, if given), dependencies first.
+
+    Stages outside ``only`` are not planned at all, so a problem in one stage's config or
+    inputs never blocks running another (``--only video`` with no audio model set).
+    """
     units: dict[str, Unit] = {}
     for stage in stages().values():
-        if stage.enabled(ctx.cfg):
+        if stage.enabled(ctx.cfg) and (not only or stage.name in only):
             for unit in stage.plan(ctx, units):
                 units[unit.key] = unit
     return list(units.values())

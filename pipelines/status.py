@@ -22,7 +22,7 @@ def why_stale(unit: Unit, entry: dict) -> str:
     return "; ".join(reasons) or "fingerprint changed"
 
 
-def status_lines(cfg: StudyConfig, units: list[Unit]) -> tuple[list[str], bool]:
+def status_lines(cfg: StudyConfig, units: list[Unit], only: list[str] | None = None) -> tuple[list[str], bool]:
     """Human-readable status lines and whether everything is done."""
     manifest = read_manifest(cfg.output_path) or {"units": {}}
     lines, all_done = [], True
@@ -39,6 +39,8 @@ def status_lines(cfg: StudyConfig, units: list[Unit]) -> tuple[list[str], bool]:
         lines.append(f"{unit.key:<{width}}  {state}")
     planned = {u.key for u in units}
     for key in sorted(set(manifest["units"]) - planned):
+        if only and manifest["units"][key].get("stage") not in only:
+            continue
         lines.append(f"{key:<{width}}  extra (not in the config; removed by the next run)")
         all_done = False
     align = manifest.get(ALIGN_KEY)
