@@ -67,10 +67,11 @@ VIDEO_INTERPOLATIONS = ("area", "bilinear", "bicubic", "nearest", "lanczos")
 @dataclass(frozen=True)
 class AudioParams:
     model: Optional[str] = None  # local save_pretrained dir, HF repo id in the offline cache, or "random"
-    bandwidth: float = 3.0  # kbps; 3.0 -> 4 codebooks
-    device: str = "auto"  # auto | cpu | cuda
-    segment_s: float = 60.0  # seconds of audio per encode call
-    batch_size: int = 8  # segments per forward pass
+    bandwidth: float = 3.0  # kbps, passed to encode explicitly; 3.0 -> 4 codebooks at 24 kHz
+    device: str = "auto"  # auto | cpu | cuda (not in the fingerprint: same codes up to float noise)
+    segment_s: float = 60.0  # seconds of audio per encoded window
+    context_s: float = 1.0  # extra audio encoded before each window and dropped (boundary context)
+    batch_size: int = 8  # windows per forward pass (also capped by the CUDA 32-bit index limit)
     chunk_trs: int = 64
 
 
@@ -258,6 +259,11 @@ def _check_values(cfg: StudyConfig, problems: list[str]) -> None:
         dev = getattr(cfg, block).device
         check(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"),
               f"{block}.device: must be auto, cpu or cuda, got {dev!r}")
+    a = cfg.audio
+    check(a.bandwidth > 0, f"audio.bandwidth: must be > 0 kbps (e.g. 3.0), got {a.bandwidth}")
+    check(0 < a.segment_s <= 600, f"audio.segment_s: must be in (0, 600] seconds, got {a.segment_s}")
+    check(0 <= a.context_s <= a.segment_s,
+          f"audio.context_s: must be in [0, audio.segment_s={a.segment_s}] seconds, got {a.context_s}")
     t = cfg.text
     check(t.combine in ("mean", "concat"), f"text.combine: must be mean or concat, got {t.combine!r}")
     check(t.fill in ("zeros", "ffill"), f"text.fill: must be zeros or ffill, got {t.fill!r}")

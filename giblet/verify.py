@@ -128,6 +128,35 @@ def _check_text(view) -> list[str]:
     return problems
 
 
+def _check_audio(view) -> list[str]:
+    """audio/codes int16 (tr, codebook, code_frame); codes in [0, codebook_size); as many
+    codebooks as the recorded bandwidth gives (EnCodec: floor(kbps / (log2(size) * frames/s)))."""
+    import math
+
+    codes = view.array("audio/codes")
+    a = codes.attrs
+    try:
+        size, kbps, rate, per_tr = int(a["codebook_size"]), float(a["bandwidth_kbps"]), float(a["frame_rate"]), \
+            int(a["code_frames_per_tr"])
+    except (KeyError, TypeError, ValueError):
+        return ["audio/codes: attrs lack codebook_size, bandwidth_kbps, frame_rate or code_frames_per_tr"]
+    want = max(1, math.floor(kbps * 1000 / (math.log2(size) * math.ceil(rate))))
+    if codes.dtype != np.int16 or codes.ndim != 3 or codes.shape[1:] != (want, per_tr):
+        return [f"audio/codes: {codes.dtype} {codes.shape}, expected int16 (tr, {want}, {per_tr}) for "
+                f"{kbps:g} kbps with {size}-code codebooks"]
+    problems = []
+    n = (view.unit_meta("audio") or {}).get("n_trs")
+    if n is not None and codes.shape[0] != n:
+        problems.append(f"audio/codes: {codes.shape[0]} TRs, the manifest's n_trs is {n}")
+    step = codes.chunks[0]
+    for t0 in range(0, codes.shape[0], step):
+        block = codes[t0:t0 + step]
+        if block.size and (block.min() < 0 or block.max() >= size):
+            problems.append(f"audio/codes: TRs {t0}-{t0 + len(block) - 1} hold codes in [{block.min()}, "
+                            f"{block.max()}], outside [0, {size})")
+    return problems
+
+
 def verify_store(path: str | Path, invariants: bool = True) -> list[str]:
     """All problems found in the store at ``path`` (an empty list means it verified)."""
     path = Path(path)
@@ -160,4 +189,6 @@ def verify_store(path: str | Path, invariants: bool = True) -> list[str]:
             problems += _check_video(view)
         if view.has("text/embeddings"):
             problems += _check_text(view)
+        if view.has("audio/codes"):
+            problems += _check_audio(view)
     return problems

@@ -1,0 +1,561 @@
+"""Audio stage: EnCodec codes per TR from the movie's own audio track (or a separate file).
+
+Pipeline (each step a well-kept library; only the segmenting is written here):
+
+1. **Decode** the source with PyAV (libavcodec), sequentially, once per worker process;
+   average the channels to mono and resample to the model's rate (24 kHz) with PyAV's
+   ``AudioResampler`` (libswresample). Stimulus time 0 is the movie's first video frame
+   (as in the video stage), or the first sample of a separate ``inputs.audio`` file.
+2. **Trim** the waveform to start at stimulus time ``onset_s`` (TR 0); silence is
+   prepended where ``onset_s`` lies before the first sample.
+3. **Encode** with ``transformers.EncodecModel`` at an explicit ``bandwidth``, in windows
+   of about ``segment_s`` seconds that also take ``context_s`` seconds of the audio before
+   them (and after them, for a non-causal model); only each window's own code frames are
+   kept, so window boundaries barely change the codes. Windows are batched.
+4. **Bin** the continuous code stream into TRs by the fixed rule below.
+
+TR binning rule (exact, recorded in ``audio/codes`` attrs and the unit's meta): code frame
+``k`` covers stimulus time ``[onset_s + k/f, onset_s + (k+1)/f)`` with ``f = 75`` frames/s
+at 24 kHz (``f = sampling_rate / hop_length``). TR ``i`` holds the ``n = floor(tr_s * f)``
+frames (112 for 1.5 s) starting at frame ``floor(i * tr_s * f)`` (0, 112, 225, 337, ...);
+with ``tr_s * f = 112.5`` one frame in 225 belongs to no TR. A TR exists only when all
+its frames are whole frames of audio (``n_trs`` in the meta).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from giblet.errors import ConfigError, InputError, InputMissingError
+
+VERSION = 1
+CODES = "audio/codes"
+RANDOM = "random"
+RANDOM_SEED = 0
+RANDOM_RECIPE = 1  # bump when build_random_model changes what it builds
+# The 24 kHz EnCodec architecture, spelled out so that a "random" model never depends on
+# transformers' defaults and its shape is known at plan time without importing torch.
+ENCODEC_24KHZ = {
+    "sampling_rate": 24000, "audio_channels": 1, "upsampling_ratios": [8, 5, 4, 2], "num_filters": 32,
+    "codebook_size": 1024, "codebook_dim": 128, "hidden_size": 128,
+    "target_bandwidths": [1.5, 3.0, 6.0, 12.0, 24.0], "chunk_length_s": None, "normalize": False,
+    "use_causal_conv": True,
+}
+# On CUDA, the padding op indexes with 32 bits; its largest tensor is (batch, num_filters,
+# samples). Keep that under 2**30 elements (half the limit, for margin): 8 x 60 s windows at
+# 24 kHz are 3.7e8, the cap allows ~23 of them.
+MAX_PAD_ELEMENTS = 2**30
+
+
+# -- the model ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """An EnCodec model as the plan sees it: where it is, its weights hash, its shape."""
+
+    name: str  # "random", or the directory (a resolved path)
+    fingerprint: str  # hash_tree of the directory, or a hash of the random recipe
+    sampling_rate: int
+    hop_length: int  # waveform samples per code frame
+    codebook_size: int
+    target_bandwidths: tuple
+    causal: bool
+    num_filters: int
+
+    @property
+    def frame_rate(self) -> float:
+        """Code frames per second (75.0 at 24 kHz)."""
+        return self.sampling_rate / self.hop_length
+
+    def n_codebooks(self, bandwidth: float) -> int:
+        """Codebooks EnCodec uses at ``bandwidth`` kbps; fails for one the model does not offer."""
+        if not any(math.isclose(bandwidth, b) for b in self.target_bandwidths):
+            offered = ", ".join(f"{b:g}" for b in self.target_bandwidths)
+            raise ConfigError(f"audio.bandwidth: {bandwidth:g} kbps is not offered by model {self.name} "
+                              f"(it offers {offered}); set audio.bandwidth to one of those")
+        # transformers' rule (EncodecResidualVectorQuantizer): floor(bw / (log2(codebook) * frame rate))
+        per_codebook = math.log2(self.codebook_size) * math.ceil(self.frame_rate)
+        return int(max(1, math.floor(bandwidth * 1000 / per_codebook)))
+
+
+def _info(name: str, fingerprint: str, cfg: dict) -> ModelInfo:
+    """Check that ``cfg`` (a config.json) is an EnCodec this stage can stream, and describe it."""
+    get = lambda key: cfg.get(key, ENCODEC_24KHZ.get(key))  # noqa: E731 (older configs omit defaults)
+    if cfg.get("model_type") != "encodec":
+        raise InputError(f"audio.model: {name} holds a {cfg.get('model_type') or 'unknown'!s} model, not EnCodec; "
+                         f"set audio.model to an EnCodec save_pretrained directory (e.g. facebook/encodec_24khz)")
+    if get("chunk_length_s") is not None or get("normalize") or get("audio_channels") != 1:
+        raise InputError(f"audio.model: {name} is a chunked/normalized or stereo EnCodec (e.g. the 48 kHz model); "
+                         f"only mono stream models such as facebook/encodec_24khz are supported")
+    if get("codebook_size") > np.iinfo(np.int16).max + 1:
+        raise InputError(f"audio.model: {name} has {get('codebook_size')} codes per codebook; int16 holds 32768")
+    return ModelInfo(name, fingerprint, int(get("sampling_rate")), int(np.prod(get("upsampling_ratios"))),
+                     int(get("codebook_size")), tuple(float(b) for b in get("target_bandwidths")),
+                     bool(get("use_causal_conv")), int(get("num_filters")))
+
+
+def resolve_model(value: Optional[str], root: Path) -> ModelInfo:
+    """Find ``audio.model`` without loading weights: a directory, a cached HF repo id, or random.
+
+    Raises:
+        ConfigError: ``value`` is unset.
+        InputError: the directory is missing, not a ``save_pretrained`` folder, not EnCodec,
+            or the repo id is not in the offline Hugging Face cache.
+    """
+    from giblet.fingerprint import hash_obj, hash_tree
+
+    if value is None:
+        raise ConfigError("audio.model: not set, but the study has an audio track to encode; set audio.model=PATH "
+                          "(an EnCodec save_pretrained directory or a repo id in the offline Hugging Face cache), "
+                          "or audio.model=random for a random-weight model (tests and demos only)")
+    if value == RANDOM:
+        import importlib.metadata as md
+
+        versions = [md.version(p) for p in ("torch", "transformers")]  # random init may change with them
+        return _info(RANDOM, hash_obj(RANDOM, RANDOM_SEED, RANDOM_RECIPE, ENCODEC_24KHZ, versions),
+                     {"model_type": "encodec", **ENCODEC_24KHZ})
+    path = (root / Path(value).expanduser()).resolve()
+    if not path.exists():
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", value) or value.startswith("."):
+            raise InputMissingError(f"audio.model: directory {path} does not exist; set audio.model to an EnCodec "
+                                    f"save_pretrained directory, a cached repo id, or random")
+        path = _from_hf_cache(value)
+    if not (path / "config.json").is_file():
+        raise InputError(f"audio.model: {path} is not a save_pretrained directory (no config.json); "
+                         f"save the model with EncodecModel.save_pretrained(DIR) and set audio.model=DIR")
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except ValueError as exc:
+        raise InputError(f"audio.model: {path}/config.json is not valid JSON ({exc}); re-save the model") from None
+    return _info(str(path), hash_tree(path), cfg)
+
+
+def _from_hf_cache(repo_id: str) -> Path:
+    """The local snapshot of ``repo_id`` in the Hugging Face cache; never the network."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as exc:  # LocalEntryNotFoundError, HFValidationError, ...
+        raise InputMissingError(f"audio.model: {repo_id!r} is neither a directory nor a repo in the offline Hugging "
+                                f"Face cache ({type(exc).__name__}); on a machine with internet run "
+                                f"`hf download {repo_id}` (or save_pretrained it to a directory) first") from None
+
+
+def build_random_model(seed: int = RANDOM_SEED):
+    """A seeded random-weight ``EncodecModel`` of the 24 kHz architecture (tests, demos).
+
+    transformers initialises every codebook to zeros (every code would be 0) and leaves the
+    weight-normed convolutions at a scale that shrinks the signal ~1000x, so this sets the
+    convolutions to variance-preserving Gaussians and each codebook to 1,024 jittered
+    residual vectors of the model's own encoding of seeded noise (EnCodec's k-means seeding,
+    without the k-means): the codes then depend on the audio, as a trained model's do.
+    """
+    import torch
+    from transformers import EncodecConfig, EncodecModel
+
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
+        model = EncodecModel(EncodecConfig(**ENCODEC_24KHZ)).eval()
+        for conv in model.modules():
+            if isinstance(conv, torch.nn.Conv1d) and hasattr(conv, "parametrizations"):
+                v = conv.parametrizations.weight.original1
+                torch.nn.init.kaiming_normal_(v, nonlinearity="linear")
+                conv.parametrizations.weight.original0.copy_(torch.linalg.vector_norm(v, dim=(1, 2), keepdim=True))
+        gen = torch.Generator().manual_seed(seed + 1)
+        noise = 0.1 * torch.randn(1, 1, 2 * ENCODEC_24KHZ["sampling_rate"], generator=gen)
+        residual = model.encoder(noise)[0].T  # (code_frame, codebook_dim)
+        for layer in model.quantizer.layers:
+            pick = torch.randint(0, residual.shape[0], (ENCODEC_24KHZ["codebook_size"],), generator=gen)
+            embed = residual[pick] + 0.5 * residual.std(0) * torch.randn(len(pick), residual.shape[1], generator=gen)
+            layer.codebook.embed.copy_(embed)
+            layer.codebook.embed_avg.copy_(embed)
+            residual = residual - layer.codebook.decode(layer.codebook.encode(residual[None]))[0]
+    return model
+
+
+def weights_hash(model) -> str:
+    """Content hash of a model's state dict (names, dtypes, shapes and bytes)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.blake2b(digest_size=8)
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def load_model(name: str, fingerprint: str, device: str):
+    """The EnCodec model ``name`` (a directory or "random") on ``device``, in eval mode.
+
+    Cached per process (``fingerprint`` is part of the key, so new weights reload): the
+    tasks of one Dask worker share one copy.
+    """
+    import torch
+    from transformers import EncodecModel
+
+    from transformers.utils import logging as hf_logging
+
+    if name == RANDOM:
+        model = build_random_model()
+    else:
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar per worker is noise in the engine's log
+        try:
+            model, info = EncodecModel.from_pretrained(name, local_files_only=True, output_loading_info=True)
+        except Exception as exc:  # OSError (no weights), ValueError (bad config), ...
+            raise InputError(f"audio.model: {name} could not be loaded as EncodecModel ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}); re-save it with save_pretrained") from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        missing = [k for k in info["missing_keys"] if not k.endswith(("inited", "cluster_size", "embed_avg"))]
+        if missing:
+            raise InputError(f"audio.model: {name} lacks {len(missing)} EnCodec weights (first: {sorted(missing)[0]}); "
+                             f"it is not a complete EnCodec checkpoint: re-save it with save_pretrained")
+    # Recorded in the store: a directory's weights are its files; random ones are hashed here.
+    model.giblet_weights_hash = weights_hash(model) if name == RANDOM else fingerprint
+    return model.eval().to(torch.device(device))
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; a missing GPU fails clearly."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"audio.device: {device!r} but no CUDA device is visible here; "
+                          f"set audio.device=auto or audio.device=cpu")
+    return device
+
+
+# -- the waveform ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What the container header says about the audio source."""
+
+    path: str
+    key: str  # "movie" or "audio": the inputs entry it came from
+    codec: str
+    rate: int
+    channels: int
+    duration_s: Optional[float]  # from the header (an estimate; None when absent)
+
+
+def _open(path: Path, key: str):
+    import av
+
+    if not path.exists():
+        raise InputMissingError(f"audio: {path} does not exist; fix inputs.{key} in the config")
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise InputError(f"audio: {path} is not a readable media file ({type(exc).__name__}: {exc}); "
+                         f"re-copy or re-export it, or fix inputs.{key}") from None
+    if not container.streams.audio:
+        kinds = ", ".join(s.type for s in container.streams) or "none"
+        container.close()
+        fix = "give the soundtrack as inputs.audio=FILE" if key == "movie" else "point inputs.audio at an audio file"
+        raise InputError(f"audio: {path} has no audio track (streams: {kinds}); {fix}")
+    return container, container.streams.audio[0]
+
+
+def _anchor_s(container, key: str, astream) -> float:
+    """Stimulus time 0 in stream seconds: the movie's first video frame, else the audio start."""
+    ref = container.streams.video[0] if key == "movie" and container.streams.video else astream
+    return float(ref.start_time * ref.time_base) if ref.start_time is not None else 0.0
+
+
+def has_audio_track(path: Path) -> bool:
+    """True if ``path`` exists, opens, and has an audio stream (header only)."""
+    try:
+        container, _ = _open(path, "movie")
+    except InputError:
+        return False
+    container.close()
+    return True
+
+
+def probe_source(path: Path, key: str) -> SourceInfo:
+    """Header-only checks of the audio source (exists, opens, has an audio track)."""
+    container, a = _open(path, key)
+    with container:
+        duration = None
+        if a.duration is not None:
+            duration = float(a.duration * a.time_base) + float((a.start_time or 0) * a.time_base)
+        if container.duration is not None:
+            duration = max(duration or 0.0, container.duration / 1e6)
+        if duration is not None:
+            duration -= _anchor_s(container, key, a)
+        return SourceInfo(str(path), key, a.codec_context.name, int(a.rate or 0), int(a.channels or 0), duration)
+
+
+def read_waveform(path: str, key: str, rate: int, onset_s: float) -> tuple[np.ndarray, dict]:
+    """Decode, downmix and resample the source; start it at stimulus time ``onset_s``.
+
+    Returns:
+        ``(sample,) float32`` mono at ``rate`` Hz, sample 0 at stimulus time ``onset_s``;
+        and a record (source rate/channels, first-sample time, samples dropped/padded).
+    """
+    import av
+
+    container, a = _open(Path(path), key)
+    to_float = av.AudioResampler(format="fltp")  # any sample format -> planar float, same rate
+    to_mono = av.AudioResampler(format="flt", layout="mono", rate=rate)
+    parts, first_t, n_in = [], None, 0
+    with container:
+        anchor = _anchor_s(container, key, a)
+        try:
+            for frame in container.decode(a):
+                if first_t is None:
+                    first_t = (frame.time if frame.time is not None else 0.0) - anchor
+                for f in to_float.resample(frame):
+                    parts += _downmix_resample(to_mono, f, n_in)
+                    n_in += f.samples
+            parts += [f.to_ndarray().reshape(-1) for f in to_mono.resample(None)]
+        except (av.error.FFmpegError, OSError, ValueError) as exc:
+            raise InputError(f"audio: {path} is truncated or corrupt: decoding failed after {n_in} samples "
+                             f"({type(exc).__name__}: {exc}); re-copy or re-export the file") from None
+    wave = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    shift = int(round((onset_s - (first_t or 0.0)) * rate))  # >0: drop samples before onset
+    wave = wave[shift:] if shift >= 0 else np.concatenate([np.zeros(-shift, np.float32), wave])
+    info = {"source_rate": int(a.rate or 0), "source_channels": int(a.channels or 0), "codec": a.codec_context.name,
+            "first_sample_s": first_t, "onset_shift_samples": shift, "n_samples": int(len(wave))}
+    return wave, info
+
+
+def _downmix_resample(resampler, frame, pts: int) -> list[np.ndarray]:
+    """Average a planar float frame's channels to mono, then resample it (libswresample)."""
+    import av
+    from fractions import Fraction
+
+    mono = frame.to_ndarray().mean(axis=0, keepdims=True, dtype=np.float32)  # (1, samples)
+    out = av.AudioFrame.from_ndarray(np.ascontiguousarray(mono), format="fltp", layout="mono")
+    out.sample_rate, out.pts, out.time_base = frame.sample_rate, pts, Fraction(1, frame.sample_rate)
+    return [f.to_ndarray().reshape(-1) for f in resampler.resample(out)]
+
+
+@functools.lru_cache(maxsize=1)
+def cached_waveform(path: str, key: str, fingerprint: str, rate: int, onset_s: float) -> tuple[np.ndarray, dict]:
+    """``read_waveform`` once per worker process (the tasks of one worker share it)."""
+    wave, info = read_waveform(path, key, rate, onset_s)
+    wave.setflags(write=False)
+    return wave, info
+
+
+# -- TR binning -----------------------------------------------------------------------------
+
+def code_frames_per_tr(tr_s: float, frame_rate: float) -> int:
+    """Code frames stored per TR: ``floor(tr_s * frame_rate)`` (112 for 1.5 s at 75 Hz)."""
+    return int(math.floor(tr_s * frame_rate + 1e-6))
+
+
+def tr_start_frames(n_trs: int, tr_s: float, frame_rate: float) -> np.ndarray:
+    """``(tr,) int64`` first code frame of each TR: ``floor(i * tr_s * frame_rate)``."""
+    return np.floor(np.arange(n_trs) * (tr_s * frame_rate) + 1e-6).astype(np.int64)
+
+
+def count_trs(n_samples: int, hop: int, tr_s: float, frame_rate: float) -> int:
+    """TRs whose every code frame is a whole frame of audio (``n_samples // hop`` frames)."""
+    whole, n = n_samples // hop, code_frames_per_tr(tr_s, frame_rate)
+    guess = int(max(0, whole - n) // (tr_s * frame_rate)) + 2
+    starts = tr_start_frames(guess, tr_s, frame_rate)
+    return int(np.count_nonzero(starts + n <= whole))
+
+
+def upper_bound_trs(duration_s: Optional[float], tr_s: float, onset_s: float) -> Optional[int]:
+    """TR count to allocate before decoding: the header duration plus a margin (2 % + 2 s).
+
+    Headers estimate; the exact count is known after decoding, and ``finish_codes`` trims
+    the array to it (an audio track longer than the margin allows fails clearly there).
+    """
+    if duration_s is None:
+        return None
+    return max(1, int(math.floor((duration_s * 1.02 + 2.0 - onset_s) / tr_s)) + 1)
+
+
+# -- encoding -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Window:
+    """One encoded slice: waveform samples ``[start, stop)``; keeps code frames ``[keep0, keep1)``."""
+
+    keep0: int
+    keep1: int
+    start: int
+    stop: int
+
+
+def plan_windows(k0: int, k1: int, n_samples: int, hop: int, segment_frames: int, context_frames: int,
+                 causal: bool) -> list[Window]:
+    """Split code frames ``[k0, k1)`` into near-equal windows of at most ``segment_frames``.
+
+    Each window also encodes ``context_frames`` of audio before it (after it too, for a
+    non-causal model) and keeps only its own frames. Window starts are frame-aligned, so
+    its frame ``j`` is frame ``start // hop + j`` of the continuous stream; ``k1`` must not
+    exceed ``n_samples // hop`` (whole frames).
+    """
+    n_windows = max(1, math.ceil((k1 - k0) / segment_frames))
+    size = math.ceil((k1 - k0) / n_windows)
+    right = 0 if causal else context_frames
+    return [Window(c0, min(k1, c0 + size), max(0, c0 - context_frames) * hop,
+                   min(n_samples, (min(k1, c0 + size) + right) * hop)) for c0 in range(k0, k1, size)]
+
+
+def _batches(windows: list[Window], n_samples: int, hop: int, batch_size: int, num_filters: int):
+    """Consecutive windows in batches of at most ``batch_size`` and ``MAX_PAD_ELEMENTS``.
+
+    A window that ends at the end of the audio off a frame boundary is encoded alone at its
+    exact length: EnCodec pads the last partial frame, as in a whole-waveform encode. Other
+    windows are right-padded with zeros to the batch's longest, which changes none of
+    their kept frames (a causal model never looks ahead; a non-causal one has its context).
+    """
+    batch: list[Window] = []
+    for w in windows:
+        if w.stop == n_samples and n_samples % hop:
+            yield [w]
+            continue
+        longest = max([w.stop - w.start] + [b.stop - b.start for b in batch])
+        cap = min(batch_size, max(1, MAX_PAD_ELEMENTS // (longest * num_filters)))
+        if len(batch) + 1 > cap:
+            yield batch
+            batch = []
+        batch.append(w)
+    if batch:
+        yield batch
+
+
+def encode_frames(model, wave: np.ndarray, k0: int, k1: int, *, bandwidth: float, segment_s: float,
+                  context_s: float, batch_size: int) -> np.ndarray:
+    """EnCodec codes of code frames ``[k0, k1)`` of the continuous stream of ``wave``.
+
+    Args:
+        model: an ``EncodecModel`` (eval mode, on its device).
+        wave: ``(sample,) float32`` mono at ``model.config.sampling_rate``.
+        k0, k1: code frames to return; ``k1 <= len(wave) // hop_length``.
+        bandwidth: kbps, passed to ``encode`` explicitly (never the API default).
+        segment_s, context_s, batch_size: see ``plan_windows`` and ``_batches``.
+
+    Returns:
+        ``(codebook, k1 - k0) int16``.
+    """
+    import torch
+
+    cfg = model.config
+    hop = int(np.prod(cfg.upsampling_ratios))
+    rate = cfg.sampling_rate / hop
+    windows = plan_windows(k0, k1, len(wave), hop, max(1, round(segment_s * rate)), round(context_s * rate),
+                           bool(cfg.use_causal_conv))
+    device = next(model.parameters()).device
+    out = None
+    for batch in _batches(windows, len(wave), hop, batch_size, cfg.num_filters):
+        x = np.zeros((len(batch), 1, max(w.stop - w.start for w in batch)), np.float32)
+        for j, w in enumerate(batch):
+            x[j, 0, : w.stop - w.start] = wave[w.start:w.stop]
+        with torch.inference_mode():
+            codes = model.encode(torch.from_numpy(x).to(device), bandwidth=float(bandwidth), return_dict=True)
+        codes = codes.audio_codes[0].cpu().numpy()  # (batch, codebook, code_frame)
+        if out is None:
+            out = np.empty((codes.shape[1], k1 - k0), np.int16)
+        for j, w in enumerate(batch):
+            first = w.keep0 - w.start // hop
+            out[:, w.keep0 - k0: w.keep1 - k0] = codes[j, :, first: first + w.keep1 - w.keep0]
+    return out
+
+
+# -- the stage's Dask tasks and driver steps ------------------------------------------------
+
+def create_codes(staging: Path, n_trs: int, n_codebooks: int, frames_per_tr: int, chunk_trs: int,
+                 attrs: dict) -> None:
+    """Driver: the staged ``audio/codes`` array, ``(tr, codebook, code_frame) int16``."""
+    from giblet import store
+
+    store.create_array(staging, CODES, (n_trs, n_codebooks, frames_per_tr), "int16",
+                       (chunk_trs, n_codebooks, frames_per_tr), (store.TR, store.CODEBOOK, store.CODE_FRAME), attrs)
+
+
+def encode_trs(staging: str, source: str, source_key: str, source_fp: str, model: str, model_fp: str,
+               device: str, sampling_rate: int, tr_s: float, onset_s: float, tr0: int, tr1: int,
+               bandwidth: float, segment_s: float, context_s: float, batch_size: int) -> dict:
+    """Task: encode TRs ``[tr0, tr1)`` (whole chunks) into the staged ``audio/codes``.
+
+    TRs past the end of the audio are left unwritten (``finish_codes`` trims them).
+    Returns the record merged into the unit's meta: TR count, sample count, device, timings.
+    """
+    from giblet import store
+
+    t0 = time.perf_counter()
+    wave, info = cached_waveform(source, source_key, source_fp, sampling_rate, onset_s)
+    t_read = time.perf_counter() - t0
+    dev = resolve_device(device)
+    net = load_model(model, model_fp, dev)
+    hop = int(np.prod(net.config.upsampling_ratios))
+    rate = net.config.sampling_rate / hop
+    n_trs = count_trs(len(wave), hop, tr_s, rate)
+    arr = store.open_staged(Path(staging), CODES)
+    end = min(tr1, n_trs)
+    t1 = time.perf_counter()
+    if end > tr0:
+        n = arr.shape[2]
+        starts = tr_start_frames(end, tr_s, rate)[tr0:]
+        codes = encode_frames(net, wave, int(starts[0]), int(starts[-1]) + n, bandwidth=bandwidth,
+                              segment_s=segment_s, context_s=context_s, batch_size=batch_size)
+        if codes.shape[0] != arr.shape[1]:
+            raise InputError(f"audio.model: {model} returned {codes.shape[0]} codebooks at {bandwidth:g} kbps, "
+                             f"the plan expected {arr.shape[1]}; re-save the model or report this")
+        block = np.zeros((tr1 - tr0,) + tuple(arr.shape[1:]), np.int16)
+        block[: end - tr0] = codes[:, (starts - starts[0])[:, None] + np.arange(n)].transpose(1, 0, 2)
+        arr[tr0:tr1] = block  # whole chunks: tr0 and tr1 lie on chunk boundaries (or the array end)
+    return {"n_trs": n_trs, "n_samples": int(len(wave)), "source": source, "device": dev, "read_s": round(t_read, 3),
+            "encode_s": round(time.perf_counter() - t1, 3), "audio_s": round(max(0, end - tr0) * tr_s, 3),
+            "weights_hash": net.giblet_weights_hash, **info}
+
+
+def finish_codes(staging: Path, results: dict, chunk_trs: int) -> dict:
+    """Driver: trim the staged array to the TRs the audio covers; the unit's meta record."""
+    from giblet import store
+
+    first = next(iter(results.values()))
+    counts = {r["n_trs"] for r in results.values()}
+    if len(counts) != 1:
+        raise InputError(f"audio: {first['source']}: tasks decoded different lengths ({sorted(counts)} TRs); "
+                         f"the file changed during the run: rerun")
+    n_trs = counts.pop()
+    arr = store.open_staged(staging, CODES)
+    if n_trs < 1:
+        raise InputError(f"audio: {first['source']} holds {first['n_samples']} samples after onset_s: shorter "
+                         f"than one TR; check inputs and onset_s")
+    if n_trs > arr.shape[0]:
+        raise InputError(f"audio: {first['source']} decodes to {n_trs} TRs but its header promised at most "
+                         f"{arr.shape[0]}; remux the file (e.g. ffmpeg -i IN -c copy OUT) so its duration is right")
+    if n_trs < arr.shape[0]:
+        arr.resize((n_trs,) + tuple(arr.shape[1:]))
+        # zarr-python 3.1 keeps out-of-bounds chunk files after a shrink: drop them.
+        for chunk in (staging / CODES / "c").glob("*"):
+            if chunk.name.isdigit() and int(chunk.name) * chunk_trs >= n_trs:
+                shutil.rmtree(chunk)
+    devices = sorted({r["device"] for r in results.values()})
+    audio_s = sum(r["audio_s"] for r in results.values())
+    encode_s = sum(r["encode_s"] for r in results.values())
+    meta = {"n_trs": n_trs, "n_samples": first["n_samples"], "weights_hash": first["weights_hash"],
+            "device": ",".join(devices), "n_tasks": len(results), "encode_s": round(encode_s, 2),
+            "audio_s_per_s": round(audio_s / encode_s, 2) if encode_s else None,
+            **{k: first[k] for k in ("source_rate", "source_channels", "codec", "first_sample_s",
+                                     "onset_shift_samples")}}
+    arr.attrs.update({"n_trs": n_trs, "weights_hash": first["weights_hash"], "device": meta["device"]})
+    return meta
