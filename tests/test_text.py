@@ -76,7 +76,7 @@ def real_study(tmp_path_factory):
                               seed=3, stages={"audio": {"model": "random"}})
     shutil.copy(REAL_XLSX, root / "sherlock.xlsx")
     rng = np.random.default_rng(0)
-    synth.write_movie(root / "movie.mp4", synth.scenes(30.0, rng), 30.0, size=(64, 36), fps=10, rng=rng, audio=False)
+    synth.write_movie(root / "movie.mp4", synth.scenes(30.0, rng), 30.0, size=(64, 36), fps=10, rng=rng)
     raw = yaml.safe_load(config.read_text())
     raw["inputs"].update(annotations="sherlock.xlsx", movie="movie.mp4")
     raw["text"] = {"start_column": TR_COLS[0], "end_column": TR_COLS[1], "time_unit": "tr", "device": "cpu"}

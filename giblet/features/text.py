@@ -142,46 +142,56 @@ def read_rows(path: str | Path, start_column: str, end_column: str, columns: lis
     """
     path = Path(path)
     df = read_table(path)
-    start = _times(_column(df, start_column, path, "start_column"), start_column.strip(), path, time_unit)
-    end = _times(_column(df, end_column, path, "end_column"), end_column.strip(), path, time_unit)
+    names = (start_column.strip(), end_column.strip())
+    start = _times(_column(df, start_column, path, "start_column"), names[0], path, time_unit)
+    end = _times(_column(df, end_column, path, "end_column"), names[1], path, time_unit)
     texts = _texts(df, columns, path)
     counts = {"n_rows": len(df), "n_untimed": 0, "n_empty_text": 0, "n_duplicates": 0, "n_zero_length": 0}
     rows = Rows([], [], [], [], counts=counts)
+    scale, shift = (1.0, 0.0) if time_unit == "s" else (tr_s, 1.0)  # TR n starts at (n - 1) * tr_s
     seen: set = set()
     for i in range(len(df)):
-        s, e, text = start[i], end[i], texts[i]
-        if np.isnan(s) and np.isnan(e):
-            counts["n_untimed"] += 1
+        if not _keep(i, start[i], end[i], texts[i], seen, counts, path, names, time_unit):
             continue
-        if np.isnan(s) or np.isnan(e):
-            raise InputError(f"text: {path} row {i + 2} has a {'start' if np.isnan(e) else 'end'} time but no "
-                             f"{'end' if np.isnan(e) else 'start'} time; fill both cells or clear both")
-        if e < s:
-            raise InputError(f"text: {path} row {i + 2}: end {e:g} < start {s:g} ({end_column.strip()!r} < "
-                             f"{start_column.strip()!r}); fix the row")
-        if not text:
-            counts["n_empty_text"] += 1
-            continue
-        if (s, e, text) in seen:
-            counts["n_duplicates"] += 1
-            continue
-        seen.add((s, e, text))
-        if e == s and time_unit == "s":
-            counts["n_zero_length"] += 1  # [s, s) covers no TR
-            continue
-        scale, shift = (1.0, 0.0) if time_unit == "s" else (tr_s, 1.0)
-        if rows.start and (s - shift) * scale < rows.start[-1] and not allow_unsorted:
+        if rows.start and (start[i] - shift) * scale < rows.start[-1] and not allow_unsorted:
+            prev = rows.sheet_row[-1]
             raise InputError(
-                f"text: {path} row {i + 2} starts at {s:g}, before row {rows.sheet_row[-1]} ({start[rows.sheet_row[-1] - 2]:g}) in "
-                f"column {start_column.strip()!r}: rows are out of time order, as when a file's clock restarts for a "
-                f"second run; use continuous time columns (for the Sherlock file: text.start_column='Start Time "
-                f"(TRs, 1.5s)' text.end_column='End Time (TRs, 1.5s)' text.time_unit=tr), split the file per run, "
-                f"or set text.allow_unsorted=true if overlapping rows are intended")
-        rows.start.append((s - shift) * scale)
-        rows.end.append(e * scale)
-        rows.text.append(text)
+                f"text: {path} row {i + 2} starts at {start[i]:g}, before row {prev} ({start[prev - 2]:g}) in column "
+                f"{names[0]!r}: rows are out of time order, as when a file's clock restarts for a second run; use "
+                f"continuous time columns (for the Sherlock file: text.start_column='Start Time (TRs, 1.5s)' "
+                f"text.end_column='End Time (TRs, 1.5s)' text.time_unit=tr), split the file per run, or set "
+                f"text.allow_unsorted=true if overlapping rows are intended")
+        rows.start.append((start[i] - shift) * scale)
+        rows.end.append(end[i] * scale)
+        rows.text.append(texts[i])
         rows.sheet_row.append(i + 2)
     return rows
+
+
+def _keep(i: int, s: float, e: float, text: str, seen: set, counts: dict, path: Path, names: tuple,
+          time_unit: str) -> bool:
+    """Whether data row ``i`` is used; skipped rows are counted, broken ones raise."""
+    if np.isnan(s) and np.isnan(e):
+        counts["n_untimed"] += 1
+        return False
+    if np.isnan(s) or np.isnan(e):
+        has, lacks = ("start", "end") if np.isnan(e) else ("end", "start")
+        raise InputError(f"text: {path} row {i + 2} has a {has} time but no {lacks} time; fill both cells or "
+                         f"clear both")
+    if e < s:
+        raise InputError(f"text: {path} row {i + 2}: end {e:g} < start {s:g} ({names[1]!r} < {names[0]!r}); "
+                         f"fix the row")
+    if not text:
+        counts["n_empty_text"] += 1
+        return False
+    if (s, e, text) in seen:
+        counts["n_duplicates"] += 1
+        return False
+    seen.add((s, e, text))
+    if e == s and time_unit == "s":
+        counts["n_zero_length"] += 1  # [s, s) covers no TR
+        return False
+    return True
 
 
 def clip_to_grid(rows: Rows, tr_s: float, onset_s: float, stimulus_end_s: float | None, path: str) -> Rows:
@@ -272,7 +282,8 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"text.device={device}: no CUDA device is visible on this worker; set text.device=auto or cpu")
+        raise ConfigError(f"text.device={device}: no CUDA device is visible on this worker; "
+                          f"set text.device=auto or cpu")
     return device
 
 
@@ -414,30 +425,29 @@ def assemble(rows: Rows, tr_s: float, onset_s: float, combine: str, encode) -> t
     """Per-TR embeddings from rows and an ``encode(list[str]) -> (n, dim)`` function.
 
     Returns:
-        ``(embeddings (tr, embedding) float32, has_text (tr,) bool, n_distinct)``; TRs without
-        text are zeros.
+        ``(embeddings (tr, embedding) float32, has_text (tr,) bool, n_distinct)``: the
+        strings embedded, each once; TRs without text are zeros.
     """
     row, tr, seconds = coverage(np.array(rows.start), np.array(rows.end), tr_s, onset_s, rows.n_trs)
     has_text = np.zeros(rows.n_trs, dtype=bool)
     has_text[tr] = True
     if combine == "concat":
-        order = np.lexsort((row, np.array(rows.start)[row], tr))  # by TR, then start, then file order
+        # order the (row, TR) pairs by TR, then the row's start, then file order
+        order = np.lexsort((row, np.array(rows.start)[row], tr))
         per_tr: dict[int, list[str]] = {}
         for k in order:
             per_tr.setdefault(int(tr[k]), []).append(rows.text[row[k]])
-        strings = {t: JOIN_ROWS.join(texts) for t, texts in per_tr.items()}
-        distinct = sorted(set(strings.values()))
-        vectors = encode(distinct)
-        index = {s: i for i, s in enumerate(distinct)}
-        out = np.zeros((rows.n_trs, vectors.shape[1]), dtype=np.float32)
-        trs = np.fromiter(strings, dtype=np.int64, count=len(strings))
-        out[trs] = vectors[[index[strings[t]] for t in trs]]
-        return out, has_text, len(distinct)
-    distinct = sorted({rows.text[r] for r in np.unique(row)})
+        keys = np.array(list(per_tr), dtype=np.int64)
+        strings = [JOIN_ROWS.join(per_tr[t]) for t in keys.tolist()]
+        weights = np.ones(len(keys))
+        row, tr, seconds = np.arange(len(keys)), keys, weights
+    else:
+        strings = rows.text
+    distinct = sorted({strings[r] for r in np.unique(row)})
     index = {s: i for i, s in enumerate(distinct)}
     vectors = encode(distinct).astype(np.float64)
     acc = np.zeros((rows.n_trs, vectors.shape[1]))
-    np.add.at(acc, tr, seconds[:, None] * vectors[[index[rows.text[r]] for r in row]])
+    np.add.at(acc, tr, seconds[:, None] * vectors[[index[strings[r]] for r in row]])
     weight = np.bincount(tr, weights=seconds, minlength=rows.n_trs)
     acc[has_text] /= weight[has_text, None]
     return acc.astype(np.float32), has_text, len(distinct)
