@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from giblet.data.context import convolve_windows, hrf_kernel, source_trs
 from giblet.errors import ConfigError, ModalityMissingError
@@ -47,6 +47,7 @@ class ChunkCache:
             return self._items[key]
         self.misses += 1
         value = load()
+        value.setflags(write=False)  # samples are copies or read-only views: nobody edits the cache
         self._items[key] = value
         self.nbytes += value.nbytes
         while self.nbytes > self.max_bytes and len(self._items) > 1:
@@ -95,7 +96,7 @@ class GibletDataset(Dataset):
         edge: ``"zeros"`` (zeros + ``stim_valid``) or ``"drop"`` (leave out target TRs whose
             context reaches before TR 0).
         cache_bytes: bound of each process's decoded-chunk cache (default: 8 TR-chunks of
-            every array one sample reads).
+            every array one sample reads: one subject's fMRI and each stimulus array).
     """
 
     def __init__(self, store_path: str | os.PathLike, split: str = "train", subjects: Optional[Sequence[str]] = None,
@@ -115,7 +116,8 @@ class GibletDataset(Dataset):
         self.trs = (int(start), int(max(start, stop)))
         self._info = {name: _ArrayInfo(view.array(name)) for name in self._array_names()}
         self.chunk_sizes = self._layout()
-        chunk_set = sum(i.read_trs * i.row_nbytes for i in self._info.values())
+        chunk_set = sum(i.read_trs * i.row_nbytes for n, i in self._info.items() if not n.startswith("fmri/"))
+        chunk_set += max((i.read_trs * i.row_nbytes for n, i in self._info.items() if n.startswith("fmri/")), default=0)
         self.cache_bytes = int(cache_bytes) if cache_bytes is not None else CACHE_CHUNK_SETS * chunk_set
         self._local: Optional[dict] = None  # per-process: store view, arrays, cache, scalers
 
@@ -208,10 +210,16 @@ class GibletDataset(Dataset):
         return st["cache"].get((name, c), load)
 
     def _span(self, name: str, lo: int, hi: int) -> np.ndarray:
-        """Rows ``lo .. hi-1`` of a stored series, zeros for rows before TR 0."""
+        """Rows ``lo .. hi-1`` of a stored series, zeros for rows before TR 0.
+
+        Inside one chunk this is a read-only *view* of the cached chunk: callers copy it
+        (once) into the sample or batch they hand out.
+        """
         info = self._info[name]
-        out = np.zeros((hi - lo,) + info.tail, dtype=info.dtype)
         first, step = max(lo, 0), info.read_trs
+        if lo >= 0 and lo // step == (hi - 1) // step:  # the common case: one chunk, nothing to pad
+            return self._chunk(name, lo // step)[lo % step:lo % step + hi - lo]
+        out = np.zeros((hi - lo,) + info.tail, dtype=info.dtype)
         for c in range(first // step, (hi - 1) // step + 1) if first < hi else ():
             chunk, c0 = self._chunk(name, c), c * step
             a, b = max(first, c0), min(hi, c0 + len(chunk))
@@ -227,14 +235,24 @@ class GibletDataset(Dataset):
         return s, self.trs[0] + offset
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.array(v)) for k, v in self._read(index).items()}  # copies: never a cache view
+
+    def get_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The samples ``indices`` collated (what ``default_collate`` of ``self[i]`` gives),
+        copying each row once from the cache into the batch (shared memory in a worker)."""
+        samples = [self._read(int(i)) for i in indices]
+        return {k: _stack([x[k] for x in samples]) for k in samples[0]}
+
+    def _read(self, index: int) -> dict[str, np.ndarray]:
+        """One sample as numpy arrays, possibly read-only views of cached chunks."""
         s, t = self.locate(index)
-        out = {"index": torch.tensor(int(index)), "subject": torch.tensor(s), "tr": torch.tensor(t)}
+        out = {"index": np.int64(index), "subject": np.int64(s), "tr": np.int64(t)}
         if "fmri" in self.modalities:
-            out["fmri"] = torch.from_numpy(self._span(f"fmri/{self.subjects[s]}/bold", t, t + 1)[0])
+            out["fmri"] = self._span(f"fmri/{self.subjects[s]}/bold", t, t + 1)[0]
         if self.stimulus:
             src = source_trs(t, self.window, self.lag)
             valid = src >= 0
-            stim = {"stim_valid": torch.from_numpy(valid)}
+            stim = {"stim_valid": valid}
             for m in self.stimulus:
                 stim.update(getattr(self, f"_{m}")(src, valid))
             out.update({k: v[0] for k, v in stim.items()} if self.window == 0 else stim)  # no context axis
@@ -245,11 +263,10 @@ class GibletDataset(Dataset):
         if self.normalize:
             frames = self._scaler("video").transform(frames / 255.0)
             frames[~valid] = 0.0
-        return {"video": torch.from_numpy(frames)}
+        return {"video": frames}
 
     def _audio(self, src: np.ndarray, valid: np.ndarray) -> dict:
-        codes = self._span(STIMULUS_ARRAYS["audio"], src[0], src[-1] + 1)
-        return {"audio": torch.from_numpy(codes.astype(np.int64))}
+        return {"audio": self._span(STIMULUS_ARRAYS["audio"], src[0], src[-1] + 1).astype(np.int64)}
 
     def _text(self, src: np.ndarray, valid: np.ndarray) -> dict:
         name = STIMULUS_ARRAYS["text"]
@@ -261,7 +278,7 @@ class GibletDataset(Dataset):
         if self.hrf:
             rows = convolve_windows(rows, hrf_kernel(self.tr_s), len(src))
         has_text = self._span(HAS_TEXT, src[0], src[-1] + 1)  # False before TR 0
-        return {"text": torch.from_numpy(rows.astype(np.float32, copy=False)), "has_text": torch.from_numpy(has_text)}
+        return {"text": rows.astype(np.float32, copy=False), "has_text": has_text}
 
     # -- normalization stats ---------------------------------------------------------------
     def _scaler(self, key: str) -> ZScorer:
@@ -331,6 +348,21 @@ class GibletDataset(Dataset):
     def __repr__(self) -> str:
         return (f"GibletDataset({Path(self.store_path).name!r}, split={self.split!r}, subjects={len(self.subjects)}, "
                 f"trs={self.trs}, modalities={self.modalities}, window={self.window}, lag={self.lag}, hrf={self.hrf})")
+
+
+def _stack(arrays: list) -> torch.Tensor:
+    """``np.stack`` into a new tensor -- in a DataLoader worker, one in shared memory, so that
+    handing the batch to the main process copies nothing more (as ``default_collate`` does)."""
+    first = np.asarray(arrays[0])
+    shape = (len(arrays),) + first.shape
+    out = torch.from_numpy(np.empty(0, dtype=first.dtype))
+    if get_worker_info() is not None:
+        storage = out._typed_storage()._new_shared(int(np.prod(shape)), device=out.device)
+        out = out.new(storage).resize_(shape)
+    else:
+        out = out.new_empty(shape)
+    np.stack(arrays, out=out.numpy())
+    return out
 
 
 def _nonneg(name: str, value: int) -> int:

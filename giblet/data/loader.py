@@ -28,7 +28,7 @@ ORDER_KEYS = ("n_samples", "world_size", "batch_size", "shuffle", "drop_last", "
 class _EpochStream(IterableDataset):
     """The batches one worker reads: an iterable view over a map-style dataset."""
 
-    def __init__(self, dataset, order: dict, position: int, collate_fn: Callable):
+    def __init__(self, dataset, order: dict, position: int, collate_fn: Optional[Callable]):
         self.dataset, self.order, self.position, self.collate_fn = dataset, order, position, collate_fn
 
     def __iter__(self) -> Iterator:
@@ -36,7 +36,12 @@ class _EpochStream(IterableDataset):
         ids = partition(**self.order, worker=worker, num_workers=num_workers, position=self.position)
         step = self.order["batch_size"]
         for start in range(0, len(ids), step):
-            yield self.collate_fn([self.dataset[int(i)] for i in ids[start:start + step]])
+            yield self._batch(ids[start:start + step])
+
+    def _batch(self, ids: np.ndarray):
+        if self.collate_fn is None and hasattr(self.dataset, "get_batch"):
+            return self.dataset.get_batch(ids)  # rows copied once, cache -> batch
+        return (self.collate_fn or default_collate)([self.dataset[int(i)] for i in ids])
 
 
 class GibletLoader:
@@ -52,15 +57,18 @@ class GibletLoader:
         num_workers: DataLoader worker processes (0: read in this process).
         seed: shuffle seed; the order of an epoch depends on (seed, epoch) only.
         shuffle, drop_last, mix_chunks, lanes: see ``giblet.data.partition``. ``lanes``
-            should be a multiple of ``num_workers`` so that no two workers read one chunk.
+            should be a multiple of ``num_workers`` so that no two workers read one chunk;
+            each process then reads ``lanes / num_workers * mix_chunks`` chunks at a time,
+            which the dataset's default cache (8 chunks per array) holds for the defaults.
         world: rank and world size (default: ``giblet.data.world.get_world()``).
-        collate_fn: batches a list of samples (default: ``torch``'s ``default_collate``).
+        collate_fn: batches a list of samples (default: the dataset's ``get_batch`` if it has
+            one -- same result as ``default_collate``, one copy less -- else ``default_collate``).
         **dataloader_kwargs: passed to ``DataLoader`` (``pin_memory``, ``prefetch_factor``,
             ``multiprocessing_context``, ...).
     """
 
     def __init__(self, dataset, *, batch_size: int = 16, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = False, mix_chunks: int = 2, lanes: int = 4, world: Optional[World] = None,
+                 drop_last: bool = False, mix_chunks: int = 2, lanes: int = 2, world: Optional[World] = None,
                  collate_fn: Optional[Callable] = None, **dataloader_kwargs):
         if int(num_workers) != num_workers or num_workers < 0:
             raise ConfigError(f"GibletLoader: num_workers={num_workers!r}; it must be an integer >= 0")
@@ -69,7 +77,7 @@ class GibletLoader:
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.mix_chunks, self.lanes = mix_chunks, lanes
         self.chunk_size: ChunkLayout = getattr(dataset, "chunk_sizes", 1)
-        self.collate_fn = collate_fn or default_collate
+        self.collate_fn = collate_fn
         self.dataloader_kwargs = dataloader_kwargs
         self.epoch, self.position = 0, 0
         self._order(0)  # validate the arguments now, not in a worker
@@ -93,6 +101,11 @@ class GibletLoader:
     def samples_per_epoch(self) -> int:
         """Samples this rank delivers per epoch (equal on every rank)."""
         return rank_share(len(self.dataset), self.world.world_size, self.drop_last)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches of a whole epoch on this rank (equal on every rank): count LR steps with it."""
+        return -(-self.samples_per_epoch // self.batch_size)
 
     def __len__(self) -> int:
         """Batches left in the current epoch."""
