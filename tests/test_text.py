@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+import zarr
 
 import giblet
 from giblet import synth
@@ -14,7 +15,7 @@ from giblet.config import load_config, parse_config
 from giblet.errors import ConfigError, InputError, InputMissingError
 from giblet.features import text
 from giblet.fingerprint import FileHashCache, hash_tree
-from giblet.verify import verify_store
+from giblet.verify import _check_text, verify_store
 from pipelines import engine
 from pipelines.registry import PlanContext
 from pipelines.text_stage import model_hash
@@ -116,6 +117,12 @@ def test_real_file_end_to_end_cache_and_column_change(real_study, reference):
     name = real_sheet()["Name - All"].str.strip()[0]
     assert cosine(s.text()[0], reference([f"{details[0]}; {name}"])[0]) > 0.999
     assert build(real_study, cols).ran == []
+    # verify's text invariant: a TR marked uncovered must be a zero row under fill=zeros
+    zarr.open_array(str(report.store / "text/has_text"), mode="r+")[:] = np.arange(20) != 3
+    assert any("text/has_text: chunk" in p and "checksum mismatch" in p for p in verify_store(report.store))
+    problems = _check_text(giblet.open_store(report.store))  # the invariants, past the checksum failure
+    assert any("TR 3 has no text (has_text False) but a non-zero row" in p for p in problems)
+    assert any("manifest counts 0 uncovered TRs, has_text has 1" in p for p in problems)
 
 
 def test_encoder_matches_sentence_transformers(encoder, reference):
