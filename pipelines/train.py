@@ -137,7 +137,8 @@ def validate(model, val_ds: GibletDataset, collate, cfg: TrainConfig, rt: D.Runt
     model.eval()
     shard = np.array_split(np.arange(len(val_ds)), rt.world.world_size)[rt.world.rank]  # contiguous: whole chunks
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_ds, shard.tolist()), cfg.data.val_batch_size,
-                                         num_workers=cfg.data.num_workers, collate_fn=collate)
+                                         num_workers=cfg.data.num_workers, collate_fn=collate,
+                                         generator=torch.Generator())  # leave the global RNG alone
     corr = VoxelCorrelation(val_ds.n_voxels, rt.device)
     sums = torch.zeros(len(COMPONENTS) + 1, dtype=torch.float64, device=rt.device)  # n, then components
     for batch in loader:
@@ -184,7 +185,9 @@ def train(cfg: TrainConfig) -> dict:
                           denormalize=val_ds.denormalize if raw else None)
     loader = GibletLoader(train_ds, batch_size=dcfg.batch_size, num_workers=dcfg.num_workers, seed=cfg.seed,
                           mix_chunks=dcfg.mix_chunks, lanes=dcfg.lanes, world=rt.world, collate_fn=collate,
-                          pin_memory=rt.device.type == "cuda")
+                          pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    # ^ its own generator: a DataLoader draws a worker seed when iterated, and drawing it from the
+    #   global RNG would shift dropout after a resume (which starts one more iterator than a plain run)
     accum = cfg.optim.accum_steps
     sched = resolve_schedule(cfg.schedule, len(loader), accum)
     model = GibletAutoencoder(cfg.model, spec).to(rt.device)

@@ -68,7 +68,7 @@ def test_output_shapes_follow_the_data(mods):
     if mods[0]:
         assert out["recon_video"].shape == out["target_video"].shape == (4, 2 * C * 3 * 4)
     if mods[1]:
-        assert out["recon_audio"].shape == (4, NCB, T, VOCAB)
+        assert out["recon_audio"].shape == (4, NCB, 2, VOCAB)  # one distribution per segment
     if mods[2]:
         assert out["recon_text"].shape == out["target_text"].shape == (4, E)
 
@@ -113,12 +113,12 @@ def test_temporal_filter_starts_at_the_causal_glover_hrf():
     np.testing.assert_allclose(lagged.temporal[0].detach().numpy()[::-1], kernel[2:6], rtol=1e-6)
 
 
-def test_hrf_fallback_matches_nilearn(monkeypatch):
-    reference = hrf_kernel(1.5)
-    monkeypatch.setitem(sys.modules, "giblet.data.context", None)  # import fails as without nilearn
-    fallback = hrf_kernel(1.5)
-    np.testing.assert_allclose(fallback, reference, atol=1e-9)
-    assert fallback.sum() == pytest.approx(1.0)
+def test_model_hrf_equals_the_datasets_nilearn_kernel():
+    from giblet.data import hrf_kernel as nilearn_kernel
+
+    for tr in (0.8, 1.5, 2.0):
+        np.testing.assert_allclose(hrf_kernel(tr), nilearn_kernel(tr), atol=1e-12)
+    assert hrf_kernel(1.5).sum() == pytest.approx(1.0)
 
 
 def test_prepare_batch_selects_frames_adds_context_and_denormalizes():
@@ -166,6 +166,19 @@ def test_masked_losses_skip_masked_rows():
     codes = torch.full((2, 1, 3), 2)
     assert audio_ce(logits, codes, torch.tensor([True, False])).item() == pytest.approx(0.0, abs=1e-6)
     assert audio_ce(logits, codes, torch.tensor([False, True])).item() == pytest.approx(math.log(5), rel=1e-5)
+
+
+def test_segment_cross_entropy_equals_per_frame_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 2, 4, 7, generator=g)  # (batch, codebook, segment, vocab)
+    codes = torch.randint(0, 7, (3, 2, 10), generator=g)  # 10 code frames over 4 segments
+    seg = torch.arange(10) * 4 // 10
+    per_frame = logits[:, :, seg]  # (batch, codebook, frame, vocab)
+    expected = torch.nn.functional.cross_entropy(per_frame.reshape(-1, 7), codes.reshape(-1), reduction="none")
+    expected = expected.view(3, 2, 10).mean((1, 2))
+    mask = torch.tensor([True, False, True])
+    got = audio_ce(logits, codes, mask)
+    assert got.item() == pytest.approx(float(expected[mask].mean()), rel=1e-6)
 
 
 def test_voxel_correlation_is_exact_over_batches():

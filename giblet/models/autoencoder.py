@@ -118,24 +118,25 @@ class ModelSpec:
 
 
 def hrf_kernel(tr_s: float, length_s: float = 32.0) -> np.ndarray:
-    """The Glover HRF once per TR from lag 0, unit sum: ``giblet.data.hrf_kernel`` (nilearn)
-    when importable, else the same double-gamma formula in numpy (GPU images often lack nilearn)."""
-    try:
-        from giblet.data.context import hrf_kernel as nilearn_kernel
+    """The Glover HRF once per TR from lag 0, unit sum: the numbers of ``giblet.data.hrf_kernel``.
 
-        return np.array(nilearn_kernel(tr_s, length_s))
-    except ImportError:
-        pass
-    over = 50
+    Written out in numpy rather than imported from nilearn because ``nilearn.glm`` takes
+    ~5 s to import in every rank (and GPU images often lack nilearn); a test checks it
+    equals ``giblet.data.hrf_kernel`` (nilearn's ``glover_hrf``, sampled every TR).
+
+    Returns:
+        ``(round(length_s / tr_s) + ...,) float64`` -- as long as ``giblet.data.hrf_kernel``'s.
+    """
+    over = 50  # nilearn's default oversampling; every 50th sample lands on a TR
     dt = tr_s / over
     t = np.linspace(0, length_s, int(np.rint(length_s / dt)))
 
     def gamma_pdf(x, shape, scale):  # scipy.stats.gamma.pdf(x, shape, loc=dt, scale=scale)
-        y = np.clip((x - dt) / scale, 0, None)
-        with np.errstate(divide="ignore"):
-            return np.where(y > 0, np.exp((shape - 1) * np.log(np.where(y > 0, y, 1)) - y - math.lgamma(shape))
-                            / scale, 0.0)
+        y = (x - dt) / scale
+        safe = np.where(y > 0, y, 1.0)
+        return np.where(y > 0, np.exp((shape - 1) * np.log(safe) - safe - math.lgamma(shape)) / scale, 0.0)
 
+    # glover_hrf: delay 6 s, undershoot 12 s, dispersions 0.9, undershoot ratio 0.48
     fine = gamma_pdf(t, 6 / 0.9, 0.9) - 0.48 * gamma_pdf(t, 12 / 0.9, 0.9)
     kernel = fine[::over]
     return kernel / kernel.sum()
@@ -185,7 +186,7 @@ class VideoPool(nn.Module):
 
 
 class AudioEncoder(nn.Module):
-    """Codes ``(..., codebook, code_frame)`` -> per-codebook embeddings, summed, pooled to segments."""
+    """Codes ``(..., codebook, code_frame)`` -> per-codebook embeddings, summed, averaged per segment."""
 
     def __init__(self, n_codebooks: int, vocab: int, d_embed: int, segments: int, d_out: int, dropout: float):
         super().__init__()
@@ -202,24 +203,35 @@ class AudioEncoder(nn.Module):
 
 
 class AudioDecoder(nn.Module):
-    """Bottleneck ``(batch, d)`` -> ``(batch, codebook, code_frame, vocab)`` logits (or floats for MSE)."""
+    """Bottleneck ``(batch, d)`` -> one distribution over codes per codebook and segment.
+
+    Returns ``(batch, codebook, segment, vocab)`` logits; each segment stands for its
+    ``code_frames / segments`` code frames (``giblet.training.losses.audio_ce`` scores every
+    frame against its segment's distribution -- computed from code counts, so the logits
+    never get a code-frame axis: 112 / segments times less memory). With ``loss: mse`` (the
+    prototype) it returns ``(batch, codebook, code_frame)`` floats instead.
+    """
 
     def __init__(self, d_in: int, d_hidden: int, n_codebooks: int, code_frames: int, vocab: int, d_embed: int,
                  segments: int, loss: str):
         super().__init__()
-        self.segments, self.code_frames, self.d_embed = segments, code_frames, d_embed
+        self.segments, self.code_frames, self.d_embed, self.loss = segments, code_frames, d_embed, loss
         self.body = _mlp(d_in, d_hidden, segments * d_embed)
         n_out = vocab if loss == "ce" else 1
         self.out = nn.Parameter(torch.randn(n_codebooks, d_embed, n_out) / math.sqrt(d_embed))
         self.bias = nn.Parameter(torch.zeros(n_codebooks, 1, n_out))
-        self.loss = loss
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.body(z).view(-1, self.segments, self.d_embed)
-        idx = torch.arange(self.code_frames, device=z.device) * self.segments // self.code_frames
-        h = h[:, idx]  # (batch, code_frame, d_embed): each segment spans its code frames
-        out = torch.einsum("btd,kdv->bktv", h, self.out) + self.bias
-        return out if self.loss == "ce" else out.squeeze(-1)
+        out = torch.einsum("bsd,kdv->bksv", h, self.out) + self.bias
+        if self.loss == "ce":
+            return out
+        return out.squeeze(-1)[..., segment_of_frame(self.code_frames, self.segments, z.device)]
+
+
+def segment_of_frame(code_frames: int, segments: int, device=None) -> torch.Tensor:
+    """``(code_frame,) int64``: the segment each code frame of a TR belongs to (equal split, in order)."""
+    return torch.arange(code_frames, device=device) * segments // code_frames
 
 
 class GibletAutoencoder(nn.Module):

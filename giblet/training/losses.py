@@ -69,10 +69,26 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 
 
 def audio_ce(logits: torch.Tensor, codes: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of ``(batch, codebook, code_frame, vocab)`` logits against ``(batch, codebook,
-    code_frame)`` int64 codes, averaged over codebooks and frames of rows where ``mask`` is True."""
-    per = F.cross_entropy(logits.float().flatten(0, 2), codes.flatten(), reduction="none")
-    per = per.view(codes.shape).flatten(1).mean(1)
+    """Cross-entropy of the code classes, averaged over codebooks and code frames of rows where
+    ``mask`` ``(batch,)`` is True.
+
+    Args:
+        logits: ``(batch, codebook, segment, vocab)``: one distribution per segment of the TR;
+            code frame ``f`` of ``code_frame`` belongs to segment ``f * segment // code_frame``
+            (``segment == code_frame`` is plain per-frame cross-entropy).
+        codes: ``(batch, codebook, code_frame)`` int64.
+
+    The sum over a segment's frames of ``-log p(code)`` is computed as the segment's code
+    counts against its log-probabilities: the same number, without expanding the logits
+    to every code frame.
+    """
+    b, k, s, v = logits.shape
+    t = codes.shape[-1]
+    seg = torch.arange(t, device=codes.device) * s // t
+    counts = torch.zeros(b, k, s * v, device=logits.device, dtype=torch.float32)
+    counts.scatter_add_(2, seg * v + codes.clamp(0, v - 1), torch.ones(codes.shape, device=codes.device))
+    logp = torch.log_softmax(logits.float(), dim=-1).reshape(b, k, s * v)
+    per = -(counts * logp).sum(-1).mean(1) / t  # (batch,)
     weight = mask.float()
     return (per * weight).sum() / weight.sum().clamp(min=1.0)
 

@@ -61,11 +61,13 @@ class Schedule:
     unit: str = "step"
 
     def describe(self) -> str:
+        if self.unit == "epoch":
+            return (f"schedule: {self.total_steps} optimizer steps ({self.steps_per_epoch}/epoch), linear warm-up "
+                    f"{self.warmup_steps} EPOCHS (unit=epoch: the schedule advances once per epoch, the prototype's "
+                    f"bug), cosine decay to {self.min_lr_ratio:g} x peak")
         epochs = self.warmup_steps / max(self.steps_per_epoch, 1)
-        unit = "" if self.unit == "step" else (" -- WARNING: unit=epoch advances the schedule once per epoch "
-                                               "(the prototype's bug)")
         return (f"schedule: {self.total_steps} optimizer steps ({self.steps_per_epoch}/epoch), linear warm-up "
-                f"{self.warmup_steps} steps (= {epochs:.3g} epochs), cosine decay to {self.min_lr_ratio:g} x peak{unit}")
+                f"{self.warmup_steps} steps (= {epochs:.3g} epochs), cosine decay to {self.min_lr_ratio:g} x peak")
 
 
 def check_schedule(cfg: ScheduleConfig, optim: OptimConfig, problems: list[str]) -> None:
