@@ -231,6 +231,14 @@ def test_bad_rows_fail_in_one_line(tmp_path, rows, kw, match):
     assert "\n" not in str(err.value)
 
 
+def test_rows_that_miss_the_grid_fail_before_the_model_loads(tmp_path):
+    rows = text.read_rows(write_rows(tmp_path / "a.csv", [(0, 0.5, "a"), (20, 30, "b")]), "Start Time (s)",
+                          "End Time (s)", [DETAILS])
+    with pytest.raises(InputError, match=r"no row of a.csv falls within the 5 TRs .7.5 s after onset_s=0.5.*"
+                                         r"'n_past_end': 1, 'n_before_onset': 1"):
+        text.clip_to_grid(rows, 1.5, 0.5, 8.0, "a.csv")
+
+
 def test_bad_files_and_models_fail_in_one_line(tmp_path):
     with pytest.raises(InputMissingError, match="does not exist"):
         text.read_table(tmp_path / "nope.xlsx")

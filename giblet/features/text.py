@@ -161,8 +161,8 @@ def read_rows(path: str | Path, start_column: str, end_column: str, columns: lis
                 f"continuous time columns (for the Sherlock file: text.start_column='Start Time (TRs, 1.5s)' "
                 f"text.end_column='End Time (TRs, 1.5s)' text.time_unit=tr), split the file per run, or set "
                 f"text.allow_unsorted=true if overlapping rows are intended")
-        rows.start.append((start[i] - shift) * scale)
-        rows.end.append(end[i] * scale)
+        rows.start.append(float((start[i] - shift) * scale))
+        rows.end.append(float(end[i] * scale))
         rows.text.append(texts[i])
         rows.sheet_row.append(i + 2)
     return rows
@@ -214,8 +214,11 @@ def clip_to_grid(rows: Rows, tr_s: float, onset_s: float, stimulus_end_s: float 
                          f"(tr_s={tr_s:g}); fix onset_s or the inputs")
     grid_end = onset_s + n_trs * tr_s
     keep = [i for i in range(len(rows.text)) if rows.start[i] < grid_end and rows.end[i] > onset_s]
-    counts = dict(rows.counts, n_past_end=sum(s >= grid_end for s in rows.start),
-                  n_before_onset=sum(s < grid_end and e <= onset_s for s, e in zip(rows.start, rows.end)))
+    counts = dict(rows.counts, n_past_end=int(sum(s >= grid_end for s in rows.start)),
+                  n_before_onset=int(sum(s < grid_end and e <= onset_s for s, e in zip(rows.start, rows.end))))
+    if not keep:
+        raise InputError(f"text: no row of {path} falls within the {n_trs} TRs ({n_trs * tr_s:g} s after "
+                         f"onset_s={onset_s:g}) ({counts}); check onset_s, text.time_unit and the time columns")
     pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
     return Rows(pick(rows.start), pick(rows.end), pick(rows.text), pick(rows.sheet_row), n_trs, counts)
 
