@@ -4,15 +4,19 @@ On a Sherlock-shaped store (61x73x61 grid with an epi mask, 946 TRs, a few subje
 
 - baseline: a loop that reads every stored chunk of the train split with zarr
   (``arr[c0:c1]``: file read + zstd decode), one process -- the floor any reader pays;
-  also the same loop split over ``--workers`` processes (same parallelism as the loader);
+  also the same loop split over ``--workers`` processes (same parallelism as the loader),
+  and inside ``--workers`` DataLoader workers handing each decoded chunk to the main
+  process (the same hand-over every DataLoader reader pays);
 - ``GibletLoader(GibletDataset(...), num_workers=W)``: a shuffled (chunk-aware) epoch, batches;
 - ``DataLoader(GibletDataset(...), num_workers=W)``: the plain PyTorch path, sequential;
 - ``GibletLoader`` with 0 workers (reads in the main process: no inter-process copy);
 - ``transfer_only``: DataLoader workers handing over batches of the same size without
   reading anything -- the floor the worker->main shared-memory hand-over costs on this host.
 
-Reported: samples/s, MB/s of fMRI delivered, the ratio to each baseline, and every
-worker's peak RSS (``psutil``, sampled in the worker). With ``--device cuda`` each batch is
+Every reader's consumer sums each delivered array once (a model reads its batch; a shared-
+memory batch that is never touched would cost the main process nothing). Reported:
+samples/s, MB/s of fMRI delivered, CPU-seconds (all processes), the ratio to each baseline,
+and every worker's peak RSS (``psutil``, sampled in the worker). With ``--device cuda`` each batch is
 also copied to the GPU (pinned memory, non-blocking), as a training loop would.
 
 Usage::
@@ -112,6 +116,14 @@ def ensure_store(cache: Path, subjects: int, how: str) -> Path:
     return path
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) plus its reaped children (pool / DataLoader workers)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 # -- the baseline ------------------------------------------------------------------------------
 def chunk_jobs(path: Path) -> list[tuple[str, int, int]]:
     """(array, t0, t1) of every stored chunk the train split touches, subject by subject."""
@@ -127,29 +139,31 @@ def chunk_jobs(path: Path) -> list[tuple[str, int, int]]:
     return jobs
 
 
-def _raw_read(args) -> tuple[int, int]:
+def _raw_read(args) -> tuple[int, int, float]:
     path, jobs, a, b = args
     import zarr
 
+    cpu0 = time.process_time()  # all threads of this process (zarr decodes in its own threads)
     root = zarr.open_group(str(path), mode="r")
     rows = nbytes = 0
     for name, t0, t1 in jobs:
         x = root[name][t0:t1]  # file read + decode, into a numpy array
         lo, hi = max(t0, a), min(t1, b)
+        x[lo - t0:hi - t0].sum()  # the consumer reads what it gets once (as every reader here)
         rows += max(hi - lo, 0)
         nbytes += max(hi - lo, 0) * x.shape[1] * x.itemsize
-    return rows, nbytes
+    return rows, nbytes, time.process_time() - cpu0
 
 
 def raw_loop(path: Path, jobs, split, processes: int) -> dict:
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     if processes == 1:
-        rows, nbytes = _raw_read((path, jobs, *split))
+        rows, nbytes, _ = _raw_read((path, jobs, *split))
     else:
         with mp.get_context("fork").Pool(processes) as pool:
             parts = pool.map(_raw_read, [(path, jobs[i::processes], *split) for i in range(processes)])
-        rows, nbytes = map(sum, zip(*parts))
-    return {"seconds": time.perf_counter() - t0, "samples": rows, "bytes": nbytes}
+        rows, nbytes, _ = map(sum, zip(*parts))
+    return {"seconds": time.perf_counter() - t0, "samples": rows, "bytes": nbytes, "cpu_s": cpu_seconds() - cpu0}
 
 
 # -- the dataset -------------------------------------------------------------------------------
@@ -167,7 +181,7 @@ def _probe_dataset_class():
             out = super()._read(index)
             st = self._state()
             n = st["probe_n"] = st.get("probe_n", 0) + 1
-            if n % 16 == 1:
+            if n % 8 == 0:
                 rss = psutil.Process().memory_info().rss
                 first = st.setdefault("probe_first", rss)
                 st["probe_peak"] = max(st.get("probe_peak", 0), rss)
@@ -205,52 +219,92 @@ def _ipc_stream_class():
     return Transfer
 
 
+def _raw_stream_class():
+    import torch
+    from torch.utils.data import IterableDataset, get_worker_info
+
+    class RawChunks(IterableDataset):
+        """The raw loop inside DataLoader workers: each decoded chunk is handed over as one batch."""
+
+        def __init__(self, path, jobs, split):
+            self.path, self.jobs, self.split = path, jobs, split
+
+        def __iter__(self):
+            import zarr
+
+            info = get_worker_info()
+            w, nw = (info.id, info.num_workers) if info else (0, 1)
+            root = zarr.open_group(str(self.path), mode="r")
+            a, b = self.split
+            for name, t0, t1 in self.jobs[w::nw]:
+                x = root[name][max(t0, a):min(t1, b)]
+                yield {"fmri": torch.from_numpy(x)}
+
+    return RawChunks
+
+
+def raw_dataloader(path: Path, jobs, split, workers: int) -> dict:
+    """Baseline with the same worker->main hand-over as any DataLoader reader pays."""
+    from torch.utils.data import DataLoader
+
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
+    rows = nbytes = 0
+    for batch in DataLoader(_raw_stream_class()(path, jobs, split), batch_size=None, num_workers=workers):
+        rows += batch["fmri"].shape[0]
+        nbytes += batch["fmri"].numel() * 4
+        batch["fmri"].numpy().sum()
+    return {"seconds": time.perf_counter() - t0, "samples": rows, "bytes": nbytes, "workers_rss": [],
+            "cpu_s": cpu_seconds() - cpu0}
+
+
 def ipc_floor(n_samples: int, n_voxels: int, workers: int, batch_size: int) -> dict:
     """Moving the same bytes from worker processes to the main one, with no reading at all."""
     from torch.utils.data import DataLoader
 
     Transfer = _ipc_stream_class()
     n_batches = -(-n_samples // batch_size)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     nbytes = 0
     for batch in DataLoader(Transfer(n_batches, (batch_size, n_voxels)), batch_size=None, num_workers=workers):
         nbytes += batch["fmri"].numel() * 4
+        batch["fmri"].numpy().sum()
     return {"seconds": time.perf_counter() - t0, "samples": n_batches * batch_size, "bytes": nbytes,
-            "workers_rss": []}
+            "workers_rss": [], "cpu_s": cpu_seconds() - cpu0}
 
 
-def run_loader(path: Path, kind: str, workers: int, batch_size: int, device: str) -> dict:
+def run_loader(path: Path, kind: str, workers: int, batch_size: int, device: str, probe: bool = False) -> dict:
+    """One epoch; with ``probe`` (an untimed extra run) each process records its peak RSS."""
     import torch
     from torch.utils.data import DataLoader
 
-    from giblet.data import GibletLoader, World
+    from giblet.data import GibletDataset, GibletLoader, World
 
     probe_dir = tempfile.mkdtemp(prefix="giblet-bench-rss-")
-    Probe = _probe_dataset_class()
-    ds = Probe(path, split="train")
+    ds = _probe_dataset_class()(path, split="train") if probe else GibletDataset(path, split="train")
     ds.probe_dir = probe_dir
     pin = device == "cuda"
     if kind == "GibletLoader":
         loader = GibletLoader(ds, batch_size=batch_size, num_workers=workers, world=World(0, 1), pin_memory=pin)
     else:
         loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=pin)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     samples = nbytes = 0
     for batch in loader:
         x = batch["fmri"]
-        if device == "cuda":
-            x = x.to("cuda", non_blocking=True)
+        x = x.to("cuda", non_blocking=True) if device == "cuda" else x
+        x.sum() if device == "cuda" else x.numpy().sum()  # read once (numpy sum on CPU, as the raw loop)
         samples += x.shape[0]
         nbytes += x.numel() * x.element_size()
     if device == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0  # the workers are joined by now
     rss = [json.loads(p.read_text()) for p in Path(probe_dir).glob("*.json")]
-    return {"seconds": seconds, "samples": samples, "bytes": nbytes, "workers_rss": rss}
+    return {"seconds": seconds, "samples": samples, "bytes": nbytes, "workers_rss": rss, "cpu_s": cpu}
 
 
 def rates(r: dict) -> dict:
-    return {"samples_per_s": r["samples"] / r["seconds"], "MB_per_s": r["bytes"] / r["seconds"] / 1e6}
+    return {"samples_per_s": r["samples"] / r["seconds"], "MB_per_s": r["bytes"] / r["seconds"] / 1e6,
+            "samples_per_cpu_s": r["samples"] / r["cpu_s"], "cpu_s": r["cpu_s"]}
 
 
 def main(argv=None) -> dict:
@@ -278,6 +332,7 @@ def main(argv=None) -> dict:
     readers = {
         "raw_1proc": lambda: raw_loop(path, jobs, split, 1),
         f"raw_{W}proc": lambda: raw_loop(path, jobs, split, W),
+        f"raw_DataLoader_{W}workers": lambda: raw_dataloader(path, jobs, split, W),
         "GibletLoader": lambda: run_loader(path, "GibletLoader", W, args.batch_size, args.device),
         "DataLoader": lambda: run_loader(path, "DataLoader", W, args.batch_size, args.device),
         "GibletLoader_0workers": lambda: run_loader(path, "GibletLoader", 0, args.batch_size, args.device),
@@ -288,6 +343,9 @@ def main(argv=None) -> dict:
         for name, read in readers.items():
             runs[name].append(read())
     med = {k: min(v, key=lambda r: abs(r["seconds"] - statistics.median(x["seconds"] for x in v))) for k, v in runs.items()}
+    probes = {kind: run_loader(path, "GibletLoader" if kind.startswith("GibletLoader") else "DataLoader",
+                               0 if kind.endswith("0workers") else W, args.batch_size, args.device, probe=True)
+              for kind in ("GibletLoader", "DataLoader", "GibletLoader_0workers")}
     out = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
@@ -300,12 +358,16 @@ def main(argv=None) -> dict:
     }
     for kind in ("GibletLoader", "DataLoader", "GibletLoader_0workers", "transfer_only"):
         res = out["results"][kind]
+        rss = probes.get(kind, {}).get("workers_rss", [])
         res["ratio_vs_raw_1proc"] = res["samples_per_s"] / out["results"]["raw_1proc"]["samples_per_s"]
         res["ratio_vs_raw_parallel"] = res["samples_per_s"] / out["results"][f"raw_{args.workers}proc"]["samples_per_s"]
-        res["worker_peak_rss_MiB"] = sorted(round(w["peak_rss"] / 2**20, 1) for w in med[kind]["workers_rss"])
-        res["worker_rss_growth_MiB"] = sorted(round((w["peak_rss"] - w["first_rss"]) / 2**20, 1)
-                                              for w in med[kind]["workers_rss"])
-        res["cache_bound_MiB"] = round(med[kind]["workers_rss"][0]["cache_bytes"] / 2**20, 1) if med[kind]["workers_rss"] else None
+        res["cpu_ratio_vs_raw_1proc"] = res["samples_per_cpu_s"] / out["results"]["raw_1proc"]["samples_per_cpu_s"]
+        raw_dl = out["results"][f"raw_DataLoader_{args.workers}workers"]
+        res["ratio_vs_raw_DataLoader"] = res["samples_per_s"] / raw_dl["samples_per_s"]
+        res["cpu_ratio_vs_raw_DataLoader"] = res["samples_per_cpu_s"] / raw_dl["samples_per_cpu_s"]
+        res["worker_peak_rss_MiB"] = sorted(round(w["peak_rss"] / 2**20, 1) for w in rss)
+        res["worker_rss_growth_MiB"] = sorted(round((w["peak_rss"] - w["first_rss"]) / 2**20, 1) for w in rss)
+        res["cache_bound_MiB"] = round(rss[0]["cache_bytes"] / 2**20, 1) if rss else None
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
     return out

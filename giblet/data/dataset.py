@@ -237,11 +237,16 @@ class GibletDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.array(v)) for k, v in self._read(index).items()}  # copies: never a cache view
 
-    def get_batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    def get_batch(self, indices: Sequence[int], *, wire: bool = False) -> dict:
         """The samples ``indices`` collated (what ``default_collate`` of ``self[i]`` gives),
-        copying each row once from the cache into the batch (shared memory in a worker)."""
+        copying each row once from the cache into the batch (shared memory in a worker).
+
+        ``wire=True`` (``GibletLoader``'s workers): entries under 64 KiB stay numpy arrays,
+        which cross the worker queue by value rather than as one shared-memory segment and
+        one passed file descriptor each; the loader makes them tensors on arrival.
+        """
         samples = [self._read(int(i)) for i in indices]
-        return {k: _stack([x[k] for x in samples]) for k in samples[0]}
+        return {k: _stack([x[k] for x in samples], wire) for k in samples[0]}
 
     def _read(self, index: int) -> dict[str, np.ndarray]:
         """One sample as numpy arrays, possibly read-only views of cached chunks."""
@@ -350,11 +355,16 @@ class GibletDataset(Dataset):
                 f"trs={self.trs}, modalities={self.modalities}, window={self.window}, lag={self.lag}, hrf={self.hrf})")
 
 
-def _stack(arrays: list) -> torch.Tensor:
+WIRE_BYTES = 64 * 1024  # below this, a batch entry is sent by value (see GibletDataset.get_batch)
+
+
+def _stack(arrays: list, wire: bool = False):
     """``np.stack`` into a new tensor -- in a DataLoader worker, one in shared memory, so that
     handing the batch to the main process copies nothing more (as ``default_collate`` does)."""
     first = np.asarray(arrays[0])
     shape = (len(arrays),) + first.shape
+    if wire and first.nbytes * len(arrays) < WIRE_BYTES:
+        return np.stack(arrays)
     out = torch.from_numpy(np.empty(0, dtype=first.dtype))
     if get_worker_info() is not None:
         storage = out._typed_storage()._new_shared(int(np.prod(shape)), device=out.device)

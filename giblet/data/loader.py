@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Callable, Iterator, Optional
 
 import numpy as np
-from torch.utils.data import DataLoader, IterableDataset, default_collate
+import torch
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from giblet.data.partition import ChunkLayout, partition, rank_share
 from giblet.data.world import World, get_world, get_worker
@@ -40,7 +41,7 @@ class _EpochStream(IterableDataset):
 
     def _batch(self, ids: np.ndarray):
         if self.collate_fn is None and hasattr(self.dataset, "get_batch"):
-            return self.dataset.get_batch(ids)  # rows copied once, cache -> batch
+            return self.dataset.get_batch(ids, wire=get_worker_info() is not None)  # rows copied once
         return (self.collate_fn or default_collate)([self.dataset[int(i)] for i in ids])
 
 
@@ -123,6 +124,8 @@ class GibletLoader:
         for batch in loader:
             # Delivered in sequence order, so this batch's size follows from the position alone.
             self.position += min(self.batch_size, total - self.position)
+            if isinstance(batch, dict):  # small entries came by value as numpy (get_batch(wire=True))
+                batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
             yield batch
         self.epoch, self.position = self.epoch + 1, 0
 
