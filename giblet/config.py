@@ -72,7 +72,7 @@ class AudioParams:
     segment_s: float = 60.0  # seconds of audio per encoded window
     context_s: float = 1.0  # extra audio encoded before each window and dropped (boundary context)
     batch_size: int = 8  # windows per forward pass (also capped by the CUDA 32-bit index limit)
-    chunk_trs: int = 64
+    chunk_trs: int = 16  # TRs per Zarr chunk of audio/codes (24 s; tasks are whole chunks)
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,8 @@ class AudioStage(Stage):
             meta = audio.finish_codes(staging, results, p.chunk_trs)
             return {**meta, **{k: attrs[k] for k in ("model", "model_hash", "bandwidth_kbps", "n_codebooks",
                                                      "frame_rate", "code_frames_per_tr", "tr_rule", "source")},
-                    "audio_duration_s": round(meta["n_samples"] / model.sampling_rate, 3)}
+                    "audio_duration_s": round(meta["n_samples"] / model.sampling_rate, 3),
+                    "header_duration_s": source.duration_s}
 
         return [Unit("audio", self.name, self.version, params, {key: source_fp, "model": model.fingerprint},
                      tasks, [audio.CODES], prepare=prepare, finalize=finalize,

@@ -68,8 +68,6 @@ class ModelInfo:
     hop_length: int  # waveform samples per code frame
     codebook_size: int
     target_bandwidths: tuple
-    causal: bool
-    num_filters: int
 
     @property
     def frame_rate(self) -> float:
@@ -99,8 +97,7 @@ def _info(name: str, fingerprint: str, cfg: dict) -> ModelInfo:
     if get("codebook_size") > np.iinfo(np.int16).max + 1:
         raise InputError(f"audio.model: {name} has {get('codebook_size')} codes per codebook; int16 holds 32768")
     return ModelInfo(name, fingerprint, int(get("sampling_rate")), int(np.prod(get("upsampling_ratios"))),
-                     int(get("codebook_size")), tuple(float(b) for b in get("target_bandwidths")),
-                     bool(get("use_causal_conv")), int(get("num_filters")))
+                     int(get("codebook_size")), tuple(float(b) for b in get("target_bandwidths")))
 
 
 def resolve_model(value: Optional[str], root: Path) -> ModelInfo:
@@ -206,7 +203,6 @@ def load_model(name: str, fingerprint: str, device: str):
     """
     import torch
     from transformers import EncodecModel
-
     from transformers.utils import logging as hf_logging
 
     if name == RANDOM:
@@ -251,10 +247,7 @@ class SourceInfo:
 
     path: str
     key: str  # "movie" or "audio": the inputs entry it came from
-    codec: str
-    rate: int
-    channels: int
-    duration_s: Optional[float]  # from the header (an estimate; None when absent)
+    duration_s: Optional[float]  # seconds after stimulus time 0, from the header (an estimate; None when absent)
 
 
 def _open(path: Path, key: str):
@@ -302,7 +295,7 @@ def probe_source(path: Path, key: str) -> SourceInfo:
             duration = max(duration or 0.0, container.duration / 1e6)
         if duration is not None:
             duration -= _anchor_s(container, key, a)
-        return SourceInfo(str(path), key, a.codec_context.name, int(a.rate or 0), int(a.channels or 0), duration)
+        return SourceInfo(str(path), key, duration)
 
 
 def read_waveform(path: str, key: str, rate: int, onset_s: float) -> tuple[np.ndarray, dict]:
@@ -327,6 +320,9 @@ def read_waveform(path: str, key: str, rate: int, onset_s: float) -> tuple[np.nd
                 for f in to_float.resample(frame):
                     parts += _downmix_resample(to_mono, f, n_in)
                     n_in += f.samples
+            for f in to_float.resample(None):  # flush both resamplers
+                parts += _downmix_resample(to_mono, f, n_in)
+                n_in += f.samples
             parts += [f.to_ndarray().reshape(-1) for f in to_mono.resample(None)]
         except (av.error.FFmpegError, OSError, ValueError) as exc:
             raise InputError(f"audio: {path} is truncated or corrupt: decoding failed after {n_in} samples "
@@ -373,7 +369,7 @@ def tr_start_frames(n_trs: int, tr_s: float, frame_rate: float) -> np.ndarray:
 def count_trs(n_samples: int, hop: int, tr_s: float, frame_rate: float) -> int:
     """TRs whose every code frame is a whole frame of audio (``n_samples // hop`` frames)."""
     whole, n = n_samples // hop, code_frames_per_tr(tr_s, frame_rate)
-    guess = int(max(0, whole - n) // (tr_s * frame_rate)) + 2
+    guess = int(max(0, whole - n) // (tr_s * frame_rate)) + 3  # candidates: one past the answer at least
     starts = tr_start_frames(guess, tr_s, frame_rate)
     return int(np.count_nonzero(starts + n <= whole))
 
