@@ -69,6 +69,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     resume: bool = True  # continue from out/checkpoint.pt when it exists
+    threads: Optional[int] = None  # torch CPU threads per process (None: torch's default; torchrun sets 1)
     data: DataConfig = field(default_factory=DataConfig)
     model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -167,6 +168,8 @@ def validate(model, val_ds: GibletDataset, collate, cfg: TrainConfig, rt: D.Runt
 
 def train(cfg: TrainConfig) -> dict:
     # ---- setup -------------------------------------------------------------------------------
+    if cfg.threads:  # on a shared CPU, spinning OpenMP threads can make each step 10x slower
+        torch.set_num_threads(cfg.threads)
     rt = D.setup(cfg.device, cfg.precision)
     main = rt.is_main
     say = print if main else (lambda *a, **k: None)
@@ -277,6 +280,8 @@ def train(cfg: TrainConfig) -> dict:
             losses = {("loss" if k == "loss" else f"loss_{k}"): float(v) for k, v in zip(keys, vals)}
             rec = {"step": step, "epoch": loader.epoch, "lr": lr, **losses, "grad_norm": float(norm),
                    **{f"grad_norm_{k}": v for k, v in module_norms.items()}, **meter.summary(rt.world.world_size)}
+            if rt.device.type == "cuda":
+                rec["gpu_mem_gb"] = torch.cuda.max_memory_allocated(rt.device) / 1e9
             log.write("train", **rec)
             say(f"step {step}/{sched.total_steps} | loss {losses['loss']:.4g} ("
                 + " ".join(f"{k[5:]} {v:.3g}" for k, v in losses.items() if k != "loss")

@@ -168,6 +168,18 @@ def test_masked_losses_skip_masked_rows():
     assert audio_ce(logits, codes, torch.tensor([False, True])).item() == pytest.approx(math.log(5), rel=1e-5)
 
 
+def test_audio_encoder_bag_is_the_mean_code_embedding_of_each_segment():
+    from giblet.models.autoencoder import AudioEncoder, segment_of_frame
+
+    torch.manual_seed(0)
+    enc = AudioEncoder(n_codebooks=4, code_frames=10, vocab=16, d_embed=3, segments=4, d_out=8, dropout=0.0)
+    codes = torch.randint(0, 16, (2, 5, 4, 10))
+    e = enc.embed.weight[codes + enc.offset.view(-1, 1)]  # (2, 5, codebook, frame, 3): one table per codebook
+    seg = segment_of_frame(10, 4)
+    ref = torch.stack([e[..., seg == s, :].mean((-3, -2)) for s in range(4)], -2)
+    torch.testing.assert_close(enc(codes), enc.proj(ref.reshape(2, 5, -1)))
+
+
 def test_segment_cross_entropy_equals_per_frame_cross_entropy():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 2, 4, 7, generator=g)  # (batch, codebook, segment, vocab)

@@ -1,0 +1,119 @@
+"""Training throughput on 1 and N processes: steps/s, samples/s, data-wait fraction, peak GPU memory.
+
+Runs the real trainer (``pipelines.train`` under ``torch.distributed.run``) for a fixed number
+of optimizer steps at each process count and reads the figures back from the runs' own
+``log.jsonl`` (so it measures exactly what a user's run does, data loading included). The
+baseline is the 1-process run of the same script and store: the N-process figure is reported
+as a ratio to it (ideal: N).
+
+Figures: steps/s and samples/s over the logged steps after ``--skip`` warm-up steps (first
+CUDA kernels, DataLoader worker start-up), median data-wait fraction, peak GPU memory per
+rank, and what actually ran (optimizer class, autocast dtype, world size).
+
+On a GPU machine (needs torch, numpy, pyyaml, zarr + giblet; no dask/nibabel/nilearn)::
+
+    python benchmarks/bench_train.py --store /data/sherlock.zarr --config configs/train/gpu.yaml \\
+        --device cuda --nproc 1 2 --steps 120 --json gpu_train.json
+
+On this CPU (gloo, the demo config)::
+
+    python benchmarks/bench_train.py --store giblet-demo/demo.zarr --config configs/train/demo.yaml \\
+        --device cpu --nproc 1 2 --steps 60 --json cpu_train.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(nproc: int, args, out: Path) -> dict:
+    """One trainer run; returns its figures from the log."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "pipelines.train", str(args.config), f"store={args.store}",
+           f"out={out}", f"device={args.device}", f"schedule.max_steps={args.steps}", f"log.every={args.every}",
+           f"log.val_every={10 ** 9}", f"log.ckpt_every={10 ** 9}", "log.tensorboard=false", "resume=false",
+           *args.override]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_train: {nproc}-process run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    header = next(r for r in recs if r["kind"] == "config")
+    train = [r for r in recs if r["kind"] == "train" and r["step"] > args.skip]
+    if len(train) < 2:
+        raise SystemExit(f"bench_train: too few logged steps after --skip {args.skip}; raise --steps")
+    steps = train[-1]["step"] - train[0]["step"]
+    seconds = train[-1]["time"] - train[0]["time"]
+    batch = header["config"]["data"]["batch_size"] * header["config"]["optim"]["accum_steps"]
+    return {"nproc": nproc, "steps_per_s": steps / seconds, "samples_per_s": steps * batch * nproc / seconds,
+            "data_wait_median": float(np.median([r["data_wait"] for r in train[1:]] or [train[0]["data_wait"]])),
+            "peak_gpu_mem_gb": max((r.get("gpu_mem_gb", 0.0) for r in train), default=0.0),
+            "optimizer": header["optimizer"], "autocast": header["autocast"], "device": header["device"],
+            "world_size": header["world_size"], "n_params": header["n_params"], "wall_s": wall,
+            "last_loss": train[-1]["loss"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--store", required=True)
+    p.add_argument("--config", default=str(REPO / "configs" / "train" / "gpu.yaml"))
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--skip", type=int, default=20, help="warm-up steps left out of the figures")
+    p.add_argument("--every", type=int, default=10, help="log.every of the runs")
+    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="extra trainer overrides")
+    p.add_argument("--json", help="write the figures here")
+    args = p.parse_args()
+    args.store = str(Path(args.store).resolve())
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.nproc:
+            r = run(n, args, Path(tmp) / f"run{n}")
+            results.append(r)
+            print(f"{n} process(es): {r['steps_per_s']:.3g} steps/s, {r['samples_per_s']:.4g} samples/s, "
+                  f"data wait {100 * r['data_wait_median']:.1f}%, peak GPU mem {r['peak_gpu_mem_gb']:.2f} GB, "
+                  f"{r['optimizer']}, autocast {r['autocast']}, {r['n_params'] / 1e6:.0f} M params", flush=True)
+    base = results[0]
+    for r in results:
+        r["speedup_vs_first"] = r["samples_per_s"] / base["samples_per_s"]
+    summary = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.node()}",
+               "date": time.strftime("%Y-%m-%d"), "store": args.store, "config": args.config, "steps": args.steps,
+               "skip": args.skip, "overrides": args.override, "results": results}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            summary["gpu"] = torch.cuda.get_device_name(0)
+        summary["torch"] = torch.__version__
+    except ImportError:
+        pass
+    for r in results[1:]:
+        print(f"{r['nproc']} vs {base['nproc']} process(es): {r['speedup_vs_first']:.3g}x samples/s "
+              f"(ideal {r['nproc'] / base['nproc']:.3g}x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
