@@ -79,8 +79,9 @@ def build_direct(root: Path, subjects: int) -> Path:
         staging = writer.staging_dir(key, fp)
         for name, (data, chunks, dims) in arrays.items():
             shape = (N_TRS, len(voxels)) if data is None else data.shape
-            arr = gs.create_array(staging, name, shape, "float32" if data is None else str(data.dtype), chunks, dims,
-                                  attrs={"affine": np.eye(4).tolist(), "n_voxels": len(voxels)} if name == "fmri/mask" else None)
+            attrs = {"affine": np.eye(4).tolist(), "n_voxels": len(voxels)} if name == "fmri/mask" else None
+            dtype = "float32" if data is None else str(data.dtype)
+            arr = gs.create_array(staging, name, shape, dtype, chunks, dims, attrs=attrs)
             if data is None:
                 for t0 in range(0, N_TRS, CHUNK_TRS):  # whole chunks, like the fMRI stage
                     arr[t0:t0 + CHUNK_TRS] = rng.standard_normal((min(CHUNK_TRS, N_TRS - t0), len(voxels)),
@@ -342,7 +343,8 @@ def main(argv=None) -> dict:
     for _ in range(args.repeats):  # interleaved, so load from other processes hits every reader alike
         for name, read in readers.items():
             runs[name].append(read())
-    med = {k: min(v, key=lambda r: abs(r["seconds"] - statistics.median(x["seconds"] for x in v))) for k, v in runs.items()}
+    med = {k: min(v, key=lambda r: abs(r["seconds"] - statistics.median(x["seconds"] for x in v)))
+           for k, v in runs.items()}  # the median pass (its own CPU and bytes with it)
     probes = {kind: run_loader(path, "GibletLoader" if kind.startswith("GibletLoader") else "DataLoader",
                                0 if kind.endswith("0workers") else W, args.batch_size, args.device, probe=True)
               for kind in ("GibletLoader", "DataLoader", "GibletLoader_0workers")}

@@ -30,7 +30,8 @@ GEOMETRIES = [(ws, nw, n) for ws in (1, 2, 3, 4, 8) for nw in (1, 2, 3, 4) for n
 
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_every_sample_once_equal_lengths_over_many_geometries(drop_last):
-    for (ws, nw, n), (bs, chunk, mix, lanes) in itertools.product(GEOMETRIES, [(1, 1, 1, 1), (4, 5, 2, 4), (3, 16, 1, 2)]):
+    layouts = [(1, 1, 1, 1), (4, 5, 2, 4), (3, 16, 1, 2)]  # (batch_size, chunk_size, mix_chunks, lanes)
+    for (ws, nw, n), (bs, chunk, mix, lanes) in itertools.product(GEOMETRIES, layouts):
         kw = dict(seed=7, epoch=3, chunk_size=chunk, drop_last=drop_last, batch_size=bs, mix_chunks=mix, lanes=lanes)
         parts = deal(n, ws, nw, **kw)
         per_rank = [sum(len(parts[r, w]) for w in range(nw)) for r in range(ws)]

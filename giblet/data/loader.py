@@ -146,7 +146,7 @@ class GibletLoader:
         mine = self._geometry()
         diff = {k: (saved[k], mine[k]) for k in ORDER_KEYS if k in saved and saved[k] != mine[k]}
         if position and diff:
-            shown = "; ".join(f"{k}: saved {a if k != 'chunks' else '<layout>'}, now {b if k != 'chunks' else '<layout>'}"
+            shown = "; ".join(f"{k}: saved {a}, now {b}" if k != "chunks" else "chunk layout differs"
                               for k, (a, b) in diff.items())
             raise ConfigError(f"GibletLoader.load_state_dict: the saved epoch {state['epoch']} is {position} samples "
                               f"in, but the sample order differs ({shown}); resume with the saved settings, or "
