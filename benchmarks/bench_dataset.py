@@ -285,7 +285,8 @@ def run_loader(path: Path, kind: str, workers: int, batch_size: int, device: str
     ds.probe_dir = probe_dir
     pin = device == "cuda"
     if kind == "GibletLoader":
-        loader = GibletLoader(ds, batch_size=batch_size, num_workers=workers, world=World(0, 1), pin_memory=pin)
+        loader = GibletLoader(ds, batch_size=batch_size, num_workers=workers, world=World(0, 1), pin_memory=pin,
+                              lanes=max(2, workers))  # a multiple of the workers: no chunk decoded twice
     else:
         loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=pin)
     t0, cpu0 = time.perf_counter(), cpu_seconds()
