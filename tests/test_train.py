@@ -27,7 +27,7 @@ from pipelines import engine
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "train" / "tiny.yaml"
 PROTOTYPE = REPO / "configs" / "train" / "prototype.yaml"
-N_TRS = 80
+N_TRS = 100
 
 
 @pytest.fixture(scope="session")
