@@ -457,14 +457,16 @@ def encode_frames(model, wave: np.ndarray, k0: int, k1: int, *, bandwidth: float
     rate = cfg.sampling_rate / hop
     windows = plan_windows(k0, k1, len(wave), hop, max(1, round(segment_s * rate)), round(context_s * rate),
                            bool(cfg.use_causal_conv))
-    device = next(model.parameters()).device
+    # One upload of the samples all windows need; batches are cut from it on the device.
+    s0, s1 = windows[0].start, max(w.stop for w in windows)
+    span = torch.from_numpy(np.array(wave[s0:s1], np.float32)).to(next(model.parameters()).device)
     out = None
     for batch in _batches(windows, len(wave), hop, batch_size, cfg.num_filters):
-        x = np.zeros((len(batch), 1, max(w.stop - w.start for w in batch)), np.float32)
-        for j, w in enumerate(batch):
-            x[j, 0, : w.stop - w.start] = wave[w.start:w.stop]
         with torch.inference_mode():
-            codes = model.encode(torch.from_numpy(x).to(device), bandwidth=float(bandwidth), return_dict=True)
+            x = span.new_zeros((len(batch), 1, max(w.stop - w.start for w in batch)))
+            for j, w in enumerate(batch):
+                x[j, 0, : w.stop - w.start] = span[w.start - s0: w.stop - s0]
+            codes = model.encode(x, bandwidth=float(bandwidth), return_dict=True)
         codes = codes.audio_codes[0].cpu().numpy()  # (batch, codebook, code_frame)
         if out is None:
             out = np.empty((codes.shape[1], k1 - k0), np.int16)
