@@ -32,7 +32,6 @@ import os
 import platform
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -42,37 +41,8 @@ import psutil
 CACHE = Path("/tmp/giblet-bench")  # generated movies, kept between runs
 SCRATCH = CACHE / "video-scratch"  # this script's stores and staging, removed after use
 
-
-class PeakRSS:
-    """Samples the RSS of this process and all its descendants (Dask workers) every 50 ms."""
-
-    def __init__(self, interval: float = 0.05):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    def _tree_rss(self) -> int:
-        me = psutil.Process()
-        total = 0
-        for p in [me] + me.children(recursive=True):
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._tree_rss())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "PeakRSS":
-        self.peak = self._tree_rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+sys.path.insert(0, str(Path(__file__).parent))
+from _util import PeakRSS  # noqa: E402  (shared with the other benchmarks)
 
 
 def sherlock_like_movie(minutes: float, width: int, height: int, fps: int) -> Path:
