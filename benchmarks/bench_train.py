@@ -64,8 +64,20 @@ def run(nproc: int, args, out: Path) -> dict:
     steps = train[-1]["step"] - train[0]["step"]
     seconds = train[-1]["time"] - train[0]["time"]
     batch = header["config"]["data"]["batch_size"] * header["config"]["optim"]["accum_steps"]
+    # Steady state: logging intervals that stay inside one epoch. An interval that crosses an
+    # epoch boundary includes the start of the next epoch's DataLoader workers; N ranks cross
+    # N times as many boundaries per step as one, so this separates that cost from scaling.
+    pairs = list(zip(train[:-1], train[1:]))
+    inside = [(a, b) for a, b in pairs if a["epoch"] == b["epoch"]]
+    s_steps = sum(b["step"] - a["step"] for a, b in inside)
+    s_secs = sum(b["time"] - a["time"] for a, b in inside)
+    waits = [r["data_wait"] for r in train[1:]] or [train[0]["data_wait"]]
     return {"nproc": nproc, "steps_per_s": steps / seconds, "samples_per_s": steps * batch * nproc / seconds,
-            "data_wait_median": float(np.median([r["data_wait"] for r in train[1:]] or [train[0]["data_wait"]])),
+            "steady_steps_per_s": s_steps / s_secs if s_secs else float("nan"),
+            "steady_samples_per_s": s_steps * batch * nproc / s_secs if s_secs else float("nan"),
+            "epoch_boundaries": train[-1]["epoch"] - train[0]["epoch"],
+            "data_wait_median": float(np.median(waits)), "data_wait_mean": float(np.mean(waits)),
+            "data_wait_max": float(np.max(waits)),
             "peak_gpu_mem_gb": max((r.get("gpu_mem_gb", 0.0) for r in train), default=0.0),
             "optimizer": header["optimizer"], "autocast": header["autocast"], "device": header["device"],
             "world_size": header["world_size"], "n_params": header["n_params"], "wall_s": wall,
@@ -90,12 +102,15 @@ def main() -> None:
         for n in args.nproc:
             r = run(n, args, Path(tmp) / f"run{n}")
             results.append(r)
-            print(f"{n} process(es): {r['steps_per_s']:.3g} steps/s, {r['samples_per_s']:.4g} samples/s, "
-                  f"data wait {100 * r['data_wait_median']:.1f}%, peak GPU mem {r['peak_gpu_mem_gb']:.2f} GB, "
+            print(f"{n} process(es): {r['steps_per_s']:.3g} steps/s, {r['samples_per_s']:.4g} samples/s "
+                  f"(within epochs: {r['steady_samples_per_s']:.4g}; {r['epoch_boundaries']} epoch boundaries), "
+                  f"data wait median {100 * r['data_wait_median']:.1f}% mean {100 * r['data_wait_mean']:.1f}% "
+                  f"max {100 * r['data_wait_max']:.0f}%, peak GPU mem {r['peak_gpu_mem_gb']:.2f} GB, "
                   f"{r['optimizer']}, autocast {r['autocast']}, {r['n_params'] / 1e6:.0f} M params", flush=True)
     base = results[0]
     for r in results:
         r["speedup_vs_first"] = r["samples_per_s"] / base["samples_per_s"]
+        r["steady_speedup_vs_first"] = r["steady_samples_per_s"] / base["steady_samples_per_s"]
     summary = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.node()}",
                "date": time.strftime("%Y-%m-%d"), "store": args.store, "config": args.config, "steps": args.steps,
                "skip": args.skip, "overrides": args.override, "results": results}
@@ -108,8 +123,8 @@ def main() -> None:
     except ImportError:
         pass
     for r in results[1:]:
-        print(f"{r['nproc']} vs {base['nproc']} process(es): {r['speedup_vs_first']:.3g}x samples/s "
-              f"(ideal {r['nproc'] / base['nproc']:.3g}x)")
+        print(f"{r['nproc']} vs {base['nproc']} process(es): {r['speedup_vs_first']:.3g}x samples/s, "
+              f"{r['steady_speedup_vs_first']:.3g}x within epochs (ideal {r['nproc'] / base['nproc']:.3g}x)")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
         print(f"wrote {args.json}")

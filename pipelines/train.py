@@ -70,12 +70,14 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     resume: bool = True  # continue from out/checkpoint.pt when it exists
     threads: Optional[int] = None  # torch CPU threads per process (None: torch's default; torchrun sets 1)
+    compile: bool = False  # torch.compile the model (fewer kernel launches on GPU; first steps compile)
     data: DataConfig = field(default_factory=DataConfig)
     model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    ddp: D.DDPConfig = field(default_factory=D.DDPConfig)
     config_path: Optional[str] = None  # filled by load_train_config
 
 
@@ -192,7 +194,7 @@ def train(cfg: TrainConfig) -> dict:
     # ^ its own generator: a DataLoader draws a worker seed when iterated, and drawing it from the
     #   global RNG would shift dropout after a resume (which starts one more iterator than a plain run)
     accum = cfg.optim.accum_steps
-    sched = resolve_schedule(cfg.schedule, len(loader), accum)
+    sched = resolve_schedule(cfg.schedule, loader.batches_per_epoch, accum)
     model = GibletAutoencoder(cfg.model, spec).to(rt.device)
     optimizer, optim_name = build_optimizer(model, cfg.optim, rt.device)
     scheduler = build_scheduler(optimizer, sched)
@@ -211,7 +213,9 @@ def train(cfg: TrainConfig) -> dict:
         step = int(state["step"])
         D.set_rng_state(state["rng"][rt.world.rank])
         del state  # the mmap'd tensors were copied into the model and optimizer
-    model = D.wrap(model, rt)
+    model = D.wrap(model, rt, cfg.ddp)
+    if cfg.compile:
+        model = torch.compile(model)
     log = RunLog(Path(cfg.out) / "log.jsonl" if main else None, cfg.log.tensorboard)
     n_params = count_parameters(model)
     say(f"giblet-train: {rt.world.world_size} process(es) on {rt.device}, autocast {rt.amp_dtype}, "

@@ -128,7 +128,11 @@ def test_prepare_batch_selects_frames_adds_context_and_denormalizes():
         select_frames(frames, 3)[:, 0, 0, 0].tolist() == [0, 5, 9]
     b = prepare_batch(s, video_frames=2)
     assert b["video"].shape == (3, 1, 2, H, WD, C) and b["stim_valid"].shape == (3, 1)
-    assert torch.equal(b["target_audio"], b["audio"][:, -1]) and b["target_valid"].all()
+    from giblet.models.autoencoder import targets
+
+    t = targets(b)
+    assert torch.equal(t["audio"], b["audio"][:, -1]) and t["valid"].all() and t["fmri"] is b["fmri"]
+    assert "target_fmri" not in b  # z-scores: the target is the input entry itself, never a copy
     scalers = [ZScorer.from_stats(np.full(V, 1000.0), np.full(V, 30.0)), ZScorer.from_stats(np.full(V, 500.0), np.zeros(V))]
 
     def denorm(z, subject):
@@ -311,7 +315,7 @@ def test_scale_check_names_raw_fmri_and_codes_under_mse():
     b = prepare_batch(samples(n=8), 2)
     ok = scale_check(b, sp, {"fmri_raw_mean": 1000.0, "fmri_raw_std": 30.0}, LossConfig())
     assert [r["ok"] for r in ok] == [True, True, True, True], ok
-    b["target_fmri"] = b["fmri"] * 30 + 1000
+    b = dict(b, target_fmri=b["fmri"] * 30 + 1000)
     rows = scale_check(b, sp, {"fmri_raw_mean": 1000.0, "fmri_raw_std": 30.0}, LossConfig(audio="mse"))
     bad = {r["input"].split()[0]: r for r in rows if not r["ok"]}
     assert set(bad) == {"fmri", "audio"}

@@ -324,11 +324,11 @@ class GibletAutoencoder(nn.Module):
 def prepare_batch(samples: list[dict], video_frames: int, denormalize=None) -> dict[str, torch.Tensor]:
     """Collate ``GibletDataset`` samples into the model's input (runs in DataLoader workers).
 
-    Keeps ``video_frames`` frames per TR (uint8; pooling happens in the model), gives every
-    stimulus entry a context axis even with ``window=0``, and adds the targets:
-    ``target_fmri`` (the stored z-scores, or ``denormalize(z, subject)`` -- e.g.
-    ``GibletDataset.denormalize``, the prototype's raw scanner units), and for the
-    decoders the newest TR's ``target_audio`` codes, ``target_valid`` and ``target_has_text``.
+    Keeps ``video_frames`` frames per TR (uint8; pooling happens in the model) and gives
+    every stimulus entry a context axis even with ``window=0``. The fMRI target is the
+    stored z-scores (``fmri``); only with ``denormalize`` (e.g. ``GibletDataset.denormalize``,
+    the prototype's raw scanner units) is a separate ``target_fmri`` added. Nothing else is
+    duplicated: the decoders' targets are slices of the inputs (:func:`targets`).
     """
     from torch.utils.data import default_collate
 
@@ -339,15 +339,23 @@ def prepare_batch(samples: list[dict], video_frames: int, denormalize=None) -> d
         for k in ("video", "audio", "text", "has_text", "stim_valid"):
             if k in batch:
                 batch[k] = batch[k].unsqueeze(1)
-    if "fmri" in batch:
-        batch["target_fmri"] = batch["fmri"] if denormalize is None else denormalize(batch["fmri"], batch["subject"])
-    if "stim_valid" in batch:
-        batch["target_valid"] = batch["stim_valid"][:, -1]
-    if "audio" in batch:
-        batch["target_audio"] = batch["audio"][:, -1]
-    if "has_text" in batch:
-        batch["target_has_text"] = batch["has_text"][:, -1]
+    if denormalize is not None and "fmri" in batch:
+        batch["target_fmri"] = denormalize(batch["fmri"], batch["subject"])
     return batch
+
+
+def targets(batch: dict) -> dict[str, torch.Tensor]:
+    """What the losses compare with, as views of a prepared batch: ``fmri`` (z-scores, or the
+    raw ``target_fmri``), and for the newest TR of the window ``valid`` (stimulus exists),
+    ``audio`` codes and ``has_text``."""
+    out = {"fmri": batch.get("target_fmri", batch.get("fmri"))}
+    if "stim_valid" in batch:
+        out["valid"] = batch["stim_valid"][:, -1]
+    if "audio" in batch:
+        out["audio"] = batch["audio"][:, -1]
+    if "has_text" in batch:
+        out["has_text"] = batch["has_text"][:, -1]
+    return out
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from giblet.errors import ConfigError
+from giblet.models.autoencoder import targets
 
 SCALE_MODES = ("error", "warn", "off")
 
@@ -150,7 +151,7 @@ def scale_check(batch: dict, spec, store_stats: dict, loss_cfg, tol: float = 5.0
         One dict per row: ``input``, ``batch_mean``, ``batch_std``, ``expected_mean``,
         ``expected_std``, ``ok``, ``note``.
     """
-    rows = []
+    rows, tgt = [], targets(batch)
     valid = batch["stim_valid"].bool() if "stim_valid" in batch else None
     if "video" in batch and spec.video_stats is not None:
         mean, std = (torch.as_tensor(np.asarray(s), dtype=torch.float64) for s in spec.video_stats)
@@ -163,15 +164,15 @@ def scale_check(batch: dict, spec, store_stats: dict, loss_cfg, tol: float = 5.0
         z = (batch["text"][keep].double() - mean) / torch.where(std > 0, std, torch.ones_like(std))
         z = z[:, std > 0] if z.numel() else z
         rows.append(_row("text (z-scored with text/mean|std)", z, 0.0, 1.0, tol))
-    if "target_fmri" in batch:
-        row = _row("fmri target", batch["target_fmri"], 0.0, 1.0, tol)
+    if tgt["fmri"] is not None:
+        row = _row("fmri target", tgt["fmri"], 0.0, 1.0, tol)
         if not row["ok"] and abs(row["batch_mean"] - store_stats.get("fmri_raw_mean", np.nan)) < \
                 3 * store_stats.get("fmri_raw_std", 0) + 1e-9 * abs(row["batch_mean"]):
             row["note"] = (f"raw scanner units (the store's raw mean is {store_stats['fmri_raw_mean']:.4g}); "
                            f"the fMRI loss expects z-scores: set loss.fmri_target=z")
         rows.append(row)
-    if "target_audio" in batch and spec.audio is not None:
-        codes = batch["target_audio"]
+    if "audio" in tgt and spec.audio is not None:
+        codes = tgt["audio"]
         vocab = spec.audio[2]
         inside = bool(codes.min() >= 0 and codes.max() < vocab) and not codes.is_floating_point()
         row = {"input": "audio codes (classes)", "batch_mean": float(codes.double().mean()),

@@ -89,18 +89,31 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, rt: Runtime) -> torch.nn.Module:
+@dataclass(frozen=True)
+class DDPConfig:
+    """``DistributedDataParallel`` knobs (used only with several ranks)."""
+
+    bucket_cap_mb: float = 25.0  # gradient all-reduce bucket size; larger = fewer, longer collectives
+    gradient_as_bucket_view: bool = True  # grads live in the buckets: no copy per step, less memory
+    static_graph: bool = False  # same graph every step: lets DDP skip per-step bookkeeping
+
+
+def wrap(model: torch.nn.Module, rt: Runtime, cfg: DDPConfig = DDPConfig()) -> torch.nn.Module:
     """DistributedDataParallel when there are several ranks; the bare model otherwise."""
     if not rt.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return DDP(model, device_ids=ids)
+    return DDP(model, device_ids=ids, bucket_cap_mb=cfg.bucket_cap_mb,
+               gradient_as_bucket_view=cfg.gradient_as_bucket_view, static_graph=cfg.static_graph)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
+    """The bare model inside ``torch.compile`` and/or DDP wrappers."""
+    while hasattr(model, "_orig_mod") or hasattr(model, "module"):
+        model = getattr(model, "_orig_mod", None) or model.module
+    return model
 
 
 @contextlib.contextmanager

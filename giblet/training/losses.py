@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from giblet.models.autoencoder import targets
+
 FMRI_TARGETS = ("z", "raw")
 AUDIO_LOSSES = ("ce", "mse")
 COMPONENTS = ("fmri", "video", "audio", "text")
@@ -99,24 +101,24 @@ def compute_losses(outputs: dict, batch: dict, cfg: LossConfig) -> tuple[torch.T
     Args:
         outputs: the model's ``forward`` dict: ``fmri``, ``recon_<m>`` and ``target_<m>``
             (the z-scored, pooled stimulus the model saw, for video and text).
-        batch: the prepared batch: ``target_fmri`` (z-scores, or raw units with
-            ``fmri_target: raw``), ``target_audio`` codes, ``target_valid``, ``target_has_text``.
+        batch: the prepared batch (``giblet.models.autoencoder.prepare_batch``); its targets
+            are read through ``giblet.models.autoencoder.targets``.
 
     Returns:
         ``(total, {component: loss})``; log the components with ``.item()``.
     """
-    parts: dict[str, torch.Tensor] = {"fmri": fmri_loss(outputs["fmri"], batch["target_fmri"])}
-    valid = batch.get("target_valid")
+    tgt = targets(batch)
+    parts: dict[str, torch.Tensor] = {"fmri": fmri_loss(outputs["fmri"], tgt["fmri"])}
+    valid = tgt.get("valid")
     if "recon_video" in outputs:
         parts["video"] = masked_mse(outputs["recon_video"], outputs["target_video"], valid)
     if "recon_text" in outputs:
-        parts["text"] = masked_mse(outputs["recon_text"], outputs["target_text"], valid & batch["target_has_text"])
+        parts["text"] = masked_mse(outputs["recon_text"], outputs["target_text"], valid & tgt["has_text"])
     if "recon_audio" in outputs:
-        codes = batch["target_audio"]
         if cfg.audio == "ce":
-            parts["audio"] = audio_ce(outputs["recon_audio"], codes, valid)
+            parts["audio"] = audio_ce(outputs["recon_audio"], tgt["audio"], valid)
         else:  # the prototype: integer codes regressed as floats
-            parts["audio"] = masked_mse(outputs["recon_audio"], codes.float(), valid)
+            parts["audio"] = masked_mse(outputs["recon_audio"], tgt["audio"].float(), valid)
     total = sum(cfg.weights.get(k, 0.0) * v for k, v in parts.items())
     return total, parts
 
