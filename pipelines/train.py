@@ -329,6 +329,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"giblet-train: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("giblet-train: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or an unexpected library error: still one line
+        if args.debug:
+            raise
+        print(f"giblet-train: error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
     finally:
         D.cleanup()
 

@@ -354,3 +354,17 @@ def test_train_config_reports_every_problem_with_suggestions():
                           ["model.d_model=31", "schedule.unit=epochs", "data.window=-1", "log.scale_check=maybe"])
     msg = str(info.value)
     assert "4 problem(s)" in msg and "scale_check" in msg and "not divisible" in msg and "schedule.unit" in msg and "data.window" in msg
+
+
+def test_cli_reports_one_line_errors(tmp_path, capsys):
+    from pipelines.train import main
+
+    assert main([str(REPO / "configs" / "train" / "tiny.yaml"), f"store={tmp_path / 'missing.zarr'}",
+                 f"out={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("giblet-train: error:") and "missing.zarr" in err and "\n" not in err
+    assert main([str(tmp_path / "nope.yaml")]) == 1
+    assert "train config not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2

@@ -105,7 +105,9 @@ def wrap(model: torch.nn.Module, rt: Runtime, cfg: DDPConfig = DDPConfig()) -> t
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return DDP(model, device_ids=ids, bucket_cap_mb=cfg.bucket_cap_mb,
+    # broadcast_buffers=False: the model's buffers are constants from the store (z-score stats,
+    # index offsets), equal on every rank; broadcasting them would add a collective to every forward.
+    return DDP(model, device_ids=ids, bucket_cap_mb=cfg.bucket_cap_mb, broadcast_buffers=False,
                gradient_as_bucket_view=cfg.gradient_as_bucket_view, static_graph=cfg.static_graph)
 
 
