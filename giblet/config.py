@@ -43,6 +43,7 @@ class FmriParams:
     mask_strategy: str = "epi"  # epi | background | file
     mask_reference: Optional[str] = None  # subject whose mean image defines the mask (default: first)
     mask_file: Optional[str] = None  # NIfTI mask, with mask_strategy=file
+    mask_trs: Optional[int] = 100  # mean image over the reference's first N TRs (null: all)
     detrend: bool = False  # nilearn.signal.clean(detrend=True)
     high_pass: Optional[float] = None  # Hz, nilearn.signal.clean(high_pass=...)
     zero_variance: str = "zero"  # zero: z-score 0, std stored as 0 | error
@@ -232,6 +233,7 @@ def _check_values(cfg: StudyConfig, problems: list[str]) -> None:
           f"fmri.mask_strategy: must be epi, background or file, got {f.mask_strategy!r}")
     check(f.mask_strategy != "file" or f.mask_file,
           "fmri.mask_file: required with fmri.mask_strategy=file; set fmri.mask_file=PATH")
+    check(f.mask_trs is None or f.mask_trs >= 1, f"fmri.mask_trs: must be >= 1 or null (all TRs), got {f.mask_trs}")
     check(f.zero_variance in ("zero", "error"),
           f"fmri.zero_variance: must be zero or error, got {f.zero_variance!r}")
     check(f.high_pass is None or f.high_pass > 0, f"fmri.high_pass: must be > 0 Hz or null, got {f.high_pass}")
