@@ -72,6 +72,8 @@ def harness(template_config: Path, work: Path, kills: int, seed: int) -> dict:
         n_units = len(json.loads(manifest.read_text())["units"]) if manifest.exists() else 0
         report["points"].append({"delay_s": round(float(delay), 2), "finished_before_kill": finished,
                                  "committed_units": n_units, "served_arrays_checked": served})
+        if finished:  # start the next kill point from scratch, so that it interrupts real work
+            shutil.rmtree(crash_dir / "study.zarr")
     r = run_cli(config)
     assert r.returncode == 0, r.stderr
     got = arrays(crash_dir / "study.zarr")
