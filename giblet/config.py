@@ -291,12 +291,11 @@ def parse_config(raw: dict, config_path: Optional[str] = None, overrides: tuple[
     return cfg
 
 
-def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> StudyConfig:
-    """Read and validate a YAML config. Relative paths resolve against its folder."""
+def read_yaml(path: str | Path, missing_fix: str, what: str = "config file") -> dict:
+    """A YAML file's top-level mapping (``yaml.safe_load``), or a one-line ``ConfigError``."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found; pass the path of a YAML config "
-                          f"(or use `giblet-preprocess run --demo`)")
+        raise ConfigError(f"{path}: {what} not found; {missing_fix}")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -305,7 +304,13 @@ def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -
         raise ConfigError(f"{path}: not valid YAML{at}; fix the syntax") from exc
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(raw).__name__}")
-    return parse_config(raw or {}, str(path.resolve()), tuple(overrides))
+    return raw or {}
+
+
+def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> StudyConfig:
+    """Read and validate a YAML config. Relative paths resolve against its folder."""
+    raw = read_yaml(path, "pass the path of a YAML config (or use `giblet-preprocess run --demo`)")
+    return parse_config(raw, str(Path(path).resolve()), tuple(overrides))
 
 
 def to_dict(cfg: Any) -> dict:

@@ -75,13 +75,16 @@ def hash_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def hash_tree(path: str | os.PathLike) -> str:
-    """Content hash of a directory (relative names + contents), e.g. a model directory."""
+def hash_tree(path: str | os.PathLike, file_hash=hash_file) -> str:
+    """Content hash of a directory (relative names + contents), e.g. a model directory.
+
+    ``file_hash`` hashes one file (``FileHashCache.fingerprint`` reuses cached hashes).
+    """
     root = Path(path)
     h = hashlib.blake2b(digest_size=8)
     for p in sorted(q for q in root.rglob("*") if q.is_file()):
         h.update(str(p.relative_to(root)).encode())
-        h.update(hash_file(p).encode())
+        h.update(file_hash(p).encode())
     return h.hexdigest()
 
 
@@ -105,8 +108,8 @@ class FileHashCache:
 
     def fingerprint(self, path: str | os.PathLike) -> str:
         path = Path(path).resolve()
-        if path.is_dir():
-            return hash_tree(path)
+        if path.is_dir():  # each file's hash cached by its stat: a no-op rerun reads no weights
+            return hash_tree(path, self.fingerprint)
         st = path.stat()
         key = str(path)
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino]

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from giblet.errors import StoreError
 from giblet.fingerprint import hash_file

@@ -26,7 +26,7 @@ class AudioStage(Stage):
     def plan(self, ctx: PlanContext, upstream: dict) -> list[Unit]:
         cfg, p = ctx.cfg, ctx.cfg.audio
         key = "audio" if cfg.inputs.audio else "movie"
-        model = audio.resolve_model(p.model, cfg.root)
+        model = audio.resolve_model(p.model, cfg.root, hash_dir=ctx.file_fp)  # per-file hashes cached by stat
         n_codebooks = model.n_codebooks(p.bandwidth)
         source = audio.probe_source(cfg.input_path(getattr(cfg.inputs, key)), key)
         source_fp = ctx.file_fp(Path(source.path))

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from giblet.errors import GibletError
+from pipelines.errors import one_line_errors
 
 PROG = "giblet-preprocess"
 
@@ -117,22 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides += extra
     commands = {"run": cmd_run, "status": cmd_status, "verify": cmd_verify, "stats": cmd_stats}
-    try:
-        return commands[args.command](args)
-    except GibletError as exc:
-        if args.debug:
-            raise
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a bug or an unexpected library error: still one line
-        if args.debug:
-            raise
-        print(f"{PROG}: error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-              file=sys.stderr)
-        return 1
+    return one_line_errors(PROG, lambda: commands[args.command](args), debug=args.debug,
+                           interrupted="rerun the same command to resume")
 
 
 if __name__ == "__main__":

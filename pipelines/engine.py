@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from giblet.config import StudyConfig, to_dict
+from giblet.config import StudyConfig
 from giblet.errors import ConfigError, GibletError, StoreError
-from giblet.fingerprint import FileHashCache, hash_obj
+from giblet.fingerprint import FileHashCache
 from giblet.store import ALIGN_KEY, META_DIR, StoreLock, StoreWriter, atomic_write_json
 from pipelines.align import align_record
 from pipelines.registry import PlanContext, Unit, build_plan, stages
@@ -216,8 +216,3 @@ def _merge(results: dict) -> dict:
     if len(results) == 1:
         return next(iter(results.values()))
     return {"tasks": results}
-
-
-def config_record(cfg: StudyConfig) -> dict:
-    d = to_dict(cfg)
-    return {"resolved": d, "hash": hash_obj(d)}

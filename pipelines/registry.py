@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from giblet.config import StudyConfig
 from giblet.fingerprint import FileHashCache, unit_fingerprint

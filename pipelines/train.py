@@ -28,11 +28,10 @@ from typing import Optional
 
 import numpy as np
 import torch
-import yaml
 
-from giblet.config import _build, _set_override, resolve
+from giblet.config import _build, _set_override, read_yaml, resolve
 from giblet.data import GibletDataset, GibletLoader
-from giblet.errors import ConfigError, GibletError
+from giblet.errors import ConfigError
 from giblet.models.autoencoder import (AutoencoderConfig, GibletAutoencoder, ModelSpec, check_model,
                                        count_parameters, prepare_batch)
 from giblet.reader import open_store
@@ -43,6 +42,7 @@ from giblet.training.diagnostics import (LogConfig, Meter, RunLog, check_log, en
 from giblet.training.losses import COMPONENTS, LossConfig, VoxelCorrelation, check_losses, compute_losses
 from giblet.training.schedule import (OptimConfig, ScheduleConfig, build_optimizer, build_scheduler, check_schedule,
                                       check_warmup, resolve_schedule)
+from pipelines.errors import one_line_errors
 
 KILL_ENV = "GIBLET_TRAIN_KILL_AT_STEP"  # tests only: SIGKILL this process right after that optimizer step
 
@@ -85,11 +85,7 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple = ()) -> Tr
     """YAML + ``key=value`` overrides -> validated ``TrainConfig`` (every problem reported at once).
     Paths in the YAML are relative to its folder; paths given as overrides, to the working directory."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: train config not found; pass a YAML such as configs/train/demo.yaml")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(raw).__name__}")
+    raw = read_yaml(path, "pass a YAML such as configs/train/demo.yaml", what="train config")
     problems: list[str] = []
     for k in ("store", "out"):
         if raw.get(k):
@@ -321,25 +317,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. store=demo.zarr optim.lr=3e-4")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
-    try:
-        train(load_train_config(args.config, args.overrides))
-        return 0
-    except GibletError as exc:
-        if args.debug:
-            raise
-        print(f"giblet-train: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("giblet-train: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a bug or an unexpected library error: still one line
-        if args.debug:
-            raise
-        print(f"giblet-train: error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-              file=sys.stderr)
-        return 1
-    finally:
-        D.cleanup()
+    def body() -> int:
+        try:
+            train(load_train_config(args.config, args.overrides))
+            return 0
+        finally:
+            D.cleanup()
+
+    return one_line_errors("giblet-train", body, debug=args.debug,
+                           interrupted="rerun the same command to resume from the last checkpoint")
 
 
 if __name__ == "__main__":

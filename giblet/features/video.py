@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from giblet import store
-from giblet.errors import InputError, InputMissingError
+from giblet.errors import InputError
+from giblet.features.media import open_stream
 
 VERSION = 1
 # config name -> swscale algorithm (av.video.reformatter.Interpolation)
@@ -63,20 +64,10 @@ class MovieInfo:
 
 
 def _open(path: Path):
-    import av
-
-    if not path.exists():
-        raise InputMissingError(f"video: movie {path} does not exist; fix inputs.movie in the config")
-    try:
-        container = av.open(str(path))
-    except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise InputError(f"video: {path} is not a readable movie ({type(exc).__name__}: {exc}); the file is "
-                         f"corrupt or truncated: re-copy or re-export it") from None
-    if not container.streams.video:
-        kinds = ", ".join(s.type for s in container.streams) or "none"
-        container.close()
-        raise InputError(f"video: {path} has no video stream (streams: {kinds}); point inputs.movie at the movie")
-    return container, container.streams.video[0]
+    return open_stream(
+        path, "video", "video", missing="movie {path} does not exist; fix inputs.movie in the config",
+        unreadable="{path} is not a readable movie ({error}); the file is corrupt or truncated: re-copy or re-export it",
+        absent="{path} has no video stream (streams: {streams}); point inputs.movie at the movie")
 
 
 def probe_movie(path: str | Path) -> MovieInfo:

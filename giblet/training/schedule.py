@@ -16,8 +16,6 @@ from typing import Optional
 
 import torch
 
-from giblet.errors import ConfigError
-
 UNITS = ("step", "epoch")
 OPTIMIZERS = ("adamw", "adamw8bit")
 
