@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 import pytest
 import torch
 
 from giblet.data import GibletLoader, World, epoch_order, partition, rank_sequence, rank_share
+from giblet.data.partition import unit_bounds
 from giblet.data.world import world_from_env
 from giblet.errors import ConfigError
 
@@ -30,9 +32,10 @@ GEOMETRIES = [(ws, nw, n) for ws in (1, 2, 3, 4, 8) for nw in (1, 2, 3, 4) for n
 
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_every_sample_once_equal_lengths_over_many_geometries(drop_last):
-    layouts = [(1, 1, 1, 1), (4, 5, 2, 4), (3, 16, 1, 2)]  # (batch_size, chunk_size, mix_chunks, lanes)
-    for (ws, nw, n), (bs, chunk, mix, lanes) in itertools.product(GEOMETRIES, layouts):
-        kw = dict(seed=7, epoch=3, chunk_size=chunk, drop_last=drop_last, batch_size=bs, mix_chunks=mix, lanes=lanes)
+    layouts = [(1, 1, 1, 1, 1), (4, 5, 2, 4, 1), (3, 16, 1, 2, 1), (2, 5, 2, 2, 3)]
+    for (ws, nw, n), (bs, chunk, mix, lanes, group) in itertools.product(GEOMETRIES, layouts):
+        kw = dict(seed=7, epoch=3, chunk_size=chunk, drop_last=drop_last, batch_size=bs, mix_chunks=mix, lanes=lanes,
+                  group=group)
         parts = deal(n, ws, nw, **kw)
         per_rank = [sum(len(parts[r, w]) for w in range(nw)) for r in range(ws)]
         expected = n // ws if drop_last else -(-n // ws)
@@ -58,6 +61,22 @@ def test_delivered_order_is_the_rank_sequence_whatever_the_worker_count():
         for nw in (1, 2, 3, 4, 5):
             parts = [partition(50, rank=rank, world_size=ws, worker=w, num_workers=nw, **kw) for w in range(nw)]
             assert (round_robin(parts, 4) == seq).all(), nw
+
+
+def test_units_of_group_batches_go_round_robin_and_resume_mid_unit():
+    kw = dict(rank=0, world_size=1, seed=4, epoch=2, chunk_size=8, batch_size=4, mix_chunks=2, lanes=2, group=3)
+    seq = rank_sequence(90, **kw)
+    for position, nw in ((0, 1), (0, 2), (8, 2), (16, 3), (44, 4)):
+        bounds = unit_bounds(len(seq), position, 12)
+        assert bounds[0] == position and (np.diff(bounds[1:-1]) == 12).all() and bounds[-1] == 90
+        parts = [partition(90, worker=w, num_workers=nw, position=position, **kw) for w in range(nw)]
+        units = [np.split(p, np.cumsum([b - a for a, b in zip(bounds[w:-1:nw], bounds[w + 1::nw])])[:-1])
+                 for w, p in enumerate(parts)]
+        delivered = [u for row in itertools.zip_longest(*units) for u in row if u is not None]
+        assert (np.concatenate(delivered) == seq[position:]).all(), (position, nw)
+    chunk_of = np.arange(90) // 8  # lanes stay apart with units: two workers share at most the boundary chunks
+    touched = [set(chunk_of[partition(90, worker=w, num_workers=2, **kw)]) for w in range(2)]
+    assert len(touched[0] & touched[1]) <= 2
 
 
 def test_order_depends_on_seed_and_epoch_only_and_is_deterministic():
@@ -138,7 +157,6 @@ def ids(batches):
     return [b["index"].tolist() for b in batches]
 
 
-@pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_loader_resume_mid_epoch_with_another_worker_count_gives_the_same_batches():
     full = GibletLoader(Ints(), batch_size=4, num_workers=2, seed=5, world=World(0, 1))
     epoch0, epoch1 = ids(full), ids(full)
@@ -155,6 +173,56 @@ def test_loader_resume_mid_epoch_with_another_worker_count_gives_the_same_batche
         assert len(resumed) == 9
         assert head + ids(resumed) == epoch0, nw  # exactly the remaining samples, same batches
         assert ids(resumed) == epoch1  # and the next epoch as if never interrupted
+
+
+class Pids(Ints):
+    """Also records which process read each sample."""
+
+    def __getitem__(self, i):
+        return {"index": torch.tensor(i), "pid": torch.tensor(os.getpid())}
+
+
+def expected_batches(epoch, group, batch_size=4):
+    seq = rank_sequence(57, rank=0, world_size=1, seed=5, epoch=epoch, chunk_size=Ints.chunk_sizes,
+                        batch_size=batch_size, mix_chunks=2, lanes=2, group=group)
+    return [seq[i:i + batch_size].tolist() for i in range(0, 57, batch_size)]
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_persistent_stream_serves_every_epoch_in_order_with_the_same_workers(group):
+    # 57 samples in batches of 4: 15 batches, an odd count, so epoch 1 starts on the other worker.
+    loader = GibletLoader(Pids(), batch_size=4, num_workers=2, seed=5, world=World(0, 1), group=group)
+    pids = set()
+    for epoch in range(3):
+        batches = list(loader)
+        assert ids(batches) == expected_batches(epoch, group), epoch
+        pids |= {p for b in batches for p in b["pid"].tolist()}
+    assert len(pids) == 2 and os.getpid() not in pids  # two workers, started once for three epochs
+    fresh = GibletLoader(Pids(), batch_size=4, num_workers=2, seed=5, world=World(0, 1), group=group,
+                         persistent=False)
+    pids = {p for _ in range(2) for b in fresh for p in b["pid"].tolist()}
+    assert len(pids) == 4  # new workers each epoch
+    loader.set_epoch(1)  # moving the loader elsewhere restarts the stream there
+    assert ids(loader) == expected_batches(1, group)
+    loader.close()
+
+
+def test_resume_inside_a_unit_with_other_worker_counts():
+    first = GibletLoader(Ints(), batch_size=4, num_workers=2, seed=5, world=World(0, 1), group=3)
+    it = iter(first)
+    head = ids(next(it) for _ in range(4))  # one unit and a third of the next
+    state = first.state_dict()
+    first.close()
+    assert state["order"]["group"] == 3
+    for nw in (0, 1, 3):
+        resumed = GibletLoader(Ints(), batch_size=4, num_workers=nw, seed=0, world=World(0, 1), group=3)
+        resumed.load_state_dict(state)
+        assert head + ids(resumed) == expected_batches(0, 3), nw
+        assert ids(resumed) == expected_batches(1, 3), nw
+        resumed.close()
+    other = GibletLoader(Ints(), batch_size=4, num_workers=2, seed=5, world=World(0, 1), group=2)
+    with pytest.raises(ConfigError, match="group: saved 3, now 2"):
+        other.load_state_dict(state)
 
 
 def test_loader_ranks_split_the_epoch_and_refuse_a_changed_order():

@@ -3,7 +3,8 @@
 It wraps ``torch.utils.data.DataLoader``: each worker computes its own share with
 :func:`giblet.data.partition` (nothing but integers cross process boundaries) and yields
 collated batches; the DataLoader collects them round-robin, which is exactly the rank's
-sequence order (see ``giblet.data.partition``). So after ``k`` delivered samples the
+sequence order (see ``giblet.data.partition``). One DataLoader stream runs across epochs,
+so workers are started once per run, not once per epoch. So after ``k`` delivered samples the
 consumed ones are the first ``k`` of the sequence, and ``{"epoch", "position", "seed"}``
 is all it takes to resume -- with any number of workers.
 
@@ -18,31 +19,77 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from giblet.data.partition import ChunkLayout, partition, rank_share
+from giblet.data.partition import ChunkLayout, partition, rank_sequence, rank_share, unit_bounds
 from giblet.data.world import World, get_world, get_worker
 from giblet.errors import ConfigError
 
 # Keys of the state that fix the order of an epoch's samples (besides seed and epoch).
-ORDER_KEYS = ("n_samples", "world_size", "batch_size", "shuffle", "drop_last", "mix_chunks", "lanes", "chunks")
+ORDER_KEYS = ("n_samples", "world_size", "batch_size", "shuffle", "drop_last", "mix_chunks", "lanes", "group", "chunks")
+# A worker hands over up to this many bytes (and at most MAX_GROUP batches) at once: each hand-over
+# is a shared-memory segment plus a file-descriptor exchange, a fixed cost that small batches feel.
+TRANSFER_BYTES, MAX_GROUP = 32 * 2**20, 8
 
 
-class _EpochStream(IterableDataset):
-    """The batches one worker reads: an iterable view over a map-style dataset."""
+class _Stream(IterableDataset):
+    """The batches one worker reads, from ``(epoch, position)`` on, epoch after epoch (endless).
 
-    def __init__(self, dataset, order: dict, position: int, collate_fn: Optional[Callable]):
-        self.dataset, self.order, self.position, self.collate_fn = dataset, order, position, collate_fn
+    Worker ``w`` serves deliveries ``w, w + W, ...`` counted from the start of the stream.
+    Epochs need not hold a multiple of ``W`` batches, so within an epoch that starts after
+    ``done`` deliveries the worker takes the share of worker ``(w - done) % W`` of
+    ``partition``: the round-robin that ``DataLoader`` collects in stays the sequence order
+    across epoch boundaries, and the workers (with their chunk caches) live on.
+    """
+
+    def __init__(self, dataset, order: dict, epoch: int, position: int, collate_fn: Optional[Callable],
+                 transform: Optional[Callable]):
+        self.dataset, self.order, self.epoch, self.position = dataset, order, epoch, position
+        self.collate_fn, self.transform = collate_fn, transform
 
     def __iter__(self) -> Iterator:
         worker, num_workers = get_worker()
-        ids = partition(**self.order, worker=worker, num_workers=num_workers, position=self.position)
-        step = self.order["batch_size"]
-        for start in range(0, len(ids), step):
-            yield self._batch(ids[start:start + step])
+        unit = self.order["batch_size"] * self.order["group"]
+        step = unit if get_worker_info() is not None else self.order["batch_size"]
+        epoch, position, done = self.epoch, self.position, 0
+        while True:
+            seq = rank_sequence(**self.order, epoch=epoch)  # what partition() splits, kept in units here
+            bounds = unit_bounds(len(seq), position, unit)
+            for u in range((worker - done) % num_workers, len(bounds) - 1, num_workers):
+                a, b = bounds[u], bounds[u + 1]
+                for start in range(a, b, step):  # a whole unit per hand-over; in-process, a batch at a time
+                    yield self._batch(seq[start:min(start + step, b)])
+            done += len(bounds) - 1
+            epoch, position = epoch + 1, 0
+            if len(seq) == 0:  # nothing to serve, ever: end rather than spin
+                return
 
     def _batch(self, ids: np.ndarray):
+        in_worker = get_worker_info() is not None
         if self.collate_fn is None and hasattr(self.dataset, "get_batch"):
-            return self.dataset.get_batch(ids, wire=get_worker_info() is not None)  # rows copied once
-        return (self.collate_fn or default_collate)([self.dataset[int(i)] for i in ids])
+            batch = self.dataset.get_batch(ids, wire=in_worker)  # rows copied once
+        else:
+            batch = (self.collate_fn or default_collate)([self.dataset[int(i)] for i in ids])
+        if self.transform is not None:
+            batch = self.transform(_tensors(batch))
+            if in_worker:
+                batch = _wire(batch)
+        return batch
+
+
+def _tensors(batch):
+    """Numpy entries of a batch (small ones sent by value) as tensors, without copying."""
+    if isinstance(batch, dict):
+        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+    return batch
+
+
+def _wire(batch):
+    """Small private tensors of a batch as numpy, so they cross the worker queue by value."""
+    from giblet.data.dataset import WIRE_BYTES
+
+    if not isinstance(batch, dict):
+        return batch
+    return {k: v.numpy() if isinstance(v, torch.Tensor) and not v.is_shared() and not v.requires_grad
+            and v.nbytes < WIRE_BYTES else v for k, v in batch.items()}
 
 
 class GibletLoader:
@@ -64,13 +111,24 @@ class GibletLoader:
         world: rank and world size (default: ``giblet.data.world.get_world()``).
         collate_fn: batches a list of samples (default: the dataset's ``get_batch`` if it has
             one -- same result as ``default_collate``, one copy less -- else ``default_collate``).
+        transform: applied to each collated batch (a dict of tensors) where it is made, i.e.
+            in the worker: the place for per-batch work such as adding axes or targets.
+        group: batches a worker reads and hands over at once (the main process splits them).
+            Default: as many as fit in 32 MiB (at most 8) with the dataset's ``get_batch``,
+            else 1. It is part of the sample order (``giblet.data.partition``, steps 3-4).
+        persistent: keep one stream of batches running across epochs (default), so workers,
+            their open store and their chunk caches live for the whole run and the next
+            epoch's first batches are read while this one ends. ``set_epoch`` or
+            ``load_state_dict`` to another point restarts it; ``close()`` stops the workers.
+            ``False``: new workers each epoch, as a plain ``DataLoader``.
         **dataloader_kwargs: passed to ``DataLoader`` (``pin_memory``, ``prefetch_factor``,
             ``multiprocessing_context``, ...).
     """
 
     def __init__(self, dataset, *, batch_size: int = 16, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = False, mix_chunks: int = 2, lanes: int = 2, world: Optional[World] = None,
-                 collate_fn: Optional[Callable] = None, **dataloader_kwargs):
+                 collate_fn: Optional[Callable] = None, transform: Optional[Callable] = None,
+                 group: Optional[int] = None, persistent: bool = True, **dataloader_kwargs):
         if int(num_workers) != num_workers or num_workers < 0:
             raise ConfigError(f"GibletLoader: num_workers={num_workers!r}; it must be an integer >= 0")
         self.dataset, self.num_workers = dataset, int(num_workers)
@@ -78,17 +136,29 @@ class GibletLoader:
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.mix_chunks, self.lanes = mix_chunks, lanes
         self.chunk_size: ChunkLayout = getattr(dataset, "chunk_sizes", 1)
-        self.collate_fn = collate_fn
+        self.collate_fn, self.transform, self.persistent = collate_fn, transform, bool(persistent)
+        self.group = self._auto_group() if group is None else group
         self.dataloader_kwargs = dataloader_kwargs
         self.epoch, self.position = 0, 0
+        self._it: Optional[Iterator] = None  # the live stream, and the (epoch, position) it serves next
+        self._next: Optional[tuple[int, int]] = None
         self._order(0)  # validate the arguments now, not in a worker
 
     # -- order ------------------------------------------------------------------------------
+    def _auto_group(self) -> int:
+        """Batches per hand-over: only batches made by ``get_batch`` (the loader splits those
+        itself), as many as fit in ``TRANSFER_BYTES``. Independent of the worker count."""
+        if self.collate_fn is not None or self.transform is not None or not hasattr(self.dataset, "sample_spec"):
+            return 1
+        row = sum(int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+                  for shape, dtype in self.dataset.sample_spec().values())
+        return int(np.clip(TRANSFER_BYTES // max(row * self.batch_size, 1), 1, MAX_GROUP))
+
     def _order(self, epoch: int) -> dict:
         order = dict(n_samples=len(self.dataset), rank=self.world.rank, world_size=self.world.world_size,
                      seed=self.seed, epoch=epoch, shuffle=self.shuffle, chunk_size=self.chunk_size,
                      drop_last=self.drop_last, batch_size=self.batch_size, mix_chunks=self.mix_chunks,
-                     lanes=self.lanes)
+                     lanes=self.lanes, group=self.group)
         partition(**order)  # raises ConfigError on bad values, here rather than in a worker
         return order
 
@@ -96,7 +166,7 @@ class GibletLoader:
         chunks = self.chunk_size if np.ndim(self.chunk_size) == 0 else list(map(int, self.chunk_size))
         return {"n_samples": len(self.dataset), "world_size": self.world.world_size, "batch_size": self.batch_size,
                 "shuffle": self.shuffle, "drop_last": self.drop_last, "mix_chunks": self.mix_chunks,
-                "lanes": self.lanes, "chunks": chunks}
+                "lanes": self.lanes, "group": self.group, "chunks": chunks}
 
     @property
     def samples_per_epoch(self) -> int:
@@ -117,17 +187,55 @@ class GibletLoader:
         self.epoch, self.position = int(epoch), 0
 
     # -- iteration --------------------------------------------------------------------------
+    def _start(self) -> Iterator:
+        """A new stream from (epoch, position): a ``DataLoader`` over :class:`_Stream`."""
+        self.close()
+        order = {k: v for k, v in self._order(self.epoch).items() if k != "epoch"}
+        stream = _Stream(self.dataset, order, self.epoch, self.position, self.collate_fn, self.transform)
+        return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers, **self.dataloader_kwargs))
+
     def __iter__(self) -> Iterator:
-        stream = _EpochStream(self.dataset, self._order(self.epoch), self.position, self.collate_fn)
-        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers, **self.dataloader_kwargs)
         total = self.samples_per_epoch
-        for batch in loader:
-            # Delivered in sequence order, so this batch's size follows from the position alone.
-            self.position += min(self.batch_size, total - self.position)
-            if isinstance(batch, dict):  # small entries came by value as numpy (get_batch(wire=True))
-                batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
-            yield batch
-        self.epoch, self.position = self.epoch + 1, 0
+        if self.position >= total:  # nothing left of this epoch (e.g. a state saved at its very end)
+            self.epoch, self.position = self.epoch + 1, 0
+            return
+        if self._it is None or self._next != (self.epoch, self.position):
+            self._it = self._start()
+        it = self._it
+        while True:
+            for batch in self._split(_tensors(next(it))):  # small entries came by value as numpy
+                # Delivered in sequence order, so this batch's size follows from the position alone.
+                self.position += min(self.batch_size, total - self.position)
+                if self.position == total:
+                    self.epoch, self.position = self.epoch + 1, 0
+                    self._next = (self.epoch, 0)
+                    if not self.persistent:
+                        self.close()
+                    yield batch
+                    return
+                self._next = (self.epoch, self.position)
+                yield batch
+
+    def _split(self, unit):
+        """The batches of one delivered unit (views: one shared-memory segment per unit)."""
+        if self.group == 1 or not isinstance(unit, dict):
+            yield unit
+            return
+        n = len(next(iter(unit.values())))
+        for a in range(0, n, self.batch_size):
+            yield {k: v[a:a + self.batch_size] for k, v in unit.items()}
+
+    def close(self) -> None:
+        """Stop the stream's worker processes (the next iteration starts new ones)."""
+        it, self._it, self._next = self._it, None, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the DataLoader cleans up after itself
+            pass
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -18,20 +18,22 @@ One epoch, step by step (:func:`epoch_order`, then :func:`rank_share`, then :fun
    epoch). With ``drop_last=True`` every rank gets ``floor(n / world_size)`` and the last
    ``n % world_size`` samples of the shuffled order are skipped this epoch (different ones
    each epoch). Rank ``r`` takes the ``r``-th contiguous slice, so it reads whole chunks.
-3. **Lanes.** A rank's slice is cut into ``lanes`` contiguous stretches whose batches
-   are interleaved (lane 0's batch 0, lane 1's batch 0, ..., lane 0's batch 1, ...). That
-   interleaving is the rank's *sequence*: the order a loader delivers batches in.
-4. **Workers.** After skipping the first ``position`` samples (already consumed), the
-   rest of the sequence is cut into batches of ``batch_size`` and batch ``i`` goes to
-   worker ``i % num_workers`` -- the order in which ``torch.utils.data.DataLoader``
-   collects worker outputs, so the delivered order *is* the sequence, whatever the
-   number of workers. When ``num_workers`` divides ``lanes``, each worker reads its own
-   lanes only: no chunk is decompressed by two workers.
+3. **Lanes.** A rank's slice is cut into batches of ``batch_size`` and the batches into
+   ``lanes`` contiguous stretches, whose *units* of ``group`` batches are interleaved
+   (lane 0's unit 0, lane 1's unit 0, ..., lane 0's unit 1, ...). That interleaving is
+   the rank's *sequence*: the order a loader delivers batches in.
+4. **Workers.** The sequence is cut into units of ``group * batch_size`` samples (a
+   worker reads and hands over a unit at a time: fewer, larger transfers). After
+   skipping the first ``position`` samples (already consumed; the unit they end in is
+   cut short), unit ``i`` of the rest goes to worker ``i % num_workers`` -- the order in
+   which ``torch.utils.data.DataLoader`` collects worker outputs, so the delivered order
+   *is* the sequence, whatever the number of workers. When ``num_workers`` divides
+   ``lanes``, each worker reads its own lanes only: no chunk is decompressed by two workers.
 
 So the samples consumed after ``position`` deliveries are always the first ``position``
 of the rank's sequence, which depends on (seed, epoch, n, chunk layout, world_size,
-batch_size, mix_chunks, lanes) and *not* on ``num_workers``: a run resumed with another
-worker count gets exactly the remaining samples.
+batch_size, mix_chunks, lanes, group) and *not* on ``num_workers``: a run resumed with
+another worker count gets exactly the remaining samples.
 """
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ def rank_share(n_samples: int, world_size: int, drop_last: bool = False) -> int:
 
 def rank_sequence(n_samples: int, *, rank: int, world_size: int, seed: int, epoch: int, shuffle: bool = True,
                   chunk_size: ChunkLayout = 1, drop_last: bool = False, batch_size: int = 1,
-                  mix_chunks: int = 1, lanes: int = 1) -> np.ndarray:
+                  mix_chunks: int = 1, lanes: int = 1, group: int = 1) -> np.ndarray:
     """Every sample rank ``rank`` serves this epoch, in delivery order (steps 1-3).
 
     Returns:
@@ -109,7 +111,7 @@ def rank_sequence(n_samples: int, *, rank: int, world_size: int, seed: int, epoc
     if not 0 <= rank < world_size:
         raise ConfigError(f"partition: rank={rank} is outside 0..{world_size - 1} (world_size={world_size}); "
                           f"take rank and world_size from giblet.data.world.get_world()")
-    batch_size, lanes = _check("batch_size", batch_size, 1), _check("lanes", lanes, 1)
+    batch_size, lanes, group = _check("batch_size", batch_size, 1), _check("lanes", lanes, 1), _check("group", group, 1)
     order = epoch_order(n_samples, seed=seed, epoch=epoch, shuffle=shuffle, chunk_size=chunk_size,
                         mix_chunks=mix_chunks)
     per_rank = rank_share(n_samples, world_size, drop_last)
@@ -119,15 +121,28 @@ def rank_sequence(n_samples: int, *, rank: int, world_size: int, seed: int, epoc
     mine = padded[rank * per_rank:(rank + 1) * per_rank]
     batches = [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)]
     per_lane = -(-len(batches) // lanes)
-    lane_batches = [batches[j * per_lane:(j + 1) * per_lane] for j in range(lanes)]
-    interleaved = [lane[r] for r in range(per_lane) for lane in lane_batches if r < len(lane)]
-    return np.concatenate(interleaved)
+    lane_units = [[np.concatenate(lane[u:u + group]) for u in range(0, len(lane), group)]
+                  for lane in (batches[j * per_lane:(j + 1) * per_lane] for j in range(lanes)) if lane]
+    n_units = max(map(len, lane_units))
+    return np.concatenate([lane[u] for u in range(n_units) for lane in lane_units if u < len(lane)])
+
+
+def unit_bounds(n: int, position: int, unit: int) -> np.ndarray:
+    """Start and end of the delivery units of a sequence of ``n`` samples after ``position``:
+    cut at multiples of ``unit`` (the first one short when ``position`` is inside a unit).
+
+    Returns:
+        ``(k + 1,) int64``: unit ``i`` is ``[bounds[i], bounds[i + 1])``.
+    """
+    if position >= n:
+        return np.array([n], dtype=np.int64)
+    return np.array([position, *range((position // unit + 1) * unit, n, unit), n], dtype=np.int64)
 
 
 def partition(n_samples: int, *, rank: int, world_size: int, worker: int = 0, num_workers: int = 1,
               seed: int = 0, epoch: int = 0, shuffle: bool = True, chunk_size: ChunkLayout = 1,
               drop_last: bool = False, batch_size: int = 1, mix_chunks: int = 1, lanes: int = 1,
-              position: int = 0) -> np.ndarray:
+              group: int = 1, position: int = 0) -> np.ndarray:
     """The sample ids one (rank, worker) reads this epoch, in order.
 
     Args:
@@ -141,24 +156,23 @@ def partition(n_samples: int, *, rank: int, world_size: int, worker: int = 0, nu
         batch_size: samples handed to a worker at a time.
         mix_chunks: chunks shuffled together (step 1).
         lanes: interleaved stretches of each rank's slice (step 3).
+        group: batches per unit, the amount a worker reads and hands over at once (steps 3-4).
         position: samples of this rank's sequence already consumed (resume point).
 
     Returns:
-        ``(k,) int64`` sample ids; the batches of worker ``w`` are batches
-        ``w, w + num_workers, ...`` of ``rank_sequence(...)[position:]``.
+        ``(k,) int64`` sample ids; worker ``w`` reads units ``w, w + num_workers, ...`` of
+        ``rank_sequence(...)[position:]`` (:func:`unit_bounds`), one after the other.
     """
     num_workers = _check("num_workers", num_workers, 1)
     if not 0 <= worker < num_workers:
         raise ConfigError(f"partition: worker={worker} is outside 0..{num_workers - 1}")
     seq = rank_sequence(n_samples, rank=rank, world_size=world_size, seed=seed, epoch=epoch, shuffle=shuffle,
                         chunk_size=chunk_size, drop_last=drop_last, batch_size=batch_size,
-                        mix_chunks=mix_chunks, lanes=lanes)
+                        mix_chunks=mix_chunks, lanes=lanes, group=group)
     position = _check("position", position, 0)
     if position > len(seq):
         raise ConfigError(f"partition: position={position} is past the end of this rank's epoch "
                           f"({len(seq)} samples); the saved loader state belongs to another dataset or world size")
-    rest = seq[position:]
-    starts = np.arange(worker * batch_size, len(rest), num_workers * batch_size)
-    if len(starts) == 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.concatenate([rest[s:s + batch_size] for s in starts])
+    bounds = unit_bounds(len(seq), position, group * batch_size)
+    mine = [seq[a:b] for a, b in zip(bounds[worker:-1:num_workers], bounds[worker + 1::num_workers])]
+    return np.concatenate(mine) if mine else np.zeros(0, dtype=np.int64)
