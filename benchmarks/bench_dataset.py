@@ -7,7 +7,10 @@ On a Sherlock-shaped store (61x73x61 grid with an epi mask, 946 TRs, a few subje
   also the same loop split over ``--workers`` processes (same parallelism as the loader),
   and inside ``--workers`` DataLoader workers handing each decoded chunk to the main
   process (the same hand-over every DataLoader reader pays);
-- ``GibletLoader(GibletDataset(...), num_workers=W)``: a shuffled (chunk-aware) epoch, batches;
+- ``GibletLoader(GibletDataset(...), num_workers=W)``: a shuffled (chunk-aware) epoch, batches,
+  in the steady state of a run (its persistent workers already started by an untimed epoch);
+  also its first epoch alone (worker start-up included), and with ``group=1`` (one
+  hand-over per batch instead of per unit of batches);
 - ``DataLoader(GibletDataset(...), num_workers=W)``: the plain PyTorch path, sequential;
 - ``GibletLoader`` with 0 workers (reads in the main process: no inter-process copy);
 - ``transfer_only``: DataLoader workers handing over batches of the same size without
@@ -118,11 +121,21 @@ def ensure_store(cache: Path, subjects: int, how: str) -> Path:
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process (all threads) plus its reaped children (pool / DataLoader workers)."""
+    """CPU time of this process (all threads), its reaped children (pool / DataLoader workers)
+    and its live ones (a persistent loader's workers)."""
     import resource
 
+    import psutil
+
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+    live = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            t = child.cpu_times()
+            live += t.user + t.system
+        except psutil.Error:  # exited in between: counted as reaped (or lost, a few ms)
+            pass
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime + live
 
 
 # -- the baseline ------------------------------------------------------------------------------
@@ -273,8 +286,10 @@ def ipc_floor(n_samples: int, n_voxels: int, workers: int, batch_size: int) -> d
             "workers_rss": [], "cpu_s": cpu_seconds() - cpu0}
 
 
-def run_loader(path: Path, kind: str, workers: int, batch_size: int, device: str, probe: bool = False) -> dict:
-    """One epoch; with ``probe`` (an untimed extra run) each process records its peak RSS."""
+def run_loader(path: Path, kind: str, workers: int, batch_size: int, device: str, probe: bool = False,
+               warm: bool = False, group=None) -> dict:
+    """One timed epoch; ``warm``: after an untimed one on the same (persistent) loader, as every
+    epoch but the first of a run; with ``probe`` (an untimed extra run) each process records its peak RSS."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -286,9 +301,11 @@ def run_loader(path: Path, kind: str, workers: int, batch_size: int, device: str
     pin = device == "cuda"
     if kind == "GibletLoader":
         loader = GibletLoader(ds, batch_size=batch_size, num_workers=workers, world=World(0, 1), pin_memory=pin,
-                              lanes=max(2, workers))  # a multiple of the workers: no chunk decoded twice
+                              lanes=max(2, workers), group=group, persistent=warm)  # lanes: no chunk decoded twice
     else:
         loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=pin)
+    for batch in (loader if warm else ()):  # the untimed first epoch (workers start, caches fill)
+        batch["fmri"].numpy().sum()
     t0, cpu0 = time.perf_counter(), cpu_seconds()
     samples = nbytes = 0
     for batch in loader:
@@ -299,7 +316,9 @@ def run_loader(path: Path, kind: str, workers: int, batch_size: int, device: str
         nbytes += x.numel() * x.element_size()
     if device == "cuda":
         torch.cuda.synchronize()
-    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0  # the workers are joined by now
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0  # the workers are joined or still live
+    if kind == "GibletLoader":
+        loader.close()
     rss = [json.loads(p.read_text()) for p in Path(probe_dir).glob("*.json")]
     return {"seconds": seconds, "samples": samples, "bytes": nbytes, "workers_rss": rss, "cpu_s": cpu}
 
@@ -325,6 +344,7 @@ def main(argv=None) -> dict:
     import torch
 
     import giblet
+    from giblet.data import GibletDataset, GibletLoader
 
     path = ensure_store(Path(args.cache), args.subjects, args.build)
     s = giblet.open_store(path)
@@ -335,7 +355,10 @@ def main(argv=None) -> dict:
         "raw_1proc": lambda: raw_loop(path, jobs, split, 1),
         f"raw_{W}proc": lambda: raw_loop(path, jobs, split, W),
         f"raw_DataLoader_{W}workers": lambda: raw_dataloader(path, jobs, split, W),
-        "GibletLoader": lambda: run_loader(path, "GibletLoader", W, args.batch_size, args.device),
+        "GibletLoader": lambda: run_loader(path, "GibletLoader", W, args.batch_size, args.device, warm=True),
+        "GibletLoader_first_epoch": lambda: run_loader(path, "GibletLoader", W, args.batch_size, args.device),
+        "GibletLoader_group1": lambda: run_loader(path, "GibletLoader", W, args.batch_size, args.device, warm=True,
+                                                  group=1),
         "DataLoader": lambda: run_loader(path, "DataLoader", W, args.batch_size, args.device),
         "GibletLoader_0workers": lambda: run_loader(path, "GibletLoader", 0, args.batch_size, args.device),
         "transfer_only": lambda: ipc_floor(len(s.subjects) * (split[1] - split[0]), s.n_voxels, W, args.batch_size),
@@ -347,7 +370,8 @@ def main(argv=None) -> dict:
     med = {k: min(v, key=lambda r: abs(r["seconds"] - statistics.median(x["seconds"] for x in v)))
            for k, v in runs.items()}  # the median pass (its own CPU and bytes with it)
     probes = {kind: run_loader(path, "GibletLoader" if kind.startswith("GibletLoader") else "DataLoader",
-                               0 if kind.endswith("0workers") else W, args.batch_size, args.device, probe=True)
+                               0 if kind.endswith("0workers") else W, args.batch_size, args.device, probe=True,
+                               warm=kind == "GibletLoader")
               for kind in ("GibletLoader", "DataLoader", "GibletLoader_0workers")}
     out = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
@@ -356,10 +380,12 @@ def main(argv=None) -> dict:
         "subjects": len(s.subjects), "n_trs": s.n_trs, "n_voxels": s.n_voxels, "train_trs": split,
         "chunk_trs": int(s.array(f"fmri/{s.subjects[0]}/bold").chunks[0]), "workers": args.workers,
         "batch_size": args.batch_size, "repeats": args.repeats,
+        "group": GibletLoader(GibletDataset(path, split="train"), batch_size=args.batch_size).group,
         "results": {k: {**rates(r), "seconds": r["seconds"], "samples": r["samples"],
                         "all_seconds": [x["seconds"] for x in runs[k]]} for k, r in med.items()},
     }
-    for kind in ("GibletLoader", "DataLoader", "GibletLoader_0workers", "transfer_only"):
+    for kind in ("GibletLoader", "GibletLoader_first_epoch", "GibletLoader_group1", "DataLoader",
+                 "GibletLoader_0workers", "transfer_only"):
         res = out["results"][kind]
         rss = probes.get(kind, {}).get("workers_rss", [])
         res["ratio_vs_raw_1proc"] = res["samples_per_s"] / out["results"]["raw_1proc"]["samples_per_s"]

@@ -33,7 +33,7 @@ from giblet.config import _build, _set_override, read_yaml, resolve
 from giblet.data import GibletDataset, GibletLoader
 from giblet.errors import ConfigError
 from giblet.models.autoencoder import (AutoencoderConfig, GibletAutoencoder, ModelSpec, check_model,
-                                       count_parameters, prepare_batch)
+                                       count_parameters, finish_batch, prepare_batch)
 from giblet.reader import open_store
 from giblet.training import checkpoint as ckpt
 from giblet.training import distributed as D
@@ -174,18 +174,19 @@ def train(cfg: TrainConfig) -> dict:
     D.seed_everything(cfg.seed, rt.world.rank)
     dcfg = cfg.data
     ds_kw = dict(subjects=dcfg.subjects, window=dcfg.window, lag=dcfg.lag, hrf=dcfg.hrf)
+    if open_store(cfg.store).has("video/frames"):  # read and hand over only the frames the model sees
+        ds_kw["frames"] = cfg.model.video_frames
     train_ds, val_ds = GibletDataset(cfg.store, "train", **ds_kw), GibletDataset(cfg.store, "val", **ds_kw)
     spec = model_spec(train_ds, cfg)
     problems = check_losses(cfg.loss, spec.modalities)
     if problems:
         raise ConfigError(f"{cfg.config_path}: " + "; ".join(problems))
     raw = cfg.loss.fmri_target == "raw"
-    collate = partial(prepare_batch, video_frames=cfg.model.video_frames,
-                      denormalize=train_ds.denormalize if raw else None)
+    finish = partial(finish_batch, denormalize=train_ds.denormalize if raw else None)
     val_collate = partial(prepare_batch, video_frames=cfg.model.video_frames,
                           denormalize=val_ds.denormalize if raw else None)
     loader = GibletLoader(train_ds, batch_size=dcfg.batch_size, num_workers=dcfg.num_workers, seed=cfg.seed,
-                          mix_chunks=dcfg.mix_chunks, lanes=dcfg.lanes, world=rt.world, collate_fn=collate,
+                          mix_chunks=dcfg.mix_chunks, lanes=dcfg.lanes, world=rt.world, transform=finish,
                           pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
     # ^ its own generator: a DataLoader draws a worker seed when iterated, and drawing it from the
     #   global RNG would shift dropout after a resume (which starts one more iterator than a plain run)

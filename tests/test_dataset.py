@@ -219,6 +219,26 @@ def test_stimulus_samples_match_the_stored_arrays(stim_store):
     assert set(norm.stats) == {"fmri", "video", "text"} and "fmri" not in x
 
 
+def test_frames_serves_evenly_spaced_frames_of_each_tr(fmri_store, tmp_path):
+    rng = np.random.default_rng(4)
+    frames = rng.integers(0, 256, size=(N_TRS + EXTRA, 10, 4, 6, 3), dtype=np.uint8)
+    path, arrays = stimulus_copy(fmri_store, tmp_path, video=(10, 4, 6), frames=frames)
+    ds = GibletDataset(path, split="all", frames=4, window=1, modalities=["video"])
+    x = ds[30]
+    assert x["video"].shape == (2, 4, 4, 6, 3) and ds.sample_spec()["video"][0] == (2, 4, 4, 6, 3)
+    np.testing.assert_array_equal(x["video"].numpy(), frames[29:31][:, [0, 3, 6, 9]])
+    batch = ds.get_batch([30, 31])
+    np.testing.assert_array_equal(batch["video"][1].numpy(), frames[30:32][:, [0, 3, 6, 9]])
+    norm = GibletDataset(path, split="all", frames=2, normalize=True, modalities=["video"])
+    np.testing.assert_allclose(norm[7]["video"].numpy(),
+                               (frames[7][[0, 9]] / 255 - arrays["video/mean"]) / arrays["video/std"], rtol=1e-5)
+    assert GibletDataset(path, split="all", frames=12, modalities=["video"])[7]["video"].shape[0] == 10  # all
+    with pytest.raises(ConfigError, match="frames=2 selects video frames"):
+        GibletDataset(path, frames=2, modalities=["fmri"])
+    with pytest.raises(ConfigError, match="frames=0"):
+        GibletDataset(path, frames=0)
+
+
 def test_window_lag_and_the_rule_before_tr_zero(stim_store):
     path, arrays = stim_store
     ds = GibletDataset(path, split="all", window=3, lag=2)
@@ -264,6 +284,8 @@ def test_loader_epoch_covers_the_split_and_resumes_with_other_workers(stim_store
     path, _ = stim_store
     ds = GibletDataset(path, split="train")
     full = GibletLoader(ds, batch_size=8, num_workers=2, seed=3, world=World(0, 1))
+    assert full.group == 8  # small samples: 8 batches per hand-over, each worker on its own lane
+    assert GibletLoader(ds, batch_size=8, num_workers=0).group == 1  # in-process: alternating lanes, batch by batch
     epoch = [b["index"].tolist() for b in full]
     assert sorted(sum(epoch, [])) == list(range(len(ds)))
     part = GibletLoader(ds, batch_size=8, num_workers=2, seed=3, world=World(0, 1))

@@ -46,6 +46,13 @@ def hrf_kernel(tr_s: float, time_length: float = HRF_LENGTH_S) -> np.ndarray:
     return kernel
 
 
+def frame_indices(total: int, n: int) -> np.ndarray:
+    """``n`` evenly spaced frame slots of ``total`` (first and last included; all if ``n >= total``)."""
+    if n >= total:
+        return np.arange(total, dtype=np.int64)
+    return np.linspace(0, total - 1, n).round().astype(np.int64)
+
+
 def source_trs(t: int, window: int, lag: int) -> np.ndarray:
     """``(window + 1,) int64`` source TRs of target ``t``, oldest first (may be negative)."""
     return np.arange(t - lag - window, t - lag + 1, dtype=np.int64)

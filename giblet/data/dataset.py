@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from giblet.data.context import convolve_windows, hrf_kernel, source_trs
+from giblet.data.context import convolve_windows, frame_indices, hrf_kernel, source_trs
 from giblet.errors import ConfigError, ModalityMissingError
 from giblet.normalize import ZScorer
 from giblet.reader import open_store
@@ -74,7 +74,8 @@ class GibletDataset(Dataset):
 
     - ``fmri``: ``(voxel,) float32`` z-scored (as stored);
     - ``video``: ``(frame, height, width, channel) uint8``, or ``float32`` z-scored per
-      channel over [0, 1] pixels with ``normalize=True``;
+      channel over [0, 1] pixels with ``normalize=True``; ``frames=n`` keeps ``n`` evenly
+      spaced frames of each TR;
     - ``audio``: ``(codebook, code_frame) int64`` EnCodec codes (classes; never normalized);
     - ``text``: ``(embedding,) float32`` (z-scored with ``normalize=True``), and
       ``has_text`` ``() bool``;
@@ -93,6 +94,9 @@ class GibletDataset(Dataset):
         hrf: convolve continuous features (text) with the Glover HRF, causally.
         modalities: subset of ``("fmri", "video", "audio", "text")`` (default: all the store has).
         normalize: z-score video and text with the store's saved stats.
+        frames: serve this many evenly spaced frames of each TR's stored frames (first and
+            last included; :func:`giblet.data.context.frame_indices`) instead of all of them:
+            a model that looks at 4 of 10 frames then copies and hands over 40 % of the video.
         edge: ``"zeros"`` (zeros + ``stim_valid``) or ``"drop"`` (leave out target TRs whose
             context reaches before TR 0).
         cache_bytes: bound of each process's decoded-chunk cache (default: 8 TR-chunks of
@@ -101,7 +105,8 @@ class GibletDataset(Dataset):
 
     def __init__(self, store_path: str | os.PathLike, split: str = "train", subjects: Optional[Sequence[str]] = None,
                  *, window: int = 0, lag: int = 0, hrf: bool = False, modalities: Optional[Sequence[str]] = None,
-                 normalize: bool = False, edge: str = "zeros", cache_bytes: Optional[int] = None):
+                 normalize: bool = False, edge: str = "zeros", cache_bytes: Optional[int] = None,
+                 frames: Optional[int] = None):
         view = open_store(store_path)
         self.store_path = str(view.path)
         self.tr_s, self.n_trs = view.tr_s, view.n_trs
@@ -115,6 +120,7 @@ class GibletDataset(Dataset):
             start = max(start, self.window + self.lag)
         self.trs = (int(start), int(max(start, stop)))
         self._info = {name: _ArrayInfo(view.array(name)) for name in self._array_names()}
+        self.frames = self._pick_frames(frames)
         self.chunk_sizes = self._layout()
         chunk_set = sum(i.read_trs * i.row_nbytes for n, i in self._info.items() if not n.startswith("fmri/"))
         chunk_set += max((i.read_trs * i.row_nbytes for n, i in self._info.items() if n.startswith("fmri/")), default=0)
@@ -153,6 +159,18 @@ class GibletDataset(Dataset):
                 raise ModalityMissingError(f"{view.path}: normalize=True needs {stat}, which the store lacks; "
                                            f"rebuild the {m} stage or pass normalize=False")
         return tuple(chosen)
+
+    def _pick_frames(self, frames: Optional[int]) -> Optional[np.ndarray]:
+        """Frame slots served of each TR (None: all)."""
+        if frames is None:
+            return None
+        if "video" not in self.modalities:
+            raise ConfigError(f"GibletDataset: frames={frames!r} selects video frames, but this dataset serves "
+                              f"{', '.join(self.modalities)}; drop frames or serve video")
+        if int(frames) != frames or frames < 1:
+            raise ConfigError(f"GibletDataset: frames={frames!r}; it must be an integer >= 1 (frames per TR)")
+        stored = self._info[STIMULUS_ARRAYS["video"]].tail[0]
+        return None if frames >= stored else frame_indices(stored, int(frames))
 
     def _array_names(self) -> list[str]:
         names = [f"fmri/{s}/bold" for s in self.subjects] if "fmri" in self.modalities else []
@@ -265,6 +283,8 @@ class GibletDataset(Dataset):
 
     def _video(self, src: np.ndarray, valid: np.ndarray) -> dict:
         frames = self._span(STIMULUS_ARRAYS["video"], src[0], src[-1] + 1)
+        if self.frames is not None:
+            frames = frames[:, self.frames]  # a copy of the kept frames only
         if self.normalize:
             frames = self._scaler("video").transform(frames / 255.0)
             frames[~valid] = 0.0
@@ -345,7 +365,10 @@ class GibletDataset(Dataset):
         dtypes = {"video": torch.float32 if self.normalize else torch.uint8, "audio": torch.int64,
                   "text": torch.float32}
         for m in self.stimulus:
-            spec[m] = (ctx + self._info[STIMULUS_ARRAYS[m]].tail, dtypes[m])
+            tail = self._info[STIMULUS_ARRAYS[m]].tail
+            if m == "video" and self.frames is not None:
+                tail = (len(self.frames),) + tail[1:]
+            spec[m] = (ctx + tail, dtypes[m])
         if "text" in self.modalities:
             spec["has_text"] = (ctx, torch.bool)
         return spec

@@ -24,7 +24,8 @@ from giblet.data.world import World, get_world, get_worker
 from giblet.errors import ConfigError
 
 # Keys of the state that fix the order of an epoch's samples (besides seed and epoch).
-ORDER_KEYS = ("n_samples", "world_size", "batch_size", "shuffle", "drop_last", "mix_chunks", "lanes", "group", "chunks")
+# ("group" also shapes the order, but a resumed loader adopts the saved one: see load_state_dict.)
+ORDER_KEYS = ("n_samples", "world_size", "batch_size", "shuffle", "drop_last", "mix_chunks", "lanes", "chunks")
 # A worker hands over up to this many bytes (and at most MAX_GROUP batches) at once: each hand-over
 # is a shared-memory segment plus a file-descriptor exchange, a fixed cost that small batches feel.
 TRANSFER_BYTES, MAX_GROUP = 32 * 2**20, 8
@@ -114,8 +115,11 @@ class GibletLoader:
         transform: applied to each collated batch (a dict of tensors) where it is made, i.e.
             in the worker: the place for per-batch work such as adding axes or targets.
         group: batches a worker reads and hands over at once (the main process splits them).
-            Default: as many as fit in 32 MiB (at most 8) with the dataset's ``get_batch``,
-            else 1. It is part of the sample order (``giblet.data.partition``, steps 3-4).
+            Default: when every worker reads one lane of its own (``lanes == num_workers``)
+            and batches come from the dataset's ``get_batch``, as many as fit in 32 MiB (at
+            most 8); else 1 (a process alternating between lanes unit by unit would need a
+            larger chunk cache). It is part of the sample order (``giblet.data.partition``,
+            steps 3-4), so ``load_state_dict`` adopts the saved value.
         persistent: keep one stream of batches running across epochs (default), so workers,
             their open store and their chunk caches live for the whole run and the next
             epoch's first batches are read while this one ends. ``set_epoch`` or
@@ -147,8 +151,9 @@ class GibletLoader:
     # -- order ------------------------------------------------------------------------------
     def _auto_group(self) -> int:
         """Batches per hand-over: only batches made by ``get_batch`` (the loader splits those
-        itself), as many as fit in ``TRANSFER_BYTES``. Independent of the worker count."""
-        if self.collate_fn is not None or self.transform is not None or not hasattr(self.dataset, "sample_spec"):
+        itself) read by workers with one lane each, as many as fit in ``TRANSFER_BYTES``."""
+        if (self.collate_fn is not None or self.transform is not None or not hasattr(self.dataset, "sample_spec")
+                or self.num_workers == 0 or self.lanes != self.num_workers):
             return 1
         row = sum(int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
                   for shape, dtype in self.dataset.sample_spec().values())
@@ -247,7 +252,8 @@ class GibletLoader:
         """Resume: the next iteration serves exactly the samples of ``state["epoch"]`` not yet consumed.
 
         The worker count may differ from the run that saved the state. Settings that change
-        the order of the epoch may not, unless nothing of it was consumed yet (``position`` 0).
+        the order of the epoch may not, unless nothing of it was consumed yet (``position`` 0);
+        the saved ``group`` is adopted.
         """
         position = int(state["position"])
         saved = state.get("order", {})
@@ -262,4 +268,6 @@ class GibletLoader:
         if position > self.samples_per_epoch:
             raise ConfigError(f"GibletLoader.load_state_dict: position {position} is past this rank's epoch of "
                               f"{self.samples_per_epoch} samples; the state belongs to another dataset")
+        self.close()
+        self.group = int(saved.get("group", self.group))
         self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), position

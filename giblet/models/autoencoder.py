@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from giblet.data.context import frame_indices
 from giblet.errors import ConfigError
 
 TEMPORAL_INITS = ("hrf", "uniform")
@@ -147,8 +148,7 @@ def select_frames(frames: torch.Tensor, n: int) -> torch.Tensor:
     total = frames.shape[-4]
     if n >= total:
         return frames
-    idx = torch.from_numpy(np.linspace(0, total - 1, n).round().astype(np.int64))
-    return frames.index_select(-4, idx)
+    return frames.index_select(-4, torch.from_numpy(frame_indices(total, n)))
 
 
 def _mlp(d_in: int, d_hidden: int, d_out: int, dropout: float = 0.0) -> nn.Sequential:
@@ -334,7 +334,14 @@ def prepare_batch(samples: list[dict], video_frames: int, denormalize=None) -> d
 
     if "video" in samples[0]:
         samples = [{**s, "video": select_frames(s["video"], video_frames)} for s in samples]
-    batch = default_collate(samples)
+    return finish_batch(default_collate(samples), denormalize)
+
+
+def finish_batch(batch: dict, denormalize=None) -> dict[str, torch.Tensor]:
+    """The model's input from a collated batch whose frames are already selected (e.g.
+    ``GibletDataset(frames=n).get_batch``): the context axis even with ``window=0``, and the
+    raw ``target_fmri`` only with ``denormalize``. ``GibletLoader(transform=...)`` runs it in
+    the workers."""
     if "stim_valid" in batch and batch["stim_valid"].dim() == 1:  # window=0: add the context axis
         for k in ("video", "audio", "text", "has_text", "stim_valid"):
             if k in batch:
