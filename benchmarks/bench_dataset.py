@@ -380,7 +380,8 @@ def main(argv=None) -> dict:
         "subjects": len(s.subjects), "n_trs": s.n_trs, "n_voxels": s.n_voxels, "train_trs": split,
         "chunk_trs": int(s.array(f"fmri/{s.subjects[0]}/bold").chunks[0]), "workers": args.workers,
         "batch_size": args.batch_size, "repeats": args.repeats,
-        "group": GibletLoader(GibletDataset(path, split="train"), batch_size=args.batch_size).group,
+        "group": GibletLoader(GibletDataset(path, split="train"), batch_size=args.batch_size, num_workers=W,
+                              lanes=max(2, W)).group,  # batches per hand-over of the GibletLoader rows
         "results": {k: {**rates(r), "seconds": r["seconds"], "samples": r["samples"],
                         "all_seconds": [x["seconds"] for x in runs[k]]} for k, r in med.items()},
     }
