@@ -94,26 +94,32 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=20, help="warm-up steps left out of the figures")
     p.add_argument("--every", type=int, default=10, help="log.every of the runs")
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="extra trainer overrides")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the --nproc list this many times, interleaved; figures are per-count medians")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
     args.store = str(Path(args.store).resolve())
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in args.nproc:
-            r = run(n, args, Path(tmp) / f"run{n}")
+        for n in [n for _ in range(args.repeats) for n in args.nproc]:  # interleaved: drift hits every count
+            r = run(n, args, Path(tmp) / f"run{n}-{len(results)}")
             results.append(r)
             print(f"{n} process(es): {r['steps_per_s']:.3g} steps/s, {r['samples_per_s']:.4g} samples/s "
                   f"(within epochs: {r['steady_samples_per_s']:.4g}; {r['epoch_boundaries']} epoch boundaries), "
                   f"data wait median {100 * r['data_wait_median']:.1f}% mean {100 * r['data_wait_mean']:.1f}% "
                   f"max {100 * r['data_wait_max']:.0f}%, peak GPU mem {r['peak_gpu_mem_gb']:.2f} GB, "
                   f"{r['optimizer']}, autocast {r['autocast']}, {r['n_params'] / 1e6:.0f} M params", flush=True)
+    runs, results = results, []
+    for n in dict.fromkeys(args.nproc):  # the median run of each process count (by samples/s)
+        mine = sorted((r for r in runs if r["nproc"] == n), key=lambda r: r["samples_per_s"])
+        results.append({**mine[len(mine) // 2], "all_samples_per_s": [r["samples_per_s"] for r in mine]})
     base = results[0]
     for r in results:
         r["speedup_vs_first"] = r["samples_per_s"] / base["samples_per_s"]
         r["steady_speedup_vs_first"] = r["steady_samples_per_s"] / base["steady_samples_per_s"]
     summary = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.node()}",
                "date": time.strftime("%Y-%m-%d"), "store": args.store, "config": args.config, "steps": args.steps,
-               "skip": args.skip, "overrides": args.override, "results": results}
+               "skip": args.skip, "overrides": args.override, "repeats": args.repeats, "results": results}
     try:
         import torch
 

@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")
     run.add_argument("--workers", type=int, metavar="N", help="LocalCluster worker processes (default: min(4, cores))")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--report", metavar="FILE", help="also write what ran, per-stage times and totals as JSON")
     run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     for name, text in (("status", "done / stale (why) / missing for each unit"),):
         s = sub.add_parser(name, help=text)
@@ -72,6 +73,12 @@ def cmd_run(args) -> int:
                  progress=not args.no_progress)
     print(f"{len(report.ran)} unit(s) built, {len(report.skipped)} up to date in {report.seconds:.1f} s",
           file=sys.stderr)
+    for line in report.stage_lines():
+        print(line, file=sys.stderr)
+    if args.report:
+        from giblet.store import atomic_write_json
+
+        atomic_write_json(Path(args.report), report.as_dict())
     print(report.store)
     return 0
 

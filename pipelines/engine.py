@@ -32,6 +32,16 @@ class RunReport:
     skipped: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    stages: dict[str, dict] = field(default_factory=dict)  # per stage: units, tasks, wall_s, task_s, workers
+
+    def as_dict(self) -> dict:
+        return {"store": str(self.store), "ran": self.ran, "skipped": self.skipped, "removed": self.removed,
+                "seconds": self.seconds, "stages": self.stages}
+
+    def stage_lines(self) -> list[str]:
+        return [f"  {name}: {st['units']} unit(s), {st['tasks']} task(s), {st['wall_s']:.1f} s wall "
+                f"(first task to last commit), {st['task_s']:.1f} s of task time on {len(st['workers'])} worker(s)"
+                for name, st in self.stages.items()]
 
 
 def plan_for(cfg: StudyConfig, only: Optional[list[str]] = None) -> tuple[PlanContext, list[Unit]]:
@@ -82,7 +92,7 @@ def _run_locked(cfg, ctx, units, report, only, force, scheduler, workers, log, p
         report.removed = stale_keys
         if todo:
             log(f"{len(todo)} unit(s) to build, {len(report.skipped)} up to date")
-            _execute(todo, writer, scheduler, workers, log, progress)
+            report.stages = _execute(todo, writer, scheduler, workers, log, progress)
             report.ran = [u.key for u in todo]
         align = align_record(cfg, units, writer.manifest, only)
         if writer.manifest.get(ALIGN_KEY, {}).get("fingerprint") != align["record"]["fingerprint"]:
@@ -110,8 +120,10 @@ def _client(scheduler: Optional[str], workers: Optional[int]):
     return Client(cluster), cluster
 
 
-def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, progress) -> None:
-    from distributed import as_completed
+def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, progress) -> dict[str, dict]:
+    """Run the units' tasks on the cluster, committing each unit when its tasks are done;
+    returns per-stage timings (from the scheduler's task stream: worker-side compute times)."""
+    from distributed import as_completed, get_task_stream
     from tqdm import tqdm
 
     pending = {u.key: u for u in todo}
@@ -121,6 +133,10 @@ def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, pro
     bar = tqdm(total=0, desc="giblet", unit="task", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     futures = as_completed()
     owner = {}
+    spans: dict[str, list[float]] = {}  # unit key -> [start, committed] (epoch seconds)
+    task_unit: dict[str, str] = {}  # dask key -> unit key
+    stream = get_task_stream(client)
+    stream.__enter__()
     try:
         def start_ready() -> None:
             while ready := [k for k, deps in waiting_on.items() if not deps and k not in started]:
@@ -133,11 +149,13 @@ def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, pro
                 todo_tasks = [t for t in tasks if t.id not in results]
                 started[key] = {"staging": staging, "results": results, "left": {t.id for t in todo_tasks},
                                 "t0": time.perf_counter()}
+                spans[key] = [time.time()]
                 bar.total += len(tasks)
                 bar.update(len(tasks) - len(todo_tasks))
                 for task in todo_tasks:
                     fut = client.submit(task.fn, **task.kwargs, pure=False, key=f"{key}:{task.id}-{os.urandom(4).hex()}")
                     owner[fut.key] = (key, task.id)
+                    task_unit[fut.key] = key
                     futures.add(fut)
                 if not todo_tasks:
                     finish(key)
@@ -154,6 +172,7 @@ def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, pro
                 raise StoreError(f"{key}: committing to {writer.path} failed ({exc.strerror or exc}); free space "
                                  f"(or fix permissions) and rerun to resume") from exc
             log(f"{key}: done in {time.perf_counter() - state['t0']:.1f} s")
+            spans[key].append(time.time())
             del waiting_on[key]
             for deps in waiting_on.values():
                 if key in deps:
@@ -180,6 +199,8 @@ def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, pro
                 start_ready()
         if waiting_on:
             raise StoreError(f"units never became ready: {', '.join(waiting_on)} (a dependency cycle?)")
+        stream.__exit__(None, None, None)
+        return _stage_times(todo, spans, stream.data, task_unit)
     finally:
         bar.close()
         for fut in list(futures.futures):
@@ -187,6 +208,29 @@ def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, pro
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _stage_times(units: list[Unit], spans: dict[str, list[float]], task_stream: list[dict],
+                 task_unit: dict[str, str]) -> dict[str, dict]:
+    """Per stage: units, tasks, wall seconds from its first unit's start to its last commit,
+    and the summed worker-side compute time of its tasks."""
+    stage_of = {u.key: u.stage for u in units}
+    out: dict[str, dict] = {}
+    for key, (t0, *t1) in spans.items():
+        st = out.setdefault(stage_of[key], {"units": 0, "tasks": 0, "start": t0, "end": t0, "task_s": 0.0,
+                                            "workers": set()})
+        st["units"] += 1
+        st["start"], st["end"] = min(st["start"], t0), max(st["end"], *(t1 or [t0]))
+    for rec in task_stream:
+        unit_key = task_unit.get(rec.get("key"))
+        if unit_key in stage_of:
+            st = out[stage_of[unit_key]]
+            st["tasks"] += 1
+            st["task_s"] += sum(s["stop"] - s["start"] for s in rec.get("startstops", ()) if s.get("action") == "compute")
+            st["workers"].add(rec.get("worker"))
+    return {name: {"units": st["units"], "tasks": st["tasks"], "wall_s": round(st["end"] - st["start"], 3),
+                   "task_s": round(st["task_s"], 3), "workers": sorted(map(str, st["workers"]))}
+            for name, st in out.items()}
 
 
 def _open_staging(writer: StoreWriter, unit: Unit):
