@@ -109,6 +109,21 @@ def test_force_and_only(fmri_study):
         build(fmri_study, only=["nope"])
 
 
+@pytest.mark.parametrize("detrend, high_pass", [(True, 0.01), (True, None), (False, 0.02)])
+def test_clean_equals_nilearn_signal_clean(detrend, high_pass):
+    from nilearn.signal import clean as nl_clean
+
+    from giblet.features.fmri import clean
+
+    rng = np.random.default_rng(3)
+    t = np.arange(300)[:, None]
+    x = (1000 + 0.2 * t * rng.normal(size=70) + 5 * np.sin(t / 40.0) + rng.normal(0, 3, size=(300, 70)))
+    expect = nl_clean(x, detrend=detrend, high_pass=high_pass, t_r=1.5 if high_pass else None,
+                      standardize=None, standardize_confounds=False) + x.mean(axis=0)
+    got = clean(x.astype(np.float32), detrend, high_pass, 1.5, block=32)  # three blocks, the last one short
+    np.testing.assert_allclose(got, expect, rtol=0, atol=2e-3)  # float32 storage of ~1000-unit values
+
+
 def test_detrend_removes_planted_drift(fmri_study):
     plain = giblet.open_store(build(fmri_study).store).fmri("sub-01")
     clean = giblet.open_store(build(fmri_study, "fmri.detrend=true").store).fmri("sub-01")

@@ -133,11 +133,17 @@ def read_masked(path: Path, subject: str, mask: np.ndarray, block_trs: int) -> n
 
 
 def clean(x: np.ndarray, detrend: bool, high_pass: float | None, tr_s: float, block: int = 8192) -> np.ndarray:
-    """nilearn.signal.clean (detrend and/or high-pass) in voxel blocks, mean kept.
+    """What ``nilearn.signal.clean(detrend=..., high_pass=..., t_r=...)`` computes, in voxel
+    blocks, mean kept.
 
-    The voxel mean is added back so that the saved ``mean`` stays in scanner units and
-    ``denormalize`` returns values on the scale of the raw data.
+    Same steps and numbers (a test checks equality): nilearn's detrend, then nilearn's
+    Butterworth high-pass (``nilearn.signal.butterworth``, order 5, ``sosfiltfilt``). The
+    filter is called with ``copy=True``, which filters the whole block in one vectorized
+    ``sosfiltfilt``; inside ``clean`` nilearn filters voxel by voxel in place (~55 s for a
+    Sherlock-sized subject, against ~2 s). The voxel mean is added back so that the saved
+    ``mean`` stays in scanner units and ``denormalize`` returns values on the raw scale.
     """
+    from nilearn.signal import butterworth
     from nilearn.signal import clean as nl_clean
 
     if not detrend and high_pass is None:
@@ -145,9 +151,11 @@ def clean(x: np.ndarray, detrend: bool, high_pass: float | None, tr_s: float, bl
     for v0 in range(0, x.shape[1], block):
         cols = x[:, v0:v0 + block].astype(np.float64)
         mean = cols.mean(axis=0)
-        cleaned = nl_clean(cols, detrend=detrend, high_pass=high_pass, t_r=tr_s if high_pass else None,
-                           standardize=False, standardize_confounds=False)
-        x[:, v0:v0 + block] = (cleaned + mean).astype(np.float32)
+        if detrend:
+            cols = nl_clean(cols, detrend=True, standardize=None, standardize_confounds=False)
+        if high_pass is not None:
+            cols = butterworth(cols, sampling_rate=1.0 / tr_s, high_pass=high_pass, copy=True)
+        x[:, v0:v0 + block] = (cols + mean).astype(np.float32)
     return x
 
 
