@@ -193,6 +193,11 @@ class Window:
     stop: int
 
 
+# On CPU a batch's activations are the memory of the task (8 x 61 s windows: ~6 GB per worker)
+# and batching brings no speed: cap the first convolution's output near 190 MB (one 61 s window).
+CPU_MAX_ELEMENTS = 2**25 + 2**24
+
+
 def plan_windows(k0: int, k1: int, n_samples: int, hop: int, segment_frames: int, context_frames: int,
                  causal: bool) -> list[Window]:
     """Split code frames ``[k0, k1)`` into near-equal windows of at most ``segment_frames``.
@@ -209,8 +214,11 @@ def plan_windows(k0: int, k1: int, n_samples: int, hop: int, segment_frames: int
                    min(n_samples, (min(k1, c0 + size) + right) * hop)) for c0 in range(k0, k1, size)]
 
 
-def _batches(windows: list[Window], n_samples: int, hop: int, batch_size: int, num_filters: int):
-    """Consecutive windows in batches of at most ``batch_size`` and ``MAX_PAD_ELEMENTS``.
+def _batches(windows: list[Window], n_samples: int, hop: int, batch_size: int, num_filters: int,
+             max_elements: int = MAX_PAD_ELEMENTS):
+    """Consecutive windows in batches of at most ``batch_size`` windows and ``max_elements``
+    elements of the first convolution's output (``MAX_PAD_ELEMENTS`` on CUDA: its 32-bit
+    index limit; ``CPU_MAX_ELEMENTS`` on CPU: memory, where batching buys no speed).
 
     A window that ends at the end of the audio off a frame boundary is encoded alone at its
     exact length: EnCodec pads the last partial frame, as in a whole-waveform encode. Other
@@ -223,7 +231,7 @@ def _batches(windows: list[Window], n_samples: int, hop: int, batch_size: int, n
             yield [w]
             continue
         longest = max([w.stop - w.start] + [b.stop - b.start for b in batch])
-        cap = min(batch_size, max(1, MAX_PAD_ELEMENTS // (longest * num_filters)))
+        cap = min(batch_size, max(1, max_elements // (longest * num_filters)))
         if len(batch) + 1 > cap:
             yield batch
             batch = []
@@ -257,7 +265,8 @@ def encode_frames(model, wave: np.ndarray, k0: int, k1: int, *, bandwidth: float
     s0, s1 = windows[0].start, max(w.stop for w in windows)
     span = torch.from_numpy(np.array(wave[s0:s1], np.float32)).to(next(model.parameters()).device)
     out = None
-    for batch in _batches(windows, len(wave), hop, batch_size, cfg.num_filters):
+    limit = MAX_PAD_ELEMENTS if span.device.type == "cuda" else CPU_MAX_ELEMENTS
+    for batch in _batches(windows, len(wave), hop, batch_size, cfg.num_filters, limit):
         with torch.inference_mode():
             x = span.new_zeros((len(batch), 1, max(w.stop - w.start for w in batch)))
             for j, w in enumerate(batch):
