@@ -29,11 +29,17 @@ def store_arrays(store):
     return {name: s.array(name)[...] for name in sorted(s._arrays)}
 
 
-def test_run_status_verify_stats(fmri_study):
-    r = cli("run", fmri_study, "--workers", "1")
+def test_run_status_verify_stats(fmri_study, tmp_path):
+    r = cli("run", fmri_study, "--workers", "1", "--report", tmp_path / "report.json")
     assert r.returncode == 0, r.stderr
     store = r.stdout.strip().splitlines()[-1]
     assert store.endswith("study.zarr")
+    report = json.loads((tmp_path / "report.json").read_text())  # per-stage times from the task stream
+    fmri = report["stages"]["fmri"]
+    assert sorted(report["ran"]) == ["fmri/mask", "fmri/sub-01", "fmri/sub-02", "fmri/sub-03"]
+    assert fmri["units"] == 4 and fmri["tasks"] == 4 and len(fmri["workers"]) == 1
+    assert 0 < fmri["task_s"] and 0 < fmri["wall_s"] <= report["seconds"]
+    assert "fmri: 4 unit(s), 4 task(s)" in r.stderr
     r2 = cli("run", fmri_study)
     assert r2.returncode == 0 and "all 4 unit(s) up to date" in r2.stderr
     st = cli("status", fmri_study, "fmri.high_pass=0.02")

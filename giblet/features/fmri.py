@@ -139,8 +139,8 @@ def clean(x: np.ndarray, detrend: bool, high_pass: float | None, tr_s: float, bl
     Same steps and numbers (a test checks equality): nilearn's detrend, then nilearn's
     Butterworth high-pass (``nilearn.signal.butterworth``, order 5, ``sosfiltfilt``). The
     filter is called with ``copy=True``, which filters the whole block in one vectorized
-    ``sosfiltfilt``; inside ``clean`` nilearn filters voxel by voxel in place (~55 s for a
-    Sherlock-sized subject, against ~2 s). The voxel mean is added back so that the saved
+    ``sosfiltfilt``; inside ``clean`` nilearn filters voxel by voxel in place (~57 s for a
+    Sherlock-sized subject, against ~10 s). The voxel mean is added back so that the saved
     ``mean`` stays in scanner units and ``denormalize`` returns values on the raw scale.
     """
     from nilearn.signal import butterworth
