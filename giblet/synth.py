@@ -169,7 +169,8 @@ def write_movie(path: Path, scene_list: list[dict], duration_s: float, size=(192
             t = i / fps
             k = next((j for j, c in enumerate(scene_list) if c["start"] <= t < c["end"]), len(scene_list) - 1)
             if k not in backgrounds:
-                backgrounds = {k: np.clip(scene_list[k]["color"] * 255 * (0.8 + 0.4 * yy), 0, 255).astype(np.uint8)}
+                shade = np.clip(scene_list[k]["color"] * 255 * (0.8 + 0.4 * yy), 0, 255)  # (h, 1, 3)
+                backgrounds = {k: np.broadcast_to(shade, (h, w, 3)).astype(np.uint8)}
             frame = backgrounds[k].copy()
             frame[:strip] = 0
             for x0, x1, v in frame_code_blocks(i, w, strip):
