@@ -164,14 +164,14 @@ def write_movie(path: Path, scene_list: list[dict], duration_s: float, size=(192
         n_audio = int(round(duration_s * audio_rate))
         a_pos, a_chunk = 0, 1024
         yy = np.linspace(0, 1, h)[:, None, None]
-        backgrounds: dict[int, np.ndarray] = {}  # one image per scene, then the frame code on a copy
+        scene, background = None, None  # one image per scene, then the frame code on a copy
         for i in range(n_frames):
             t = i / fps
-            k = next((j for j, c in enumerate(scene_list) if c["start"] <= t < c["end"]), len(scene_list) - 1)
-            if k not in backgrounds:
-                shade = np.clip(scene_list[k]["color"] * 255 * (0.8 + 0.4 * yy), 0, 255)  # (h, 1, 3)
-                backgrounds = {k: np.broadcast_to(shade, (h, w, 3)).astype(np.uint8)}
-            frame = backgrounds[k].copy()
+            sc = next((c for c in scene_list if c["start"] <= t < c["end"]), scene_list[-1])
+            if sc is not scene:
+                shade = np.clip(sc["color"] * 255 * (0.8 + 0.4 * yy), 0, 255)  # (h, 1, 3)
+                scene, background = sc, np.broadcast_to(shade, (h, w, 3)).astype(np.uint8)
+            frame = background.copy()
             frame[:strip] = 0
             for x0, x1, v in frame_code_blocks(i, w, strip):
                 frame[:strip, x0:x1] = v

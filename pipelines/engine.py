@@ -128,37 +128,30 @@ def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, pro
 
     pending = {u.key: u for u in todo}
     waiting_on = {u.key: [d for d in u.deps if d in pending] for u in todo}
-    started: dict[str, dict] = {}  # unit key -> {"staging", "left": set(task ids), "results"}
+    started: dict[str, dict] = {}  # unit key -> {"staging", "left": set(task ids), "results", "t0", "t1"}
     client, cluster = _client(scheduler, workers)
     bar = tqdm(total=0, desc="giblet", unit="task", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     futures = as_completed()
-    owner = {}
-    spans: dict[str, list[float]] = {}  # unit key -> [start, committed] (epoch seconds)
-    task_unit: dict[str, str] = {}  # dask key -> unit key
-    stream = get_task_stream(client)
-    stream.__enter__()
+    owner = {}  # dask key -> (unit key, task id)
     try:
         def start_ready() -> None:
             while ready := [k for k, deps in waiting_on.items() if not deps and k not in started]:
                 start(ready[0])
 
         def start(key: str) -> None:
-            if True:
-                unit = pending[key]
-                staging, results, tasks = _open_staging(writer, unit)
-                todo_tasks = [t for t in tasks if t.id not in results]
-                started[key] = {"staging": staging, "results": results, "left": {t.id for t in todo_tasks},
-                                "t0": time.perf_counter()}
-                spans[key] = [time.time()]
-                bar.total += len(tasks)
-                bar.update(len(tasks) - len(todo_tasks))
-                for task in todo_tasks:
-                    fut = client.submit(task.fn, **task.kwargs, pure=False, key=f"{key}:{task.id}-{os.urandom(4).hex()}")
-                    owner[fut.key] = (key, task.id)
-                    task_unit[fut.key] = key
-                    futures.add(fut)
-                if not todo_tasks:
-                    finish(key)
+            unit = pending[key]
+            staging, results, tasks = _open_staging(writer, unit)
+            todo_tasks = [t for t in tasks if t.id not in results]
+            started[key] = {"staging": staging, "results": results, "left": {t.id for t in todo_tasks},
+                            "t0": time.time()}  # wall clock: comparable with the workers' task stream
+            bar.total += len(tasks)
+            bar.update(len(tasks) - len(todo_tasks))
+            for task in todo_tasks:
+                fut = client.submit(task.fn, **task.kwargs, pure=False, key=f"{key}:{task.id}-{os.urandom(4).hex()}")
+                owner[fut.key] = (key, task.id)
+                futures.add(fut)
+            if not todo_tasks:
+                finish(key)
 
         def finish(key: str) -> None:
             unit, state = pending[key], started[key]
@@ -171,36 +164,36 @@ def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, pro
             except OSError as exc:
                 raise StoreError(f"{key}: committing to {writer.path} failed ({exc.strerror or exc}); free space "
                                  f"(or fix permissions) and rerun to resume") from exc
-            log(f"{key}: done in {time.perf_counter() - state['t0']:.1f} s")
-            spans[key].append(time.time())
+            state["t1"] = time.time()
+            log(f"{key}: done in {state['t1'] - state['t0']:.1f} s")
             del waiting_on[key]
             for deps in waiting_on.values():
                 if key in deps:
                     deps.remove(key)
 
-        start_ready()
-        for fut in futures:
-            key, task_id = owner.pop(fut.key)
-            try:
-                result = fut.result()  # re-raises the task's own exception
-            except OSError as exc:
-                if isinstance(exc, GibletError):
-                    raise
-                raise StoreError(f"{key}: writing to {writer.path} failed ({exc.strerror or exc}); completed units "
-                                 f"are untouched: free space (or fix permissions) and rerun to resume") from exc
-            state = started[key]
-            state.setdefault("ran_on", set()).update(*client.who_has([fut]).values())
-            atomic_write_json(state["staging"] / ".tasks" / f"{task_id}.json", result)
-            state["results"][task_id] = result
-            state["left"].discard(task_id)
-            bar.update(1)
-            if not state["left"]:
-                finish(key)
-                start_ready()
+        with get_task_stream(client) as stream:
+            start_ready()
+            for fut in futures:
+                key, task_id = owner[fut.key]
+                try:
+                    result = fut.result()  # re-raises the task's own exception
+                except OSError as exc:
+                    if isinstance(exc, GibletError):
+                        raise
+                    raise StoreError(f"{key}: writing to {writer.path} failed ({exc.strerror or exc}); completed "
+                                     f"units are untouched: free space (or fix permissions) and rerun to resume") from exc
+                state = started[key]
+                state.setdefault("ran_on", set()).update(*client.who_has([fut]).values())
+                atomic_write_json(state["staging"] / ".tasks" / f"{task_id}.json", result)
+                state["results"][task_id] = result
+                state["left"].discard(task_id)
+                bar.update(1)
+                if not state["left"]:
+                    finish(key)
+                    start_ready()
         if waiting_on:
             raise StoreError(f"units never became ready: {', '.join(waiting_on)} (a dependency cycle?)")
-        stream.__exit__(None, None, None)
-        return _stage_times(todo, spans, stream.data, task_unit)
+        return _stage_times(todo, started, stream.data, owner)
     finally:
         bar.close()
         for fut in list(futures.futures):
@@ -210,19 +203,20 @@ def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, pro
             cluster.close()
 
 
-def _stage_times(units: list[Unit], spans: dict[str, list[float]], task_stream: list[dict],
-                 task_unit: dict[str, str]) -> dict[str, dict]:
+def _stage_times(units: list[Unit], started: dict[str, dict], task_stream: list[dict],
+                 owner: dict[str, tuple[str, str]]) -> dict[str, dict]:
     """Per stage: units, tasks, wall seconds from its first unit's start to its last commit,
-    and the summed worker-side compute time of its tasks."""
+    and the summed worker-side compute time of its tasks (``owner``: dask key -> unit key, task)."""
     stage_of = {u.key: u.stage for u in units}
     out: dict[str, dict] = {}
-    for key, (t0, *t1) in spans.items():
-        st = out.setdefault(stage_of[key], {"units": 0, "tasks": 0, "start": t0, "end": t0, "task_s": 0.0,
+    for key, state in started.items():
+        t0, t1 = state["t0"], state.get("t1", state["t0"])
+        st = out.setdefault(stage_of[key], {"units": 0, "tasks": 0, "start": t0, "end": t1, "task_s": 0.0,
                                             "workers": set()})
         st["units"] += 1
-        st["start"], st["end"] = min(st["start"], t0), max(st["end"], *(t1 or [t0]))
+        st["start"], st["end"] = min(st["start"], t0), max(st["end"], t1)
     for rec in task_stream:
-        unit_key = task_unit.get(rec.get("key"))
+        unit_key = owner.get(rec.get("key"), (None,))[0]
         if unit_key in stage_of:
             st = out[stage_of[unit_key]]
             st["tasks"] += 1

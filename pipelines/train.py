@@ -111,9 +111,10 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple = ()) -> Tr
     return dataclasses.replace(cfg, config_path=str(path.resolve()))
 
 
-def model_spec(ds: GibletDataset, cfg: TrainConfig) -> ModelSpec:
-    """Everything the model's shape depends on, read from the store (never hand-edited)."""
-    view, shapes = open_store(ds.store_path), ds.sample_spec()
+def model_spec(ds: GibletDataset, cfg: TrainConfig, view=None) -> ModelSpec:
+    """Everything the model's shape depends on, read from the store (never hand-edited);
+    ``view``: the store already opened (``giblet.open_store``), else it is opened here."""
+    view, shapes = view or open_store(ds.store_path), ds.sample_spec()
     audio = None
     if "audio" in ds.modalities:
         n_cb, n_frames = shapes["audio"][0][-2:]
@@ -174,10 +175,11 @@ def train(cfg: TrainConfig) -> dict:
     D.seed_everything(cfg.seed, rt.world.rank)
     dcfg = cfg.data
     ds_kw = dict(subjects=dcfg.subjects, window=dcfg.window, lag=dcfg.lag, hrf=dcfg.hrf)
-    if open_store(cfg.store).has("video/frames"):  # read and hand over only the frames the model sees
+    view = open_store(cfg.store)
+    if view.has("video/frames"):  # read and hand over only the frames the model sees
         ds_kw["frames"] = cfg.model.video_frames
     train_ds, val_ds = GibletDataset(cfg.store, "train", **ds_kw), GibletDataset(cfg.store, "val", **ds_kw)
-    spec = model_spec(train_ds, cfg)
+    spec = model_spec(train_ds, cfg, view)
     problems = check_losses(cfg.loss, spec.modalities)
     if problems:
         raise ConfigError(f"{cfg.config_path}: " + "; ".join(problems))
@@ -239,7 +241,7 @@ def train(cfg: TrainConfig) -> dict:
     stream = batches()
     first = next(stream)
     # ---- scale check: the check that would have stopped the prototype on day one -------------
-    mean, std = open_store(cfg.store).fmri_stats(train_ds.subjects[0])
+    mean, std = view.fmri_stats(train_ds.subjects[0])
     rows = scale_check(first, spec, {"fmri_raw_mean": float(mean.mean()), "fmri_raw_std": float(std.mean())},
                        cfg.loss, cfg.log.scale_tolerance)
     say(format_scale_check(rows))

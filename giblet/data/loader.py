@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from giblet.data.dataset import WIRE_BYTES
 from giblet.data.partition import ChunkLayout, partition, rank_sequence, rank_share, unit_bounds
 from giblet.data.world import World, get_world, get_worker
 from giblet.errors import ConfigError
@@ -48,8 +49,9 @@ class _Stream(IterableDataset):
 
     def __iter__(self) -> Iterator:
         worker, num_workers = get_worker()
+        in_worker = get_worker_info() is not None
         unit = self.order["batch_size"] * self.order["group"]
-        step = unit if get_worker_info() is not None else self.order["batch_size"]
+        step = unit if in_worker else self.order["batch_size"]
         epoch, position, done = self.epoch, self.position, 0
         while True:
             seq = rank_sequence(**self.order, epoch=epoch)  # what partition() splits, kept in units here
@@ -57,14 +59,13 @@ class _Stream(IterableDataset):
             for u in range((worker - done) % num_workers, len(bounds) - 1, num_workers):
                 a, b = bounds[u], bounds[u + 1]
                 for start in range(a, b, step):  # a whole unit per hand-over; in-process, a batch at a time
-                    yield self._batch(seq[start:min(start + step, b)])
+                    yield self._batch(seq[start:min(start + step, b)], in_worker)
             done += len(bounds) - 1
             epoch, position = epoch + 1, 0
             if len(seq) == 0:  # nothing to serve, ever: end rather than spin
                 return
 
-    def _batch(self, ids: np.ndarray):
-        in_worker = get_worker_info() is not None
+    def _batch(self, ids: np.ndarray, in_worker: bool):
         if self.collate_fn is None and hasattr(self.dataset, "get_batch"):
             batch = self.dataset.get_batch(ids, wire=in_worker)  # rows copied once
         else:
@@ -85,8 +86,6 @@ def _tensors(batch):
 
 def _wire(batch):
     """Small private tensors of a batch as numpy, so they cross the worker queue by value."""
-    from giblet.data.dataset import WIRE_BYTES
-
     if not isinstance(batch, dict):
         return batch
     return {k: v.numpy() if isinstance(v, torch.Tensor) and not v.is_shared() and not v.requires_grad
@@ -144,8 +143,7 @@ class GibletLoader:
         self.group = self._auto_group() if group is None else group
         self.dataloader_kwargs = dataloader_kwargs
         self.epoch, self.position = 0, 0
-        self._it: Optional[Iterator] = None  # the live stream, and the (epoch, position) it serves next
-        self._next: Optional[tuple[int, int]] = None
+        self._it: Optional[Iterator] = None  # the live stream; it always serves (epoch, position) next
         self._order(0)  # validate the arguments now, not in a worker
 
     # -- order ------------------------------------------------------------------------------
@@ -155,7 +153,7 @@ class GibletLoader:
         if (self.collate_fn is not None or self.transform is not None or not hasattr(self.dataset, "sample_spec")
                 or self.num_workers == 0 or self.lanes != self.num_workers):
             return 1
-        row = sum(int(np.prod(shape, dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+        row = sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
                   for shape, dtype in self.dataset.sample_spec().values())
         return int(np.clip(TRANSFER_BYTES // max(row * self.batch_size, 1), 1, MAX_GROUP))
 
@@ -188,7 +186,9 @@ class GibletLoader:
         return -(-(self.samples_per_epoch - self.position) // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its beginning."""
+        """Start ``epoch`` from its beginning (a live stream elsewhere is stopped and restarted there)."""
+        if (int(epoch), 0) != (self.epoch, self.position):
+            self.close()
         self.epoch, self.position = int(epoch), 0
 
     # -- iteration --------------------------------------------------------------------------
@@ -204,7 +204,7 @@ class GibletLoader:
         if self.position >= total:  # nothing left of this epoch (e.g. a state saved at its very end)
             self.epoch, self.position = self.epoch + 1, 0
             return
-        if self._it is None or self._next != (self.epoch, self.position):
+        if self._it is None:
             self._it = self._start()
         it = self._it
         while True:
@@ -213,12 +213,10 @@ class GibletLoader:
                 self.position += min(self.batch_size, total - self.position)
                 if self.position == total:
                     self.epoch, self.position = self.epoch + 1, 0
-                    self._next = (self.epoch, 0)
                     if not self.persistent:
                         self.close()
                     yield batch
                     return
-                self._next = (self.epoch, self.position)
                 yield batch
 
     def _split(self, unit):
@@ -232,7 +230,7 @@ class GibletLoader:
 
     def close(self) -> None:
         """Stop the stream's worker processes (the next iteration starts new ones)."""
-        it, self._it, self._next = self._it, None, None
+        it, self._it = self._it, None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
 

@@ -207,9 +207,8 @@ class AudioEncoder(nn.Module):
         lead = codes.shape[:-2]
         idx = codes.clamp(0, self.vocab - 1).transpose(-1, -2) + self.offset  # (..., code_frame, codebook)
         idx = idx.reshape(-1)
-        n = idx.numel() // (self.code_frames * self.n_codebooks)
-        per = self.code_frames * self.n_codebooks
-        offsets = (torch.arange(n, device=codes.device).unsqueeze(1) * per + self.bag_starts).reshape(-1)
+        per = self.code_frames * self.n_codebooks  # codes of one TR
+        offsets = (torch.arange(idx.numel() // per, device=codes.device).unsqueeze(1) * per + self.bag_starts).reshape(-1)
         e = self.embed(idx, offsets)  # (n * segments, d_embed)
         return self.proj(e.view(*lead, -1))
 

@@ -18,8 +18,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from giblet.errors import ConfigError
-
 from giblet.data.world import World, world_from_env
 from giblet.errors import ConfigError
 
