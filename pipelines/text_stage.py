@@ -18,6 +18,11 @@ ARRAYS = ["text/embeddings", "text/has_text", "text/mean", "text/std"]
 _RUNTIME_PARAMS = ("model", "device", "batch_size")
 
 
+def model_hash(ctx: PlanContext, folder: Path) -> str:
+    """``giblet.fingerprint.hash_tree(folder)``, with each file's hash cached by its stat."""
+    return ctx.file_fp(folder)
+
+
 class TextStage(Stage):
     name = "text"
     version = text.VERSION
@@ -31,7 +36,7 @@ class TextStage(Stage):
         if not path.exists():
             raise text.InputMissingError(f"text: annotation file {path} does not exist; fix inputs.annotations")
         model = text.check_model_dir(cfg.input_path(p.model) if p.model else text.default_model_path())
-        weights = ctx.file_fp(model)  # hash_tree of the folder, each file's hash cached by its stat
+        weights = model_hash(ctx, model)
         params = {k: v for k, v in non_default_params(p).items() if k not in _RUNTIME_PARAMS}
         params.update(tr_s=cfg.tr_s, onset_s=cfg.onset_s, val_fraction=cfg.split.val_fraction)
         inputs = {"annotations": ctx.file_fp(path), "model": weights}
