@@ -51,6 +51,9 @@ def run(nproc: int, args, out: Path) -> dict:
            f"out={out}", f"device={args.device}", f"schedule.max_steps={args.steps}", f"log.every={args.every}",
            f"log.val_every={10 ** 9}", f"log.ckpt_every={10 ** 9}", "log.tensorboard=false", "resume=false",
            *args.override]
+    last = args.steps - args.profile  # the profiled steps (at the end) are left out of the throughput
+    if args.profile:
+        cmd += [f"log.profile_steps={args.profile}", f"log.profile_start={last}"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     wall = time.perf_counter() - t0
@@ -58,7 +61,7 @@ def run(nproc: int, args, out: Path) -> dict:
         raise SystemExit(f"bench_train: {nproc}-process run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     header = next(r for r in recs if r["kind"] == "config")
-    train = [r for r in recs if r["kind"] == "train" and r["step"] > args.skip]
+    train = [r for r in recs if r["kind"] == "train" and args.skip < r["step"] <= last]
     if len(train) < 2:
         raise SystemExit(f"bench_train: too few logged steps after --skip {args.skip}; raise --steps")
     steps = train[-1]["step"] - train[0]["step"]
@@ -81,7 +84,7 @@ def run(nproc: int, args, out: Path) -> dict:
             "peak_gpu_mem_gb": max((r.get("gpu_mem_gb", 0.0) for r in train), default=0.0),
             "optimizer": header["optimizer"], "autocast": header["autocast"], "device": header["device"],
             "world_size": header["world_size"], "n_params": header["n_params"], "wall_s": wall,
-            "last_loss": train[-1]["loss"]}
+            "last_loss": train[-1]["loss"], "profile": next((r for r in recs if r["kind"] == "profile"), None)}
 
 
 def main() -> None:
@@ -96,14 +99,28 @@ def main() -> None:
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="extra trainer overrides")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the --nproc list this many times, interleaved; figures are per-count medians")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile the last N steps (torch.profiler; left out of the throughput); each rank's "
+                        "table is copied next to --json")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
     args.store = str(Path(args.store).resolve())
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in [n for _ in range(args.repeats) for n in args.nproc]:  # interleaved: drift hits every count
-            r = run(n, args, Path(tmp) / f"run{n}-{len(results)}")
+            folder = Path(tmp) / f"run{n}-{len(results)}"
+            r = run(n, args, folder)
             results.append(r)
+            if args.profile and args.json:  # each rank's table, next to the JSON
+                for f in sorted(folder.glob("profile_rank*.txt")):
+                    dest = Path(args.json).with_name(f"{Path(args.json).stem}_run{len(results)}_{n}proc_{f.name}")
+                    dest.write_text(f.read_text())
+            if r["profile"]:
+                pr = r["profile"]
+                print(f"  profile (rank 0): wall {pr['wall_ms_per_step']:.1f} ms/step, device busy "
+                      f"{pr['device_busy_ms_per_step']:.1f} ms/step ({100 * pr['device_busy_fraction']:.0f}%), "
+                      f"NCCL {pr['nccl_ms_per_step']:.1f} ms/step; top CPU: "
+                      + ", ".join(f"{k[:40]} {v:.1f}" for k, v in pr["top_cpu"][:4]), flush=True)
             print(f"{n} process(es): {r['steps_per_s']:.3g} steps/s, {r['samples_per_s']:.4g} samples/s "
                   f"(within epochs: {r['steady_samples_per_s']:.4g}; {r['epoch_boundaries']} epoch boundaries), "
                   f"data wait median {100 * r['data_wait_median']:.1f}% mean {100 * r['data_wait_mean']:.1f}% "

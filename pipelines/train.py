@@ -37,7 +37,7 @@ from giblet.models.autoencoder import (AutoencoderConfig, GibletAutoencoder, Mod
 from giblet.reader import open_store
 from giblet.training import checkpoint as ckpt
 from giblet.training import distributed as D
-from giblet.training.diagnostics import (LogConfig, Meter, RunLog, check_log, enforce_scale_check,
+from giblet.training.diagnostics import (LogConfig, Meter, RunLog, StepProfiler, check_log, enforce_scale_check,
                                          format_scale_check, grad_norms, scale_check)
 from giblet.training.losses import COMPONENTS, LossConfig, VoxelCorrelation, check_losses, compute_losses
 from giblet.training.schedule import (OptimConfig, ScheduleConfig, build_optimizer, build_scheduler, check_schedule,
@@ -59,6 +59,8 @@ class DataConfig:
     lanes: int = 4
     val_batch_size: int = 64
     audio_vocab: int = 1024  # codebook size, when audio/codes does not record it
+    pool_video: bool = True  # average-pool frames to model.video_pool in the loader workers, once per
+    #   decoded chunk (90x160 -> 18x32: 6x fewer bytes per batch to the device); false: ship uint8 frames
 
 
 @dataclass(frozen=True)
@@ -176,8 +178,10 @@ def train(cfg: TrainConfig) -> dict:
     dcfg = cfg.data
     ds_kw = dict(subjects=dcfg.subjects, window=dcfg.window, lag=dcfg.lag, hrf=dcfg.hrf)
     view = open_store(cfg.store)
-    if view.has("video/frames"):  # read and hand over only the frames the model sees
+    if view.has("video/frames"):  # read and hand over only the frames the model sees, pooled as it pools them
         ds_kw["frames"] = cfg.model.video_frames
+        if dcfg.pool_video:
+            ds_kw["video_pool"] = tuple(cfg.model.video_pool)
     train_ds, val_ds = GibletDataset(cfg.store, "train", **ds_kw), GibletDataset(cfg.store, "val", **ds_kw)
     spec = model_spec(train_ds, cfg, view)
     problems = check_losses(cfg.loss, spec.modalities)
@@ -242,8 +246,10 @@ def train(cfg: TrainConfig) -> dict:
     first = next(stream)
     # ---- scale check: the check that would have stopped the prototype on day one -------------
     mean, std = view.fmri_stats(train_ds.subjects[0])
-    rows = scale_check(first, spec, {"fmri_raw_mean": float(mean.mean()), "fmri_raw_std": float(std.mean())},
-                       cfg.loss, cfg.log.scale_tolerance)
+    stats = {"fmri_raw_mean": float(mean.mean()), "fmri_raw_std": float(std.mean())}
+    if "video_pool" in ds_kw:  # stored pixels per pooled pixel
+        stats["video_pool_factor"] = float(np.prod(view.array("video/frames").shape[2:4]) / np.prod(ds_kw["video_pool"]))
+    rows = scale_check(first, spec, stats, cfg.loss, cfg.log.scale_tolerance)
     say(format_scale_check(rows))
     log.write("scale_check", step=step, rows=rows)
     enforce_scale_check(rows, cfg.log.scale_check)
@@ -251,6 +257,8 @@ def train(cfg: TrainConfig) -> dict:
     # ---- the step loop -------------------------------------------------------------------------
     params = [p for p in model.parameters() if p.requires_grad]
     meter, kill_at = Meter(), int(os.environ.get(KILL_ENV, 0))
+    profiler = StepProfiler(Path(cfg.out), rt.world.rank, step + cfg.log.profile_start, cfg.log.profile_steps,
+                            rt.device)
     t_start, val = time.perf_counter(), {}
     model.train()
     while step < sched.total_steps:
@@ -277,6 +285,12 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        profiled = profiler.after_step(step)
+        if profiled:
+            log.write("profile", step=step, **profiled)
+            say(f"profile of steps {step - cfg.log.profile_steps + 1}..{step}: wall {profiled['wall_ms_per_step']:.1f} "
+                f"ms/step, device busy {100 * profiled['device_busy_fraction']:.0f}%, NCCL "
+                f"{profiled['nccl_ms_per_step']:.1f} ms/step ({profiler.path})")
         if log_now:
             keys = sorted(parts_sum)
             vals = D.all_reduce_sum(torch.stack([parts_sum[k] for k in keys])) / rt.world.world_size

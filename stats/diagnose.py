@@ -44,9 +44,9 @@ class Report:
 
 
 def read_log(path: str | Path) -> dict:
-    """``{"config": record, "scale_check": record, "train": [...], "val": [...]}``; of repeated
-    steps (a resumed run appends) the last record wins."""
-    out: dict = {"config": None, "scale_check": None, "train": {}, "val": {}}
+    """``{"config": record, "scale_check": record, "profile": record or None, "train": [...],
+    "val": [...]}``; of repeated steps (a resumed run appends) the last record wins."""
+    out: dict = {"config": None, "scale_check": None, "profile": None, "train": {}, "val": {}}
     for line in Path(path).read_text().splitlines():
         if not line.strip():
             continue
@@ -54,7 +54,7 @@ def read_log(path: str | Path) -> dict:
         kind = rec.get("kind")
         if kind in ("train", "val"):
             out[kind][rec["step"]] = rec
-        elif kind == "config" or (kind == "scale_check" and out["scale_check"] is None):
+        elif kind in ("config", "profile") or (kind == "scale_check" and out["scale_check"] is None):
             out[kind] = rec
     out["train"] = [out["train"][k] for k in sorted(out["train"])]
     out["val"] = [out["val"][k] for k in sorted(out["val"])]

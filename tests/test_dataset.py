@@ -239,6 +239,41 @@ def test_frames_serves_evenly_spaced_frames_of_each_tr(fmri_store, tmp_path):
         GibletDataset(path, frames=0)
 
 
+def test_video_pool_serves_frames_pooled_once_per_chunk(fmri_store, tmp_path):
+    rng = np.random.default_rng(5)
+    frames = rng.integers(0, 256, size=(N_TRS + EXTRA, 10, 4, 6, 3), dtype=np.uint8)
+    path, arrays = stimulus_copy(fmri_store, tmp_path, video=(10, 4, 6), frames=frames, video_chunk=4)
+
+    def pooled(x, size):  # what the model's VideoPool does to uint8 frames on the GPU
+        t = torch.from_numpy(x).reshape(-1, *x.shape[-3:]).permute(0, 3, 1, 2).float() / 255
+        return torch.nn.functional.adaptive_avg_pool2d(t, size).permute(0, 2, 3, 1).reshape(
+            *x.shape[:-3], *size, 3).numpy()
+
+    for size in [(2, 3), (3, 4)]:  # (3, 4): bins of unequal size overlap
+        ds = GibletDataset(path, split="all", frames=4, window=2, video_pool=size, modalities=["video"])
+        assert ds.sample_spec()["video"] == ((3, 4, *size, 3), torch.float32)
+        x = ds[9]  # TRs 7..9 span two chunks of 4
+        assert x["video"].shape == (3, 4, *size, 3) and x["video"].dtype == torch.float32
+        np.testing.assert_allclose(x["video"].numpy(), pooled(frames[7:10][:, [0, 3, 6, 9]], size), rtol=1e-6)
+        x = ds[1]  # TR -1 is before the movie: zeros, flagged
+        assert x["stim_valid"].tolist() == [False, True, True] and float(x["video"][0].abs().sum()) == 0
+        np.testing.assert_allclose(x["video"][1:].numpy(), pooled(frames[0:2][:, [0, 3, 6, 9]], size), rtol=1e-6)
+        batch = ds.get_batch([9, 1])
+        np.testing.assert_array_equal(batch["video"].numpy(), np.stack([ds[9]["video"], ds[1]["video"]]))
+    cached = list(ds.cache._items.values())  # the cache holds the kept frames, pooled
+    assert cached and all(v.shape[1:] == (4, 3, 4, 3) and v.dtype == np.float32 for v in cached)
+    misses = ds.cache.misses
+    ds[10], ds[11]  # same chunks: nothing decoded or pooled again
+    assert ds.cache.misses == misses
+    norm = GibletDataset(path, split="all", video_pool=(2, 3), normalize=True, modalities=["video"])
+    np.testing.assert_allclose(norm[7]["video"].numpy(),
+                               (pooled(frames[7], (2, 3)) - arrays["video/mean"]) / arrays["video/std"], rtol=1e-5)
+    with pytest.raises(ConfigError, match=r"video_pool=\[5, 3\].*stored frame size \[4, 6\]"):
+        GibletDataset(path, video_pool=(5, 3))
+    with pytest.raises(ConfigError, match="pools video frames"):
+        GibletDataset(path, video_pool=(2, 3), modalities=["fmri"])
+
+
 def test_window_lag_and_the_rule_before_tr_zero(stim_store):
     path, arrays = stim_store
     ds = GibletDataset(path, split="all", window=3, lag=2)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from giblet.data.dataset import pool_frames
 from giblet.errors import ConfigError
 from giblet.models.autoencoder import (AutoencoderConfig, GibletAutoencoder, ModelSpec, hrf_kernel, prepare_batch,
                                        select_frames)
@@ -327,6 +328,26 @@ def test_scale_check_names_raw_fmri_and_codes_under_mse():
     enforce_scale_check(rows, "off")
     b["video"] = b["video"] // 255  # a store whose frames were saved in [0, 1] would look like this
     assert not scale_check(b, sp, {}, LossConfig())[0]["ok"]
+    pooled = dict(b, video=pool_frames(prepare_batch(samples(n=8), 2)["video"], (3, 4)))  # the dataset's video_pool
+    row = scale_check(pooled, sp, {"video_pool_factor": 16.0}, LossConfig())[0]
+    assert row["ok"] and row["input"].startswith("video (pooled 16:1") and row["batch_std"] < 0.5, row
+    twice = dict(pooled, video=pooled["video"] / 255)  # [0, 1] pixels divided by 255 again
+    assert not scale_check(twice, sp, {"video_pool_factor": 16.0}, LossConfig())[0]["ok"]
+
+
+def test_video_pooled_by_the_dataset_gives_the_model_the_same_input_as_uint8_frames():
+    torch.manual_seed(0)
+    model = GibletAutoencoder(small_cfg(), spec()).eval()
+    batch = prepare_batch(samples(), video_frames=2)
+    pooled = dict(batch, video=pool_frames(batch["video"], (3, 4)))
+    assert pooled["video"].shape == batch["video"].shape[:3] + (3, 4, C) and pooled["video"].dtype == torch.float32
+    expect = torch.nn.functional.adaptive_avg_pool2d(batch["video"][0, 1].permute(0, 3, 1, 2).float() / 255, (3, 4))
+    torch.testing.assert_close(pooled["video"][0, 1], expect.permute(0, 2, 3, 1))
+    a, b = model(batch), model(pooled)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert torch.equal(pool_frames(pooled["video"], (3, 4)), pooled["video"])  # pooling to its own size keeps it
 
 
 # -- config -----------------------------------------------------------------------------------------

@@ -72,7 +72,8 @@ def test_tiny_config_learns_the_planted_map_and_logs_every_diagnostic(study, tmp
 
     store, truth = study
     cfg = load_train_config(TINY, [f"store={store}", f"out={tmp_path / 'run'}", "schedule.epochs=12",
-                                   "log.every=5", "log.val_every=30", "log.ckpt_every=1000"])
+                                   "log.every=5", "log.val_every=30", "log.ckpt_every=1000",
+                                   "log.profile_steps=3", "log.profile_start=4"])
     summary = train(cfg)
     best = achievable_r(truth, store)
     log = read_log(tmp_path / "run" / "log.jsonl")
@@ -84,6 +85,10 @@ def test_tiny_config_learns_the_planted_map_and_logs_every_diagnostic(study, tmp
     modules = {k for k in last if k.startswith("grad_norm_")}
     assert {"grad_norm_fmri_head", "grad_norm_trunk", "grad_norm_temporal", "grad_norm_enc_video"} <= modules
     assert 0.0 <= last["data_wait"] < 1.0 and last["samples_per_s"] > 0
+    prof = log["profile"]  # torch.profiler over steps 5..7: where a step's time goes
+    assert prof["step"] == 7 and prof["wall_ms_per_step"] > 0 and prof["device_busy_ms_per_step"] == 0  # CPU
+    assert prof["top_cpu"][0][0].startswith("aten::") and 0 < prof["top_cpu"][0][1] < prof["wall_ms_per_step"]
+    assert "by self CPU time" in (tmp_path / "run" / "profile_rank0.txt").read_text()
     applied = [r["lr"] for r in log["train"]]
     sched = log["config"]["schedule"]
     assert applied[0] == pytest.approx(cfg.optim.lr * 5 / sched["warmup_steps"])  # step 5 of the warm-up

@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset, get_worker_info
 
 from giblet.data.context import convolve_windows, frame_indices, hrf_kernel, source_trs
@@ -73,9 +74,10 @@ class GibletDataset(Dataset):
     tensors with only the modalities served --
 
     - ``fmri``: ``(voxel,) float32`` z-scored (as stored);
-    - ``video``: ``(frame, height, width, channel) uint8``, or ``float32`` z-scored per
-      channel over [0, 1] pixels with ``normalize=True``; ``frames=n`` keeps ``n`` evenly
-      spaced frames of each TR;
+    - ``video``: ``(frame, height, width, channel) uint8``; ``frames=n`` keeps ``n`` evenly
+      spaced frames of each TR; ``video_pool=(h, w)`` serves ``(frame, h, w, channel)
+      float32`` [0, 1] pixels average-pooled (:func:`pool_frames`); ``normalize=True``
+      z-scores per channel over [0, 1] pixels (``float32``);
     - ``audio``: ``(codebook, code_frame) int64`` EnCodec codes (classes; never normalized);
     - ``text``: ``(embedding,) float32`` (z-scored with ``normalize=True``), and
       ``has_text`` ``() bool``;
@@ -97,7 +99,11 @@ class GibletDataset(Dataset):
         frames: serve this many evenly spaced frames of each TR's stored frames (first and
             last included; :func:`giblet.data.context.frame_indices`) instead of all of them:
             a model that looks at 4 of 10 frames then copies and hands over 40 % of the video.
-        edge: ``"zeros"`` (zeros + ``stim_valid``) or ``"drop"`` (leave out target TRs whose
+        video_pool: ``(height, width)``: average-pool every served frame to this size
+            (:func:`pool_frames`, the op ``GibletAutoencoder`` applies to uint8 frames), once
+            per decoded chunk, so the cache and every sample hold the pooled frames: a model
+            that pools 90x160 frames to 18x32 reads and hands over 25x fewer pixels (as
+            float32: 6x fewer bytes) and no window re-pools a frame.        edge: ``"zeros"`` (zeros + ``stim_valid``) or ``"drop"`` (leave out target TRs whose
             context reaches before TR 0).
         cache_bytes: bound of each process's decoded-chunk cache (default: 8 TR-chunks of
             every array one sample reads: one subject's fMRI and each stimulus array).
@@ -106,7 +112,7 @@ class GibletDataset(Dataset):
     def __init__(self, store_path: str | os.PathLike, split: str = "train", subjects: Optional[Sequence[str]] = None,
                  *, window: int = 0, lag: int = 0, hrf: bool = False, modalities: Optional[Sequence[str]] = None,
                  normalize: bool = False, edge: str = "zeros", cache_bytes: Optional[int] = None,
-                 frames: Optional[int] = None):
+                 frames: Optional[int] = None, video_pool: Optional[Sequence[int]] = None):
         view = open_store(store_path)
         self.store_path = str(view.path)
         self.tr_s, self.n_trs = view.tr_s, view.n_trs
@@ -121,9 +127,13 @@ class GibletDataset(Dataset):
         self.trs = (int(start), int(max(start, stop)))
         self._info = {name: _ArrayInfo(view.array(name)) for name in self._array_names()}
         self.frames = self._pick_frames(frames)
+        self.video_pool = self._pick_pool(video_pool)
+        self._served = {name: self._served_row(name, info) for name, info in self._info.items()}
         self.chunk_sizes = self._layout()
-        chunk_set = sum(i.read_trs * i.row_nbytes for n, i in self._info.items() if not n.startswith("fmri/"))
-        chunk_set += max((i.read_trs * i.row_nbytes for n, i in self._info.items() if n.startswith("fmri/")), default=0)
+        chunk_bytes = {n: i.read_trs * int(np.prod(self._served[n][0], dtype=np.int64)) * self._served[n][1].itemsize
+                       for n, i in self._info.items()}  # as cached: frames kept and pooled
+        chunk_set = sum(b for n, b in chunk_bytes.items() if not n.startswith("fmri/"))
+        chunk_set += max((b for n, b in chunk_bytes.items() if n.startswith("fmri/")), default=0)
         self.cache_bytes = int(cache_bytes) if cache_bytes is not None else CACHE_CHUNK_SETS * chunk_set
         self._local: Optional[dict] = None  # per-process: store view, arrays, cache, scalers
 
@@ -171,6 +181,30 @@ class GibletDataset(Dataset):
             raise ConfigError(f"GibletDataset: frames={frames!r}; it must be an integer >= 1 (frames per TR)")
         stored = self._info[STIMULUS_ARRAYS["video"]].tail[0]
         return None if frames >= stored else frame_indices(stored, int(frames))
+
+    def _pick_pool(self, pool: Optional[Sequence[int]]) -> Optional[tuple[int, int]]:
+        if pool is None:
+            return None
+        if "video" not in self.modalities:
+            raise ConfigError(f"GibletDataset: video_pool={pool!r} pools video frames, but this dataset serves "
+                              f"{', '.join(self.modalities)}; drop video_pool or serve video")
+        stored = self._info[STIMULUS_ARRAYS["video"]].tail[1:3]
+        if (len(pool) != 2 or not all(isinstance(v, (int, np.integer)) and 1 <= v for v in pool)
+                or pool[0] > stored[0] or pool[1] > stored[1]):
+            raise ConfigError(f"GibletDataset: video_pool={list(pool)!r}; it must be [height, width] between 1 and "
+                              f"the stored frame size {list(stored)}")
+        return int(pool[0]), int(pool[1])
+
+    def _served_row(self, name: str, info: _ArrayInfo) -> tuple[tuple[int, ...], np.dtype]:
+        """Shape (after the TR axis) and dtype of the rows a chunk holds once decoded, frames
+        kept and pooled."""
+        if name != STIMULUS_ARRAYS["video"]:
+            return info.tail, info.dtype
+        n_frames, height, width, channels = info.tail
+        n_frames = n_frames if self.frames is None else len(self.frames)
+        if self.video_pool is None:
+            return (n_frames, height, width, channels), info.dtype
+        return (n_frames, *self.video_pool, channels), np.dtype(np.float32)
 
     def _array_names(self) -> list[str]:
         names = [f"fmri/{s}/bold" for s in self.subjects] if "fmri" in self.modalities else []
@@ -223,7 +257,11 @@ class GibletDataset(Dataset):
             if name not in st["arrays"]:
                 st["arrays"][name] = st["view"].array(name)
             step = self._info[name].read_trs
-            return st["arrays"][name][c * step:(c + 1) * step]
+            rows = st["arrays"][name][c * step:(c + 1) * step]
+            if name == STIMULUS_ARRAYS["video"]:  # once per chunk, not once per window that reads it
+                rows = rows if self.frames is None else rows[:, self.frames]
+                rows = rows if self.video_pool is None else pool_frames(torch.from_numpy(rows), self.video_pool).numpy()
+            return rows
 
         return st["cache"].get((name, c), load)
 
@@ -233,11 +271,10 @@ class GibletDataset(Dataset):
         Inside one chunk this is a read-only *view* of the cached chunk: callers copy it
         (once) into the sample or batch they hand out.
         """
-        info = self._info[name]
-        first, step = max(lo, 0), info.read_trs
+        (tail, dtype), first, step = self._served[name], max(lo, 0), self._info[name].read_trs
         if lo >= 0 and lo // step == (hi - 1) // step:  # the common case: one chunk, nothing to pad
             return self._chunk(name, lo // step)[lo % step:lo % step + hi - lo]
-        out = np.zeros((hi - lo,) + info.tail, dtype=info.dtype)
+        out = np.zeros((hi - lo,) + tail, dtype=dtype)
         for c in range(first // step, (hi - 1) // step + 1) if first < hi else ():
             chunk, c0 = self._chunk(name, c), c * step
             a, b = max(first, c0), min(hi, c0 + len(chunk))
@@ -282,11 +319,9 @@ class GibletDataset(Dataset):
         return out
 
     def _video(self, src: np.ndarray, valid: np.ndarray) -> dict:
-        frames = self._span(STIMULUS_ARRAYS["video"], src[0], src[-1] + 1)
-        if self.frames is not None:
-            frames = frames[:, self.frames]  # a copy of the kept frames only
+        frames = self._span(STIMULUS_ARRAYS["video"], src[0], src[-1] + 1)  # frames kept and pooled
         if self.normalize:
-            frames = self._scaler("video").transform(frames / 255.0)
+            frames = self._scaler("video").transform(frames if self.video_pool else frames / 255.0)
             frames[~valid] = 0.0
         return {"video": frames}
 
@@ -362,13 +397,10 @@ class GibletDataset(Dataset):
             spec["fmri"] = (self._info[f"fmri/{self.subjects[0]}/bold"].tail, torch.float32)
         if self.stimulus:
             spec["stim_valid"] = (ctx, torch.bool)
-        dtypes = {"video": torch.float32 if self.normalize else torch.uint8, "audio": torch.int64,
-                  "text": torch.float32}
+        dtypes = {"video": torch.float32 if self.normalize or self.video_pool else torch.uint8,
+                  "audio": torch.int64, "text": torch.float32}
         for m in self.stimulus:
-            tail = self._info[STIMULUS_ARRAYS[m]].tail
-            if m == "video" and self.frames is not None:
-                tail = (len(self.frames),) + tail[1:]
-            spec[m] = (ctx + tail, dtypes[m])
+            spec[m] = (ctx + self._served[STIMULUS_ARRAYS[m]][0], dtypes[m])
         if "text" in self.modalities:
             spec["has_text"] = (ctx, torch.bool)
         return spec
@@ -376,6 +408,20 @@ class GibletDataset(Dataset):
     def __repr__(self) -> str:
         return (f"GibletDataset({Path(self.store_path).name!r}, split={self.split!r}, subjects={len(self.subjects)}, "
                 f"trs={self.trs}, modalities={self.modalities}, window={self.window}, lag={self.lag}, hrf={self.hrf})")
+
+
+def pool_frames(frames: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``(..., height, width, channel)`` frames -> ``(..., h, w, channel) float32`` [0, 1] pixels,
+    average-pooled to ``size = (h, w)`` (``adaptive_avg_pool2d``). uint8 input is divided by
+    255; float input is taken as [0, 1] pixels already (pooling to its own size keeps it).
+    ``GibletDataset(video_pool=...)`` and the model's ``VideoPool`` both pool with it, on the
+    CPU or the GPU."""
+    lead, (height, width, channels) = frames.shape[:-3], frames.shape[-3:]
+    x = frames.reshape(-1, height, width, channels).permute(0, 3, 1, 2).float()  # (N, C, H, W)
+    x = x.div_(255.0) if frames.dtype == torch.uint8 else x
+    if (height, width) != tuple(size):
+        x = F.adaptive_avg_pool2d(x, tuple(size))
+    return x.permute(0, 2, 3, 1).reshape(*lead, *size, channels)
 
 
 WIRE_BYTES = 64 * 1024  # below this, a batch entry is sent by value (see GibletDataset.get_batch)

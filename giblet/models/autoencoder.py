@@ -30,9 +30,11 @@ whole window. Video is reconstructed at the pooled resolution the encoder sees; 
 codes are classes, so the audio decoder emits logits per codebook and code frame (or,
 with ``loss.audio: mse``, the prototype's float regression of codes).
 
-Video is average-pooled *inside* the model (on the GPU when there is one): DataLoader
-workers only pick ``video_frames`` frames per TR, so a batch crosses to the device as
-uint8 and the CPU never expands full frames to float.
+Video is average-pooled to ``video_pool`` by the dataset in the DataLoader workers, once
+per decoded chunk (``GibletDataset(video_pool=...)``; the trainer's ``data.pool_video``,
+the default): a batch of 90x160 frames pooled to 18x32 crosses to the device as 6x fewer
+bytes than the uint8 frames. Given uint8 frames instead, the model pools them itself (on
+the GPU when there is one) with the same function.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from giblet.data.context import frame_indices
+from giblet.data.dataset import pool_frames
 from giblet.errors import ConfigError
 
 TEMPORAL_INITS = ("hrf", "uniform")
@@ -170,19 +173,22 @@ class _Standardize(nn.Module):
 
 
 class VideoPool(nn.Module):
-    """``(..., frame, H, W, C) uint8`` -> ``(..., frame * C * h * w)`` z-scored average-pooled pixels."""
+    """Frames ``(..., frame, H, W, C)`` -> ``(..., frame * h * w * C)`` z-scored average-pooled pixels.
+
+    Takes uint8 frames (pooled here, on the GPU when there is one) or frames the dataset
+    already pooled (``GibletDataset(video_pool=...)``: float [0, 1] pixels, kept as they are):
+    both go through :func:`giblet.data.dataset.pool_frames`, so the two give the same input.
+    """
 
     def __init__(self, pool: tuple[int, int], stats: Optional[tuple]):
         super().__init__()
         self.pool = tuple(pool)
         mean, std = stats if stats is not None else (np.full(3, 0.5), np.full(3, 0.25))
-        self.norm = _Standardize(np.asarray(mean).reshape(-1, 1, 1), np.asarray(std).reshape(-1, 1, 1))
+        self.norm = _Standardize(mean, std)  # per channel: the last axis
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        lead = frames.shape[:-3]
-        x = frames.reshape(-1, *frames.shape[-3:]).permute(0, 3, 1, 2).float().div_(255.0)  # (N, C, H, W)
-        x = self.norm(F.adaptive_avg_pool2d(x, self.pool))
-        return x.reshape(*lead[:-1], -1)  # frames folded into features
+        x = self.norm(pool_frames(frames, self.pool))  # (..., frame, h, w, C)
+        return x.reshape(*frames.shape[:-4], -1)  # frames folded into features
 
 
 class AudioEncoder(nn.Module):

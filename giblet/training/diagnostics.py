@@ -10,6 +10,8 @@ The log is JSON lines (``<run>/log.jsonl``), one object per record, each with a 
   ``data_wait`` (fraction of the interval spent waiting for batches), ``samples_per_s``;
 - ``val``: ``step``, ``loss_<component>``, ``r_mean`` (mean per-voxel Pearson r over the
   mask), ``r_median``, ``r_top10`` (mean of the best 10 % of voxels);
+- ``profile`` (with ``log.profile_steps``): wall and device-busy ms per step, NCCL ms per
+  step and the top operators (:class:`StepProfiler`; each rank's table in ``profile_rank{R}.txt``);
 - ``resume``, ``end``.
 
 A resumed run appends; readers keep the last record of each step (``stats.diagnose``).
@@ -42,6 +44,8 @@ class LogConfig:
     tensorboard: bool = True  # also write TensorBoard scalars, if tensorboard is installed
     scale_check: str = "error"  # error | warn | off
     scale_tolerance: float = 5.0  # allowed factor on std, and |mean| in stds, before a mismatch
+    profile_steps: int = 0  # > 0: torch.profiler over this many optimizer steps (StepProfiler)
+    profile_start: int = 20  # ... starting after this many steps (past start-up)
 
 
 def check_log(cfg: LogConfig, problems: list[str]) -> None:
@@ -52,6 +56,70 @@ def check_log(cfg: LogConfig, problems: list[str]) -> None:
         problems.append(f"log.scale_check: must be one of {', '.join(SCALE_MODES)}, got {cfg.scale_check!r}")
     if cfg.scale_tolerance <= 1:
         problems.append(f"log.scale_tolerance: must be > 1, got {cfg.scale_tolerance}")
+    for name in ("profile_steps", "profile_start"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"log.{name}: must be an integer >= 0, got {getattr(cfg, name)}")
+
+
+class StepProfiler:
+    """``torch.profiler`` over optimizer steps ``start+1 .. start+steps`` of one rank.
+
+    ``after_step(step)`` is called once the optimizer has taken step ``step``. At the end
+    it writes ``RUN/profile_rank{R}.txt`` (where the time went: the step's wall time, the
+    device's busy time -- kernels and copies, NCCL apart -- and the top operators by self
+    device and self CPU time) and returns the figures for the log. What it answers: is the
+    GPU waiting for the host (busy << wall), for the gradient all-reduce (NCCL), or working.
+    """
+
+    def __init__(self, out: Path, rank: int, start: int, steps: int, device: "torch.device"):
+        self.path, self.start, self.steps, self.device = Path(out) / f"profile_rank{rank}.txt", start, steps, device
+        self._prof, self._t0 = None, 0.0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def after_step(self, step: int) -> Optional[dict]:
+        if self.steps <= 0 or step not in (self.start, self.start + self.steps):
+            return None
+        from torch.profiler import ProfilerActivity, profile
+
+        self._sync()
+        if step == self.start:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+            self._prof = profile(activities=acts)
+            self._prof.__enter__()
+            self._t0 = time.perf_counter()
+            return None
+        wall = time.perf_counter() - self._t0
+        self._prof.__exit__(None, None, None)
+        events = self._prof.key_averages()
+
+        def dev(e) -> float:  # microseconds; the attribute was renamed in torch 2.4
+            return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+
+        nccl = sum(dev(e) for e in events if "nccl" in e.key.lower())
+        busy = sum(dev(e) for e in events) - nccl
+        per = 1.0 / self.steps
+        summary = {"steps": self.steps, "wall_ms_per_step": wall * 1e3 * per, "device_busy_ms_per_step": busy / 1e3 * per,
+                   "nccl_ms_per_step": nccl / 1e3 * per, "device_busy_fraction": busy / 1e6 / wall,
+                   "top_device": [[e.key, round(dev(e) / 1e3 * per, 3)] for e in
+                                  sorted(events, key=dev, reverse=True)[:8] if dev(e) > 0],
+                   "top_cpu": [[e.key, round(e.self_cpu_time_total / 1e3 * per, 3)] for e in
+                               sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]]}
+        lines = [f"steps {self.start + 1}..{step}: wall {summary['wall_ms_per_step']:.2f} ms/step, device busy "
+                 f"{summary['device_busy_ms_per_step']:.2f} ms/step ({100 * summary['device_busy_fraction']:.0f}%), "
+                 f"NCCL {summary['nccl_ms_per_step']:.2f} ms/step (ms per step below)", ""]
+        for title, key in (("by self device time", dev), ("by self CPU time", lambda e: e.self_cpu_time_total)):
+            lines.append(title)
+            for e in sorted(events, key=key, reverse=True)[:25]:
+                lines.append(f"  {dev(e) / 1e3 * per:9.3f} dev {e.self_cpu_time_total / 1e3 * per:9.3f} cpu "
+                             f"{e.count / self.steps:8.1f}x  {e.key[:100]}")
+            lines.append("")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("\n".join(lines))
+        self._prof = None
+        return summary
 
 
 class RunLog:
@@ -124,10 +192,12 @@ class Meter:
 
 
 # -- scale check -------------------------------------------------------------------------------
-def _row(name: str, x: torch.Tensor, expect_mean: float, expect_std: float, tol: float, note: str = "") -> dict:
+def _row(name: str, x: torch.Tensor, expect_mean: float, expect_std: float, tol: float, note: str = "",
+         low: float = 1.0) -> dict:
+    """``low``: the std may also be this factor below ``expect_std / tol`` (pooled pixels)."""
     x = x.detach().double().flatten()
     mean, std = (float(x.mean()), float(x.std(unbiased=False))) if x.numel() else (0.0, 0.0)
-    ok = (abs(mean - expect_mean) <= tol * expect_std and expect_std / tol <= std <= expect_std * tol)
+    ok = (abs(mean - expect_mean) <= tol * expect_std and expect_std / tol / low <= std <= expect_std * tol)
     return {"input": name, "batch_mean": mean, "batch_std": std, "expected_mean": expect_mean,
             "expected_std": expect_std, "ok": bool(ok), "note": note}
 
@@ -145,7 +215,10 @@ def scale_check(batch: dict, spec, store_stats: dict, loss_cfg, tol: float = 5.0
         batch: a prepared batch (``giblet.models.prepare_batch``), on CPU.
         spec: the model's ``ModelSpec``.
         store_stats: ``{"fmri_raw_mean": float, "fmri_raw_std": float}`` -- the store's typical
-            raw scanner mean and std, to name raw-unit targets as such.
+            raw scanner mean and std, to name raw-unit targets as such -- and, when the batch's
+            video was pooled by the dataset (float [0, 1] pixels), ``"video_pool_factor"``:
+            stored pixels per pooled pixel. Pooling keeps the mean and can lower the std by
+            up to its square root (independent pixels), so the std's lower bound widens by it.
 
     Returns:
         One dict per row: ``input``, ``batch_mean``, ``batch_std``, ``expected_mean``,
@@ -156,8 +229,13 @@ def scale_check(batch: dict, spec, store_stats: dict, loss_cfg, tol: float = 5.0
     if "video" in batch and spec.video_stats is not None:
         mean, std = (torch.as_tensor(np.asarray(s), dtype=torch.float64) for s in spec.video_stats)
         px = batch["video"][valid] if valid is not None else batch["video"]
-        z = (px.double() / 255.0 - mean) / torch.where(std > 0, std, torch.ones_like(std))
-        rows.append(_row("video (pixels/255, z-scored with video/mean|std)", z, 0.0, 1.0, tol))
+        if px.dtype == torch.uint8:
+            name, low, px = "video (pixels/255, z-scored with video/mean|std)", 1.0, px.double() / 255.0
+        else:  # pooled by the dataset: [0, 1] pixels
+            factor = float(store_stats.get("video_pool_factor", 1.0))
+            name, low = f"video (pooled {factor:.3g}:1 [0, 1] pixels, z-scored with video/mean|std)", factor ** 0.5
+        z = (px.double() - mean) / torch.where(std > 0, std, torch.ones_like(std))
+        rows.append(_row(name, z, 0.0, 1.0, tol, low=low))
     if "text" in batch and spec.text_stats is not None:
         mean, std = (torch.as_tensor(np.asarray(s), dtype=torch.float64) for s in spec.text_stats)
         keep = (valid & batch["has_text"].bool()) if valid is not None else batch["has_text"].bool()
