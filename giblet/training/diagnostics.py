@@ -98,8 +98,11 @@ class StepProfiler:
         def dev(e) -> float:  # microseconds; the attribute was renamed in torch 2.4
             return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
 
-        nccl = sum(dev(e) for e in events if "nccl" in e.key.lower())
-        busy = sum(dev(e) for e in events) - nccl
+        from torch.autograd import DeviceType
+
+        on_device = [e for e in events if e.device_type != DeviceType.CPU]  # kernels, copies (CPU ops repeat them)
+        nccl = sum(dev(e) for e in on_device if "nccl" in e.key.lower())
+        busy = sum(dev(e) for e in on_device) - nccl
         per = 1.0 / self.steps
         summary = {"steps": self.steps, "wall_ms_per_step": wall * 1e3 * per, "device_busy_ms_per_step": busy / 1e3 * per,
                    "nccl_ms_per_step": nccl / 1e3 * per, "device_busy_fraction": busy / 1e6 / wall,

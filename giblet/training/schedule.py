@@ -162,9 +162,53 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
                 warnings.warn("optim.name=adamw8bit: bitsandbytes is not importable; using torch AdamW "
                               "(pip install bitsandbytes)", stacklevel=2)
             else:
-                return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=betas), "bitsandbytes.AdamW8bit"
+                return (_stream_ordered(bnb.optim.AdamW8bit)(groups, lr=cfg.lr, betas=betas),
+                        "bitsandbytes.AdamW8bit (stream-ordered)")
     fused = device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused), f"torch.AdamW{' (fused)' if fused else ''}"
+
+
+def _stream_ordered(cls: type) -> type:
+    """``cls`` (a bitsandbytes 8-bit optimizer) without its device-wide synchronize after
+    every parameter.
+
+    ``bitsandbytes.optim.Optimizer8bit.step`` (up to at least 0.50) calls
+    ``torch.cuda.synchronize()`` after each parameter's update: 229 host-device round trips
+    per step for the GPU config, 25-36 ms of a ~120 ms step spent blocked, and the GPU
+    idle while Python prepares the next update (measured with ``log.profile_steps``; see
+    docs/performance.md). Its kernels are launched on the default stream, so when the
+    training loop runs on the default stream too, every later read of the parameters is
+    ordered after them without any synchronize. This ``step`` is bitsandbytes' loop minus
+    that call; paged optimizers, or a caller on another stream, get bitsandbytes' own
+    ``step`` unchanged. A GPU test checks the updates are bit-identical.
+    """
+
+    class StreamOrdered(cls):
+        @torch.no_grad()
+        def step(self, closure=None):
+            device = next((p.device for g in self.param_groups for p in g["params"]), None)
+            if (self.is_paged or device is None or device.type != "cuda"
+                    or torch.cuda.current_stream(device) != torch.cuda.default_stream(device)):
+                return super().step(closure)
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            if not self.initialized:
+                self.check_overrides()
+                self.to_gpu()
+                self.initialized = True
+            for gindex, group in enumerate(self.param_groups):
+                for pindex, p in enumerate(group["params"]):
+                    if p.grad is None:
+                        continue
+                    if len(self.state[p]) == 0:
+                        self.init_state(group, p, gindex, pindex)
+                    self.update_step(group, p, gindex, pindex)  # queued on the default stream, in order
+            return loss
+
+    StreamOrdered.__name__ = StreamOrdered.__qualname__ = f"StreamOrdered{cls.__name__}"
+    return StreamOrdered
 
 
 def check_warmup(sched: Schedule) -> Optional[str]:
