@@ -105,6 +105,8 @@ def main() -> None:
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
     args.store = str(Path(args.store).resolve())
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in [n for _ in range(args.repeats) for n in args.nproc]:  # interleaved: drift hits every count
@@ -127,13 +129,15 @@ def main() -> None:
                   f"max {100 * r['data_wait_max']:.0f}%, peak GPU mem {r['peak_gpu_mem_gb']:.2f} GB, "
                   f"{r['optimizer']}, autocast {r['autocast']}, {r['n_params'] / 1e6:.0f} M params", flush=True)
     runs, results = results, []
-    for n in dict.fromkeys(args.nproc):  # the median run of each process count (by samples/s)
+    for n in dict.fromkeys(args.nproc):  # per process count: a middle run's details, median figures
         mine = sorted((r for r in runs if r["nproc"] == n), key=lambda r: r["samples_per_s"])
-        results.append({**mine[len(mine) // 2], "all_samples_per_s": [r["samples_per_s"] for r in mine]})
+        results.append({**mine[(len(mine) - 1) // 2], "all_samples_per_s": [r["samples_per_s"] for r in mine],
+                        "median_samples_per_s": float(np.median([r["samples_per_s"] for r in mine])),
+                        "median_steady_samples_per_s": float(np.median([r["steady_samples_per_s"] for r in mine]))})
     base = results[0]
-    for r in results:
-        r["speedup_vs_first"] = r["samples_per_s"] / base["samples_per_s"]
-        r["steady_speedup_vs_first"] = r["steady_samples_per_s"] / base["steady_samples_per_s"]
+    for r in results:  # ratios of the medians (equal to the run's own figures with --repeats 1)
+        r["speedup_vs_first"] = r["median_samples_per_s"] / base["median_samples_per_s"]
+        r["steady_speedup_vs_first"] = r["median_steady_samples_per_s"] / base["median_steady_samples_per_s"]
     summary = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.node()}",
                "date": time.strftime("%Y-%m-%d"), "store": args.store, "config": args.config, "steps": args.steps,
                "skip": args.skip, "overrides": args.override, "repeats": args.repeats, "results": results}
@@ -146,7 +150,7 @@ def main() -> None:
     except ImportError:
         pass
     for r in results[1:]:
-        print(f"{r['nproc']} vs {base['nproc']} process(es): {r['speedup_vs_first']:.3g}x samples/s, "
+        print(f"{r['nproc']} vs {base['nproc']} process(es): {r['speedup_vs_first']:.3g}x median samples/s, "
               f"{r['steady_speedup_vs_first']:.3g}x within epochs (ideal {r['nproc'] / base['nproc']:.3g}x)")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))

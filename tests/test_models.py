@@ -389,3 +389,49 @@ def test_cli_reports_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2
+
+
+def _ddp_grads(rank: int, port: int, out: str) -> None:
+    """One gloo rank: gradients of a small model under DDP, with and without the bucket-divide hook."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    rt = D.setup("cpu", "fp32")
+    grads = {}
+    for divide in (True, False):
+        torch.manual_seed(0)  # same weights on both ranks
+        model = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.GELU(), torch.nn.Linear(64, 3))
+        ddp = D.wrap(model, rt, D.DDPConfig(bucket_cap_mb=0.001, bucket_divide=divide))  # several buckets
+        x = torch.randn(5, 6, generator=torch.Generator().manual_seed(rank))  # each rank its own data
+        ddp(x).square().sum().backward()
+        grads[divide] = [p.grad.clone() for p in model.parameters()]
+    torch.save(grads, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_bucket_divide_averages_gradients_like_ddp_itself(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_grads, args=(port, str(tmp_path)), nprocs=2, join=True)
+    g0, g1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    torch.manual_seed(0)  # the average of the two ranks' local gradients, computed here
+    model = torch.nn.Sequential(torch.nn.Linear(6, 64), torch.nn.GELU(), torch.nn.Linear(64, 3))
+    local = []
+    for rank in (0, 1):
+        model.zero_grad()
+        model(torch.randn(5, 6, generator=torch.Generator().manual_seed(rank))).square().sum().backward()
+        local.append([p.grad.clone() for p in model.parameters()])
+    for i, (a, b) in enumerate(zip(*local)):
+        mean = (a + b) / 2
+        for g in (g0, g1):
+            torch.testing.assert_close(g[True][i], mean)  # the hook: divided once per bucket
+            torch.testing.assert_close(g[False][i], mean)  # DDP's own per-parameter division

@@ -100,7 +100,9 @@ class StepProfiler:
 
         from torch.autograd import DeviceType
 
-        on_device = [e for e in events if e.device_type != DeviceType.CPU]  # kernels, copies (CPU ops repeat them)
+        # Kernels and copies only: CPU ops repeat their kernels' time, and record_function ranges
+        # (DDP's forward, the optimizer step, NCCL calls) also appear on the device as annotations.
+        on_device = [e for e in events if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
         nccl = sum(dev(e) for e in on_device if "nccl" in e.key.lower())
         busy = sum(dev(e) for e in on_device) - nccl
         per = 1.0 / self.steps
