@@ -199,7 +199,7 @@ def train(cfg: TrainConfig) -> dict:
     accum = cfg.optim.accum_steps
     sched = resolve_schedule(cfg.schedule, loader.batches_per_epoch, accum)
     model = GibletAutoencoder(cfg.model, spec).to(rt.device)
-    optimizer, optim_name = build_optimizer(model, cfg.optim, rt.device)
+    optimizer, optim_name = build_optimizer(model, cfg.optim, rt.device, rt.world.world_size)
     scheduler = build_scheduler(optimizer, sched)
     fingerprint = {"store": str(Path(cfg.store).resolve()), "n_voxels": spec.n_voxels,
                    "modalities": list(spec.modalities), "window": spec.window, "lag": spec.lag,
@@ -312,6 +312,8 @@ def train(cfg: TrainConfig) -> dict:
                 f"{val['r_top10']:.4f}) | fmri loss {val['loss_fmri']:.4g}")
         if step % cfg.log.ckpt_every == 0 or step == sched.total_steps:
             rngs = D.gather_objects(D.rng_state())  # every rank's, so each resumes its own dropout stream
+            if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO: every rank sends its shard to rank 0
+                optimizer.consolidate_state_dict(to=0)
             if main:
                 ckpt.save_checkpoint(cfg.out, {"model": D.unwrap(model).state_dict(), "step": step,
                                                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

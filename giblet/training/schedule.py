@@ -46,6 +46,8 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0  # max total grad norm; 0 disables clipping (the pre-clip norm is logged either way)
     accum_steps: int = 1  # micro-batches per optimizer step
+    zero: bool = False  # with several ranks: ZeRO-1 -- each rank keeps the state of, and updates, 1/N of the
+    #   parameters, then broadcasts them (torch ZeroRedundancyOptimizer around the optimizer above)
 
 
 @dataclass(frozen=True)
@@ -143,15 +145,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
-    """AdamW over fp32 master weights; bitsandbytes 8-bit AdamW on CUDA when asked and importable.
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,
+                    world_size: int = 1) -> tuple[torch.optim.Optimizer, str]:
+    """AdamW over fp32 master weights; bitsandbytes 8-bit AdamW on CUDA when asked and importable;
+    sharded over the ranks (ZeRO-1) with ``cfg.zero`` and ``world_size > 1`` (the process
+    group must be up).
 
     Returns:
         ``(optimizer, name)`` where ``name`` says what actually runs (logged, so a silent
         fallback is visible).
     """
     groups = param_groups(model, cfg.weight_decay)
-    betas = (float(cfg.betas[0]), float(cfg.betas[1]))
+    kwargs = {"lr": cfg.lr, "betas": (float(cfg.betas[0]), float(cfg.betas[1]))}
+    cls, name = None, ""
     if cfg.name == "adamw8bit":
         if device.type != "cuda":
             warnings.warn("optim.name=adamw8bit needs CUDA; using torch AdamW on CPU", stacklevel=2)
@@ -162,10 +168,16 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
                 warnings.warn("optim.name=adamw8bit: bitsandbytes is not importable; using torch AdamW "
                               "(pip install bitsandbytes)", stacklevel=2)
             else:
-                return (_stream_ordered(bnb.optim.AdamW8bit)(groups, lr=cfg.lr, betas=betas),
-                        "bitsandbytes.AdamW8bit (stream-ordered)")
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, fused=fused), f"torch.AdamW{' (fused)' if fused else ''}"
+                cls, name = _stream_ordered(bnb.optim.AdamW8bit), "bitsandbytes.AdamW8bit (stream-ordered)"
+    if cls is None:
+        fused = device.type == "cuda"
+        cls, name = torch.optim.AdamW, f"torch.AdamW{' (fused)' if fused else ''}"
+        kwargs["fused"] = fused
+    if cfg.zero and world_size > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=cls, **kwargs), f"ZeRO-1 over {world_size} ranks: {name}"
+    return cls(groups, **kwargs), name
 
 
 def _stream_ordered(cls: type) -> type:
