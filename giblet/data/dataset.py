@@ -103,7 +103,8 @@ class GibletDataset(Dataset):
             (:func:`pool_frames`, the op ``GibletAutoencoder`` applies to uint8 frames), once
             per decoded chunk, so the cache and every sample hold the pooled frames: a model
             that pools 90x160 frames to 18x32 reads and hands over 25x fewer pixels (as
-            float32: 6x fewer bytes) and no window re-pools a frame.        edge: ``"zeros"`` (zeros + ``stim_valid``) or ``"drop"`` (leave out target TRs whose
+            float32: 6x fewer bytes) and no window re-pools a frame.
+        edge: ``"zeros"`` (zeros + ``stim_valid``) or ``"drop"`` (leave out target TRs whose
             context reaches before TR 0).
         cache_bytes: bound of each process's decoded-chunk cache (default: 8 TR-chunks of
             every array one sample reads: one subject's fMRI and each stimulus array).
