@@ -238,7 +238,7 @@ def scale_check(batch: dict, spec, store_stats: dict, loss_cfg, tol: float = 5.0
             name, low, px = "video (pixels/255, z-scored with video/mean|std)", 1.0, px.double() / 255.0
         else:  # pooled by the dataset: [0, 1] pixels
             factor = float(store_stats.get("video_pool_factor", 1.0))
-            name, low = f"video (pooled {factor:.3g}:1 [0, 1] pixels, z-scored with video/mean|std)", factor ** 0.5
+            name, low = f"video (pooled {factor:.3g}:1, z-scored with video/mean|std)", factor ** 0.5
         z = (px.double() - mean) / torch.where(std > 0, std, torch.ones_like(std))
         rows.append(_row(name, z, 0.0, 1.0, tol, low=low))
     if "text" in batch and spec.text_stats is not None:
