@@ -15,6 +15,15 @@ On a GPU machine (needs torch, numpy, pyyaml, zarr + giblet; no dask/nibabel/nil
     python benchmarks/bench_train.py --store /data/sherlock.zarr --config configs/train/gpu.yaml \\
         --device cuda --nproc 1 2 --steps 120 --json gpu_train.json
 
+Settings compared in one call, interleaved (1, 2, 1, 2 processes of each variant per repeat, so
+drift on a shared host hits all of them alike; a variant's 2-process median is also given
+against the median of *every* 1-process run, the right baseline when the variants differ only
+in settings that act with several processes)::
+
+    python benchmarks/bench_train.py --store /data/sherlock.zarr --device cuda --repeats 3 \
+        --variant ddp ddp.bucket_cap_mb=250 --variant zero ddp.bucket_cap_mb=250 optim.zero=true \
+        --variant simple ddp.bucket_cap_mb=250 env:NCCL_PROTO=Simple --json variants.json
+
 On this CPU (gloo, the demo config)::
 
     python benchmarks/bench_train.py --store giblet-demo/demo.zarr --config configs/train/demo.yaml \\
@@ -44,18 +53,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(nproc: int, args, out: Path) -> dict:
-    """One trainer run; returns its figures from the log."""
+def run(nproc: int, args, out: Path, overrides: list[str]) -> dict:
+    """One trainer run with ``overrides`` (``KEY=VALUE`` for the trainer, ``env:NAME=VALUE`` for
+    its environment); returns its figures from the log."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.update(o[4:].split("=", 1) for o in overrides if o.startswith("env:"))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "-m", "pipelines.train", str(args.config), f"store={args.store}",
            f"out={out}", f"device={args.device}", f"schedule.max_steps={args.steps}", f"log.every={args.every}",
            f"log.val_every={10 ** 9}", f"log.ckpt_every={10 ** 9}", "log.tensorboard=false", "resume=false",
-           *args.override]
+           *[o for o in overrides if not o.startswith("env:")]]
     last = args.steps - args.profile  # the profiled steps (at the end) are left out of the throughput
     if args.profile:
         cmd += [f"log.profile_steps={args.profile}", f"log.profile_start={last}"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"bench_train: {nproc}-process run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -102,20 +114,25 @@ def main() -> None:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="profile the last N steps (torch.profiler; left out of the throughput); each rank's "
                         "table is copied next to --json")
+    p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
+                   help="a named set of overrides (repeatable; env:NAME=VALUE sets an environment variable); "
+                        "variants run interleaved with each other, every repeat")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
     args.store = str(Path(args.store).resolve())
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    results = []
+    variants = {v[0]: args.override + v[1:] for v in args.variant} if args.variant else {"default": args.override}
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in [n for _ in range(args.repeats) for n in args.nproc]:  # interleaved: drift hits every count
-            folder = Path(tmp) / f"run{n}-{len(results)}"
-            r = run(n, args, folder)
-            results.append(r)
+        order = [(v, n) for _ in range(args.repeats) for v in variants for n in args.nproc]  # interleaved: drift
+        for name, n in order:  # hits every variant and process count alike
+            folder = Path(tmp) / f"run{len(runs) + 1}"
+            r = {**run(n, args, folder, variants[name]), "variant": name}
+            runs.append(r)
             if args.profile and args.json:  # each rank's table, next to the JSON
                 for f in sorted(folder.glob("profile_rank*.txt")):
-                    dest = Path(args.json).with_name(f"{Path(args.json).stem}_run{len(results)}_{n}proc_{f.name}")
+                    dest = Path(args.json).with_name(f"{Path(args.json).stem}_run{len(runs)}_{n}proc_{f.name}")
                     dest.write_text(f.read_text())
             if r["profile"]:
                 pr = r["profile"]
@@ -123,24 +140,22 @@ def main() -> None:
                       f"{pr['device_busy_ms_per_step']:.1f} ms/step ({100 * pr['device_busy_fraction']:.0f}%), "
                       f"NCCL {pr['nccl_ms_per_step']:.1f} ms/step; top CPU: "
                       + ", ".join(f"{k[:40]} {v:.1f}" for k, v in pr["top_cpu"][:4]), flush=True)
-            print(f"{n} process(es): {r['steps_per_s']:.3g} steps/s, {r['samples_per_s']:.4g} samples/s "
+            print(f"[{name}] {n} process(es): {r['steps_per_s']:.3g} steps/s, {r['samples_per_s']:.4g} samples/s "
                   f"(within epochs: {r['steady_samples_per_s']:.4g}; {r['epoch_boundaries']} epoch boundaries), "
                   f"data wait median {100 * r['data_wait_median']:.1f}% mean {100 * r['data_wait_mean']:.1f}% "
                   f"max {100 * r['data_wait_max']:.0f}%, peak GPU mem {r['peak_gpu_mem_gb']:.2f} GB, "
                   f"{r['optimizer']}, autocast {r['autocast']}, {r['n_params'] / 1e6:.0f} M params", flush=True)
-    runs, results = results, []
-    for n in dict.fromkeys(args.nproc):  # per process count: a middle run's details, median figures
-        mine = sorted((r for r in runs if r["nproc"] == n), key=lambda r: r["samples_per_s"])
-        results.append({**mine[(len(mine) - 1) // 2], "all_samples_per_s": [r["samples_per_s"] for r in mine],
-                        "median_samples_per_s": float(np.median([r["samples_per_s"] for r in mine])),
-                        "median_steady_samples_per_s": float(np.median([r["steady_samples_per_s"] for r in mine]))})
-    base = results[0]
-    for r in results:  # ratios of the medians (equal to the run's own figures with --repeats 1)
-        r["speedup_vs_first"] = r["median_samples_per_s"] / base["median_samples_per_s"]
-        r["steady_speedup_vs_first"] = r["median_steady_samples_per_s"] / base["median_steady_samples_per_s"]
+    per_variant = {name: {"overrides": variants[name], "results": _summarize([r for r in runs if r["variant"] == name],
+                                                                              args.nproc)} for name in variants}
+    # Every first-count run, whatever the variant: the baseline when variants differ only in
+    # settings that act with several processes (DDP, ZeRO), as a 1-process run ignores them.
+    first = [r["samples_per_s"] for r in runs if r["nproc"] == args.nproc[0]]
+    pooled = float(np.median(first))
     summary = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.node()}",
                "date": time.strftime("%Y-%m-%d"), "store": args.store, "config": args.config, "steps": args.steps,
-               "skip": args.skip, "overrides": args.override, "repeats": args.repeats, "results": results}
+               "skip": args.skip, "overrides": args.override, "repeats": args.repeats,
+               "results": next(iter(per_variant.values()))["results"], "variants": per_variant,
+               "pooled_first_count_samples_per_s": first, "pooled_first_count_median": pooled}
     try:
         import torch
 
@@ -149,12 +164,32 @@ def main() -> None:
         summary["torch"] = torch.__version__
     except ImportError:
         pass
-    for r in results[1:]:
-        print(f"{r['nproc']} vs {base['nproc']} process(es): {r['speedup_vs_first']:.3g}x median samples/s, "
-              f"{r['steady_speedup_vs_first']:.3g}x within epochs (ideal {r['nproc'] / base['nproc']:.3g}x)")
+    for name, v in per_variant.items():
+        base = v["results"][0]
+        for r in v["results"][1:]:
+            r["speedup_vs_pooled_first"] = r["median_samples_per_s"] / pooled
+            print(f"[{name}] {r['nproc']} vs {base['nproc']} process(es): {r['speedup_vs_first']:.3g}x median "
+                  f"samples/s, {r['steady_speedup_vs_first']:.3g}x within epochs (ideal {r['nproc'] / base['nproc']:.3g}x)"
+                  + (f"; {r['speedup_vs_pooled_first']:.3g}x against the median of all {len(first)} "
+                     f"{base['nproc']}-process runs" if len(per_variant) > 1 else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
         print(f"wrote {args.json}")
+
+
+def _summarize(runs: list[dict], counts: list[int]) -> list[dict]:
+    """Per process count: a middle run's details with median figures; ratios of the medians
+    to the first count (equal to the runs' own figures with one repeat)."""
+    results = []
+    for n in dict.fromkeys(counts):
+        mine = sorted((r for r in runs if r["nproc"] == n), key=lambda r: r["samples_per_s"])
+        results.append({**mine[(len(mine) - 1) // 2], "all_samples_per_s": [r["samples_per_s"] for r in mine],
+                        "median_samples_per_s": float(np.median([r["samples_per_s"] for r in mine])),
+                        "median_steady_samples_per_s": float(np.median([r["steady_samples_per_s"] for r in mine]))})
+    for r in results:
+        r["speedup_vs_first"] = r["median_samples_per_s"] / results[0]["median_samples_per_s"]
+        r["steady_speedup_vs_first"] = r["median_steady_samples_per_s"] / results[0]["median_steady_samples_per_s"]
+    return results
 
 
 if __name__ == "__main__":

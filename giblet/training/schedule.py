@@ -176,7 +176,10 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
     if cfg.zero and world_size > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        return ZeroRedundancyOptimizer(groups, optimizer_class=cls, **kwargs), f"ZeRO-1 over {world_size} ranks: {name}"
+        # parameters_as_bucket_view: each rank's parameters live in one flat buffer, so the
+        # updated shards go out in one broadcast per rank, not one per parameter (~230 calls).
+        return (ZeroRedundancyOptimizer(groups, optimizer_class=cls, parameters_as_bucket_view=True, **kwargs),
+                f"ZeRO-1 over {world_size} ranks: {name}")
     return cls(groups, **kwargs), name
 
 
