@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from giblet.data.dataset import pool_frames
+from giblet.data.frames import pool_frames
 from giblet.errors import ConfigError
 from giblet.models.autoencoder import (AutoencoderConfig, GibletAutoencoder, ModelSpec, hrf_kernel, prepare_batch,
                                        select_frames)

@@ -14,10 +14,10 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset, get_worker_info
 
 from giblet.data.context import convolve_windows, frame_indices, hrf_kernel, source_trs
+from giblet.data.frames import pool_frames
 from giblet.errors import ConfigError, ModalityMissingError
 from giblet.normalize import ZScorer
 from giblet.reader import open_store
@@ -64,7 +64,6 @@ class _ArrayInfo:
         self.read_trs = int((shards or arr.chunks)[0])  # TRs decoded per read: a shard or a chunk
         self.tail = tuple(int(s) for s in arr.shape[1:])
         self.dtype = np.dtype(arr.dtype)
-        self.row_nbytes = int(np.prod(self.tail, dtype=np.int64)) * self.dtype.itemsize
 
 
 class GibletDataset(Dataset):
@@ -409,20 +408,6 @@ class GibletDataset(Dataset):
     def __repr__(self) -> str:
         return (f"GibletDataset({Path(self.store_path).name!r}, split={self.split!r}, subjects={len(self.subjects)}, "
                 f"trs={self.trs}, modalities={self.modalities}, window={self.window}, lag={self.lag}, hrf={self.hrf})")
-
-
-def pool_frames(frames: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """``(..., height, width, channel)`` frames -> ``(..., h, w, channel) float32`` [0, 1] pixels,
-    average-pooled to ``size = (h, w)`` (``adaptive_avg_pool2d``). uint8 input is divided by
-    255; float input is taken as [0, 1] pixels already (pooling to its own size keeps it).
-    ``GibletDataset(video_pool=...)`` and the model's ``VideoPool`` both pool with it, on the
-    CPU or the GPU."""
-    lead, (height, width, channels) = frames.shape[:-3], frames.shape[-3:]
-    x = frames.reshape(-1, height, width, channels).permute(0, 3, 1, 2).float()  # (N, C, H, W)
-    x = x.div_(255.0) if frames.dtype == torch.uint8 else x
-    if (height, width) != tuple(size):
-        x = F.adaptive_avg_pool2d(x, tuple(size))
-    return x.permute(0, 2, 3, 1).reshape(*lead, *size, channels)
 
 
 WIRE_BYTES = 64 * 1024  # below this, a batch entry is sent by value (see GibletDataset.get_batch)

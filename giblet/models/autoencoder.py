@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from giblet.data.context import frame_indices
-from giblet.data.dataset import pool_frames
+from giblet.data.frames import pool_frames
 from giblet.errors import ConfigError
 
 TEMPORAL_INITS = ("hrf", "uniform")
@@ -177,7 +177,7 @@ class VideoPool(nn.Module):
 
     Takes uint8 frames (pooled here, on the GPU when there is one) or frames the dataset
     already pooled (``GibletDataset(video_pool=...)``: float [0, 1] pixels, kept as they are):
-    both go through :func:`giblet.data.dataset.pool_frames`, so the two give the same input.
+    both go through :func:`giblet.data.frames.pool_frames`, so the two give the same input.
     """
 
     def __init__(self, pool: tuple[int, int], stats: Optional[tuple]):
