@@ -69,8 +69,10 @@ def run(nproc: int, args, out: Path, overrides: list[str]) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"bench_train: {nproc}-process run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    if proc.returncode != 0:  # recorded; the other runs of the call go on
+        text = proc.stderr or proc.stdout  # the trainer's own one-line error comes before torchrun's summary
+        lines = [ln for ln in text.splitlines() if ln.startswith("giblet-train")] or [text[-3000:]]
+        return {"nproc": nproc, "error": f"exit {proc.returncode}: " + "\n".join(lines), "wall_s": wall}
     recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     header = next(r for r in recs if r["kind"] == "config")
     train = [r for r in recs if r["kind"] == "train" and args.skip < r["step"] <= last]
@@ -117,44 +119,72 @@ def main() -> None:
     p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                    help="a named set of overrides (repeatable; env:NAME=VALUE sets an environment variable); "
                         "variants run interleaved with each other, every repeat")
+    p.add_argument("--budget", type=float, default=0, metavar="S",
+                   help="start no run that would end after S seconds (judged by the longest run so far); "
+                        "the JSON is rewritten after every run, so a cut-off call keeps what it measured")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
     args.store = str(Path(args.store).resolve())
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     variants = {v[0]: args.override + v[1:] for v in args.variant} if args.variant else {"default": args.override}
-    runs = []
+    runs, t_begin = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         order = [(v, n) for _ in range(args.repeats) for v in variants for n in args.nproc]  # interleaved: drift
-        for name, n in order:  # hits every variant and process count alike
+        for k, (name, n) in enumerate(order):  # hits every variant and process count alike
+            longest = max((r["wall_s"] for r in runs), default=0.0)
+            if args.budget and time.perf_counter() - t_begin + longest > args.budget:
+                print(f"bench_train: --budget {args.budget:g} s reached; {len(order) - k} run(s) not started", flush=True)
+                break
             folder = Path(tmp) / f"run{len(runs) + 1}"
             r = {**run(n, args, folder, variants[name]), "variant": name}
             runs.append(r)
-            if args.profile and args.json:  # each rank's table, next to the JSON
-                for f in sorted(folder.glob("profile_rank*.txt")):
-                    dest = Path(args.json).with_name(f"{Path(args.json).stem}_run{len(runs)}_{n}proc_{f.name}")
-                    dest.write_text(f.read_text())
-            if r["profile"]:
-                pr = r["profile"]
-                print(f"  profile (rank 0): wall {pr['wall_ms_per_step']:.1f} ms/step, device busy "
-                      f"{pr['device_busy_ms_per_step']:.1f} ms/step ({100 * pr['device_busy_fraction']:.0f}%), "
-                      f"NCCL {pr['nccl_ms_per_step']:.1f} ms/step; top CPU: "
-                      + ", ".join(f"{k[:40]} {v:.1f}" for k, v in pr["top_cpu"][:4]), flush=True)
-            print(f"[{name}] {n} process(es): {r['steps_per_s']:.3g} steps/s, {r['samples_per_s']:.4g} samples/s "
-                  f"(within epochs: {r['steady_samples_per_s']:.4g}; {r['epoch_boundaries']} epoch boundaries), "
-                  f"data wait median {100 * r['data_wait_median']:.1f}% mean {100 * r['data_wait_mean']:.1f}% "
-                  f"max {100 * r['data_wait_max']:.0f}%, peak GPU mem {r['peak_gpu_mem_gb']:.2f} GB, "
-                  f"{r['optimizer']}, autocast {r['autocast']}, {r['n_params'] / 1e6:.0f} M params", flush=True)
-    per_variant = {name: {"overrides": variants[name], "results": _summarize([r for r in runs if r["variant"] == name],
-                                                                              args.nproc)} for name in variants}
+            if "error" in r:
+                print(f"[{name}] {n} process(es): FAILED {r['error'][-1500:]}", flush=True)
+            else:
+                _report(r, name, n, args, folder, len(runs))
+            if args.json:
+                Path(args.json).write_text(json.dumps(_summary(runs, variants, args, final=False), indent=2))
+    summary = _summary(runs, variants, args, final=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+        print(f"wrote {args.json}")
+
+
+def _report(r: dict, name: str, n: int, args, folder: Path, index: int) -> None:
+    """Print one run's figures; keep its profile tables next to the JSON."""
+    if args.profile and args.json:  # each rank's table, next to the JSON
+        for f in sorted(folder.glob("profile_rank*.txt")):
+            dest = Path(args.json).with_name(f"{Path(args.json).stem}_run{index}_{n}proc_{f.name}")
+            dest.write_text(f.read_text())
+    if r["profile"]:
+        pr = r["profile"]
+        print(f"  profile (rank 0): wall {pr['wall_ms_per_step']:.1f} ms/step, device busy "
+              f"{pr['device_busy_ms_per_step']:.1f} ms/step ({100 * pr['device_busy_fraction']:.0f}%), "
+              f"NCCL {pr['nccl_ms_per_step']:.1f} ms/step; top CPU: "
+              + ", ".join(f"{k[:40]} {v:.1f}" for k, v in pr["top_cpu"][:4]), flush=True)
+    print(f"[{name}] {n} process(es): {r['steps_per_s']:.3g} steps/s, {r['samples_per_s']:.4g} samples/s "
+          f"(within epochs: {r['steady_samples_per_s']:.4g}; {r['epoch_boundaries']} epoch boundaries), "
+          f"data wait median {100 * r['data_wait_median']:.1f}% mean {100 * r['data_wait_mean']:.1f}% "
+          f"max {100 * r['data_wait_max']:.0f}%, peak GPU mem {r['peak_gpu_mem_gb']:.2f} GB, "
+          f"{r['optimizer']}, autocast {r['autocast']}, {r['n_params'] / 1e6:.0f} M params", flush=True)
+
+
+def _summary(runs: list[dict], variants: dict, args, final: bool) -> dict:
+    """Every run (failed ones with their error) and per-variant medians and ratios."""
+    ok = [r for r in runs if "error" not in r]
+    per_variant = {name: {"overrides": variants[name],
+                          "results": _summarize([r for r in ok if r["variant"] == name], args.nproc)}
+                   for name in variants}
     # Every first-count run, whatever the variant: the baseline when variants differ only in
     # settings that act with several processes (DDP, ZeRO), as a 1-process run ignores them.
-    first = [r["samples_per_s"] for r in runs if r["nproc"] == args.nproc[0]]
-    pooled = float(np.median(first))
+    first = [r["samples_per_s"] for r in ok if r["nproc"] == args.nproc[0]]
+    pooled = float(np.median(first)) if first else float("nan")
     summary = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.node()}",
                "date": time.strftime("%Y-%m-%d"), "store": args.store, "config": args.config, "steps": args.steps,
-               "skip": args.skip, "overrides": args.override, "repeats": args.repeats,
+               "skip": args.skip, "overrides": args.override, "repeats": args.repeats, "complete": final,
                "results": next(iter(per_variant.values()))["results"], "variants": per_variant,
+               "failed_runs": [r for r in runs if "error" in r],
                "pooled_first_count_samples_per_s": first, "pooled_first_count_median": pooled}
     try:
         import torch
@@ -165,16 +195,18 @@ def main() -> None:
     except ImportError:
         pass
     for name, v in per_variant.items():
+        if not v["results"] or v["results"][0]["nproc"] != args.nproc[0]:
+            continue  # no baseline run (yet) for this variant
         base = v["results"][0]
         for r in v["results"][1:]:
             r["speedup_vs_pooled_first"] = r["median_samples_per_s"] / pooled
-            print(f"[{name}] {r['nproc']} vs {base['nproc']} process(es): {r['speedup_vs_first']:.3g}x median "
-                  f"samples/s, {r['steady_speedup_vs_first']:.3g}x within epochs (ideal {r['nproc'] / base['nproc']:.3g}x)"
-                  + (f"; {r['speedup_vs_pooled_first']:.3g}x against the median of all {len(first)} "
-                     f"{base['nproc']}-process runs" if len(per_variant) > 1 else ""))
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
-        print(f"wrote {args.json}")
+            if final:
+                print(f"[{name}] {r['nproc']} vs {base['nproc']} process(es): {r['speedup_vs_first']:.3g}x median "
+                      f"samples/s, {r['steady_speedup_vs_first']:.3g}x within epochs (ideal "
+                      f"{r['nproc'] / base['nproc']:.3g}x)"
+                      + (f"; {r['speedup_vs_pooled_first']:.3g}x against the median of all {len(first)} "
+                         f"{base['nproc']}-process runs" if len(per_variant) > 1 else ""))
+    return summary
 
 
 def _summarize(runs: list[dict], counts: list[int]) -> list[dict]:
@@ -183,6 +215,8 @@ def _summarize(runs: list[dict], counts: list[int]) -> list[dict]:
     results = []
     for n in dict.fromkeys(counts):
         mine = sorted((r for r in runs if r["nproc"] == n), key=lambda r: r["samples_per_s"])
+        if not mine:
+            continue
         results.append({**mine[(len(mine) - 1) // 2], "all_samples_per_s": [r["samples_per_s"] for r in mine],
                         "median_samples_per_s": float(np.median([r["samples_per_s"] for r in mine])),
                         "median_steady_samples_per_s": float(np.median([r["steady_samples_per_s"] for r in mine]))})

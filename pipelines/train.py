@@ -59,6 +59,8 @@ class DataConfig:
     lanes: int = 4
     val_batch_size: int = 64
     audio_vocab: int = 1024  # codebook size, when audio/codes does not record it
+    drop_last: Optional[bool] = None  # skip each epoch's last partial batch (a few samples, new ones every
+    #   epoch); None: true with compile=true (one batch shape: no second graph at every epoch's end)
     pool_video: bool = True  # average-pool frames to model.video_pool in the loader workers, once per
     #   decoded chunk (90x160 -> 18x32: 6x fewer bytes per batch to the device); false: ship uint8 frames
 
@@ -191,8 +193,9 @@ def train(cfg: TrainConfig) -> dict:
     finish = partial(finish_batch, denormalize=train_ds.denormalize if raw else None)
     val_collate = partial(prepare_batch, video_frames=cfg.model.video_frames,
                           denormalize=val_ds.denormalize if raw else None)
+    drop_last = cfg.compile if dcfg.drop_last is None else dcfg.drop_last
     loader = GibletLoader(train_ds, batch_size=dcfg.batch_size, num_workers=dcfg.num_workers, seed=cfg.seed,
-                          mix_chunks=dcfg.mix_chunks, lanes=dcfg.lanes, world=rt.world, transform=finish,
+                          drop_last=drop_last, mix_chunks=dcfg.mix_chunks, lanes=dcfg.lanes, world=rt.world, transform=finish,
                           pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
     # ^ its own generator: a DataLoader draws a worker seed when iterated, and drawing it from the
     #   global RNG would shift dropout after a resume (which starts one more iterator than a plain run)
@@ -216,8 +219,8 @@ def train(cfg: TrainConfig) -> dict:
         step = int(state["step"])
         D.set_rng_state(state["rng"][rt.world.rank])
         del state  # the mmap'd tensors were copied into the model and optimizer
-    model = D.wrap(model, rt, cfg.ddp)
-    if cfg.compile:
+    model = eager = D.wrap(model, rt, cfg.ddp)
+    if cfg.compile:  # validation runs eager: eval mode and its batch size would each compile another graph
         model = torch.compile(model)
     log = RunLog(Path(cfg.out) / "log.jsonl" if main else None, cfg.log.tensorboard)
     n_params = count_parameters(model)
@@ -306,7 +309,7 @@ def train(cfg: TrainConfig) -> dict:
                   f"{rec['samples_per_s']:.0f} samples/s")
             meter.reset()
         if step % cfg.log.val_every == 0 or step == sched.total_steps:
-            val = validate(model, val_ds, val_collate, cfg, rt)
+            val = validate(eager, val_ds, val_collate, cfg, rt)
             log.write("val", step=step, **val)
             say(f"val @ {step}: r_mean {val['r_mean']:.4f} (median {val['r_median']:.4f}, top 10% "
                 f"{val['r_top10']:.4f}) | fmri loss {val['loss_fmri']:.4g}")

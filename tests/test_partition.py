@@ -38,12 +38,12 @@ def test_every_sample_once_equal_lengths_over_many_geometries(drop_last):
                   group=group)
         parts = deal(n, ws, nw, **kw)
         per_rank = [sum(len(parts[r, w]) for w in range(nw)) for r in range(ws)]
-        expected = n // ws if drop_last else -(-n // ws)
-        assert per_rank == [expected] * ws == [rank_share(n, ws, drop_last)] * ws, (ws, nw, n)
+        expected = n // ws // bs * bs if drop_last else -(-n // ws)  # drop_last: whole batches only
+        assert per_rank == [expected] * ws == [rank_share(n, ws, drop_last, bs)] * ws, (ws, nw, n)
         ids = np.concatenate(list(parts.values()))
         counts = np.bincount(ids, minlength=n)
         order = epoch_order(n, seed=7, epoch=3, chunk_size=chunk, mix_chunks=mix)
-        if drop_last:  # the last n % ws samples of the shuffled order sit out this epoch
+        if drop_last:  # the end of the shuffled order sits out this epoch
             assert (counts[order[:expected * ws]] == 1).all() and (counts[order[expected * ws:]] == 0).all()
         else:  # pad by wrap: the first (ceil * ws - n) samples of the shuffled order are served again
             assert (counts == np.bincount(np.resize(order, expected * ws), minlength=n)).all(), (ws, nw, n)
@@ -173,6 +173,19 @@ def test_loader_resume_mid_epoch_with_another_worker_count_gives_the_same_batche
         assert len(resumed) == 9
         assert head + ids(resumed) == epoch0, nw  # exactly the remaining samples, same batches
         assert ids(resumed) == epoch1  # and the next epoch as if never interrupted
+
+
+def test_drop_last_serves_whole_batches_only_on_every_rank():
+    # 57 samples, 2 ranks, batches of 5: 28 a rank -> 5 whole batches each (3 sit out); without
+    # drop_last 29 a rank, the 6th batch holding 4 samples (a second shape for torch.compile).
+    for rank in (0, 1):
+        loader = GibletLoader(Ints(), batch_size=5, num_workers=2, seed=5, world=World(rank, 2), drop_last=True)
+        assert loader.batches_per_epoch == 5 and [len(b) for b in ids(loader)] == [5] * 5
+        padded = GibletLoader(Ints(), batch_size=5, num_workers=0, seed=5, world=World(rank, 2))
+        assert sorted(len(b) for b in ids(padded)) == [4] + [5] * 5
+    both = [GibletLoader(Ints(), batch_size=5, seed=5, world=World(r, 2), drop_last=True) for r in (0, 1)]
+    served = sum((sum(ids(x), []) for x in both), [])
+    assert len(served) == len(set(served)) == 50  # 7 samples sit out, none is served twice
 
 
 class Pids(Ints):

@@ -227,17 +227,22 @@ def test_zero_sharded_optimizer_gives_the_same_losses_and_resumes(study, tmp_pat
 
 def test_compile_under_two_ranks_trains_the_same_function(study, tmp_path):
     """compile=true (torch.compile of the DDP-wrapped model, gloo): without dropout (whose
-    random stream differs under compile) the losses follow the eager run's."""
+    random stream differs under compile) the losses follow the eager run's; the last partial
+    batch of each epoch is dropped by default, so crossing an epoch compiles nothing again."""
     store, _ = study
-    common = ("schedule.max_steps=6", "log.every=1", "log.val_every=100", "log.ckpt_every=100", "model.dropout=0.0")
-    runs = {}
-    for name, extra in (("eager", ()), ("compiled", ("compile=true",))):
+    common = ("schedule.max_steps=9", "log.every=1", "log.val_every=100", "log.ckpt_every=100", "model.dropout=0.0")
+    runs, stderr = {}, {}
+    # eager with drop_last asked for; compiled with its default (drop_last follows compile)
+    for name, extra in (("eager", ("data.drop_last=true",)), ("compiled", ("compile=true",))):
         launcher = ("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                     f"--master_port={_free_port()}")
-        res = run_train(TINY, store, tmp_path / name, *common, *extra, launcher=launcher)
+        res = run_train(TINY, store, tmp_path / name, *common, *extra, launcher=launcher,
+                        env={"TORCH_LOGS": "recompiles"})
         assert res.returncode == 0, res.stderr[-3000:]
-        runs[name] = records(tmp_path / name / "log.jsonl", "train")
-    assert sorted(runs["eager"]) == sorted(runs["compiled"]) == list(range(1, 7))
+        runs[name], stderr[name] = records(tmp_path / name / "log.jsonl", "train"), res.stderr
+    assert sorted(runs["eager"]) == sorted(runs["compiled"]) == list(range(1, 10))
+    assert runs["compiled"][9]["epoch"] >= 1  # an epoch boundary was crossed ...
+    assert "Recompiling" not in stderr["compiled"]  # ... with one batch shape
     for step, rec in runs["eager"].items():
         assert runs["compiled"][step]["loss"] == pytest.approx(rec["loss"], rel=1e-4), step
-    assert runs["eager"][6]["loss"] != runs["eager"][1]["loss"]  # it trained
+    assert runs["eager"][9]["loss"] != runs["eager"][1]["loss"]  # it trained

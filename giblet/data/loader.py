@@ -101,7 +101,7 @@ class GibletLoader:
     Args:
         dataset: a map-style dataset (``GibletDataset``; its ``chunk_sizes`` drive the
             chunk-aware shuffle, any other dataset is treated as one-sample chunks).
-        batch_size: samples per batch (the last batch of an epoch may be smaller).
+        batch_size: samples per batch (the last batch of an epoch may be smaller, unless ``drop_last``).
         num_workers: DataLoader worker processes (0: read in this process).
         seed: shuffle seed; the order of an epoch depends on (seed, epoch) only.
         shuffle, drop_last, mix_chunks, lanes: see ``giblet.data.partition``. ``lanes``
@@ -174,7 +174,7 @@ class GibletLoader:
     @property
     def samples_per_epoch(self) -> int:
         """Samples this rank delivers per epoch (equal on every rank)."""
-        return rank_share(len(self.dataset), self.world.world_size, self.drop_last)
+        return rank_share(len(self.dataset), self.world.world_size, self.drop_last, self.batch_size)
 
     @property
     def batches_per_epoch(self) -> int:

@@ -15,9 +15,10 @@ One epoch, step by step (:func:`epoch_order`, then :func:`rank_share`, then :fun
    in a reader's cache at once. The generator is ``np.random.default_rng([seed, epoch])``.
 2. **Equal length per rank.** Every rank gets ``ceil(n / world_size)`` samples: the
    shuffled order is *padded by wrapping* (its first few samples are served twice this
-   epoch). With ``drop_last=True`` every rank gets ``floor(n / world_size)`` and the last
-   ``n % world_size`` samples of the shuffled order are skipped this epoch (different ones
-   each epoch). Rank ``r`` takes the ``r``-th contiguous slice, so it reads whole chunks.
+   epoch). With ``drop_last=True`` every rank gets ``floor(n / world_size)`` rounded down to
+   whole batches (every batch the same shape, as ``torch.compile`` wants), and the end of
+   the shuffled order sits out this epoch (different samples each epoch). Rank ``r`` takes
+   the ``r``-th contiguous slice, so it reads whole chunks.
 3. **Lanes.** A rank's slice is cut into batches of ``batch_size`` and the batches into
    ``lanes`` contiguous stretches, whose *units* of ``group`` batches are interleaved
    (lane 0's unit 0, lane 1's unit 0, ..., lane 0's unit 1, ...). That interleaving is
@@ -93,10 +94,13 @@ def epoch_order(n_samples: int, *, seed: int, epoch: int, shuffle: bool = True,
     return np.lexsort((rng.random(n_samples), block)).astype(np.int64)
 
 
-def rank_share(n_samples: int, world_size: int, drop_last: bool = False) -> int:
-    """Samples per rank per epoch: ``ceil(n / world_size)``, or ``floor`` with ``drop_last``."""
+def rank_share(n_samples: int, world_size: int, drop_last: bool = False, batch_size: int = 1) -> int:
+    """Samples per rank per epoch: ``ceil(n / world_size)``, or with ``drop_last``
+    ``floor(n / world_size)`` rounded down to a multiple of ``batch_size``."""
     _check("world_size", world_size, 1)
-    return n_samples // world_size if drop_last else -(-n_samples // world_size)
+    if drop_last:
+        return n_samples // world_size // _check("batch_size", batch_size, 1) * batch_size
+    return -(-n_samples // world_size)
 
 
 def rank_sequence(n_samples: int, *, rank: int, world_size: int, seed: int, epoch: int, shuffle: bool = True,
@@ -105,7 +109,7 @@ def rank_sequence(n_samples: int, *, rank: int, world_size: int, seed: int, epoc
     """Every sample rank ``rank`` serves this epoch, in delivery order (steps 1-3).
 
     Returns:
-        ``(rank_share(n, world_size, drop_last),) int64`` sample ids.
+        ``(rank_share(n, world_size, drop_last, batch_size),) int64`` sample ids.
     """
     _check("world_size", world_size, 1)
     if not 0 <= rank < world_size:
@@ -114,7 +118,7 @@ def rank_sequence(n_samples: int, *, rank: int, world_size: int, seed: int, epoc
     batch_size, lanes, group = _check("batch_size", batch_size, 1), _check("lanes", lanes, 1), _check("group", group, 1)
     order = epoch_order(n_samples, seed=seed, epoch=epoch, shuffle=shuffle, chunk_size=chunk_size,
                         mix_chunks=mix_chunks)
-    per_rank = rank_share(n_samples, world_size, drop_last)
+    per_rank = rank_share(n_samples, world_size, drop_last, batch_size)
     if per_rank == 0:
         return np.zeros(0, dtype=np.int64)
     padded = np.resize(order, per_rank * world_size)  # np.resize repeats cyclically: pad by wrap
@@ -152,7 +156,7 @@ def partition(n_samples: int, *, rank: int, world_size: int, worker: int = 0, nu
         seed, epoch: the only inputs of the shuffle.
         shuffle: False keeps id order (still split and padded the same way).
         chunk_size: the storage layout, an int or per-chunk lengths (see :func:`chunk_sizes`).
-        drop_last: drop instead of pad to equalize ranks (module docstring, step 2).
+        drop_last: drop instead of pad to equalize ranks, and keep whole batches only (step 2).
         batch_size: samples handed to a worker at a time.
         mix_chunks: chunks shuffled together (step 1).
         lanes: interleaved stretches of each rank's slice (step 3).
