@@ -44,6 +44,7 @@ from giblet.training.schedule import (OptimConfig, ScheduleConfig, build_optimiz
                                       check_warmup, resolve_schedule)
 from pipelines.errors import one_line_errors
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 KILL_ENV = "GIBLET_TRAIN_KILL_AT_STEP"  # tests only: SIGKILL this process right after that optimizer step
 
 
@@ -75,6 +76,8 @@ class TrainConfig:
     resume: bool = True  # continue from out/checkpoint.pt when it exists
     threads: Optional[int] = None  # torch CPU threads per process (None: torch's default; torchrun sets 1)
     compile: bool = False  # torch.compile the model (fewer kernel launches on GPU; first steps compile)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs: no launch
+    #   cost per kernel) | max-autotune-no-cudagraphs
     data: DataConfig = field(default_factory=DataConfig)
     model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -110,6 +113,8 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple = ()) -> Tr
         for name in ("window", "lag"):
             if getattr(cfg.data, name) < 0:
                 problems.append(f"data.{name}: must be >= 0 TRs, got {getattr(cfg.data, name)}")
+        if cfg.compile_mode not in COMPILE_MODES:
+            problems.append(f"compile_mode: {cfg.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
     if problems:
         raise ConfigError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
     return dataclasses.replace(cfg, config_path=str(path.resolve()))
@@ -221,7 +226,8 @@ def train(cfg: TrainConfig) -> dict:
         del state  # the mmap'd tensors were copied into the model and optimizer
     model = eager = D.wrap(model, rt, cfg.ddp)
     if cfg.compile:  # validation runs eager: eval mode and its batch size would each compile another graph
-        model = torch.compile(model)
+        model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+    graphed = cfg.compile and cfg.compile_mode == "reduce-overhead"  # CUDA graphs (on GPU only)
     log = RunLog(Path(cfg.out) / "log.jsonl" if main else None, cfg.log.tensorboard)
     n_params = count_parameters(model)
     say(f"giblet-train: {rt.world.world_size} process(es) on {rt.device}, autocast {rt.amp_dtype}, "
@@ -273,6 +279,8 @@ def train(cfg: TrainConfig) -> dict:
             meter.wait += time.perf_counter() - t0
             meter.samples += len(batch["index"])
             batch = to_device(batch, rt.device)
+            if graphed:  # a new iteration: the graphs may reuse the previous step's output memory
+                torch.compiler.cudagraph_mark_step_begin()
             with D.maybe_no_sync(model, micro < accum - 1), rt.autocast():
                 out = model(batch)
                 loss, parts = compute_losses(out, batch, cfg.loss)

@@ -372,9 +372,11 @@ def test_train_config_reports_every_problem_with_suggestions():
     assert "did you mean 'lr'" in msg
     with pytest.raises(ConfigError) as info:
         load_train_config(REPO / "configs" / "train" / "tiny.yaml",
-                          ["model.d_model=31", "schedule.unit=epochs", "data.window=-1", "log.scale_check=maybe"])
+                          ["model.d_model=31", "schedule.unit=epochs", "data.window=-1", "log.scale_check=maybe",
+                           "compile_mode=fast"])
     msg = str(info.value)
-    assert "4 problem(s)" in msg and "scale_check" in msg and "not divisible" in msg and "schedule.unit" in msg and "data.window" in msg
+    assert "5 problem(s)" in msg and "scale_check" in msg and "not divisible" in msg and "schedule.unit" in msg and "data.window" in msg
+    assert "compile_mode: 'fast'; choose one of default, reduce-overhead" in msg
 
 
 def test_cli_reports_one_line_errors(tmp_path, capsys):
