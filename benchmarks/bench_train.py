@@ -24,6 +24,13 @@ in settings that act with several processes)::
         --variant ddp ddp.bucket_cap_mb=250 --variant zero ddp.bucket_cap_mb=250 optim.zero=true \
         --variant simple ddp.bucket_cap_mb=250 env:NCCL_PROTO=Simple --json variants.json
 
+``--side-by-side`` also runs N independent 1-process trainers at once (one GPU each): the host's
+share of the N-process loss (N side by side vs 1 alone) apart from DDP's (N-process run vs N side
+by side)::
+
+    python benchmarks/bench_train.py --store /data/sherlock.zarr --device cuda --repeats 2 --side-by-side \\
+        --override ddp.bucket_cap_mb=250 --json sbs.json
+
 On this CPU (gloo, the demo config)::
 
     python benchmarks/bench_train.py --store giblet-demo/demo.zarr --config configs/train/demo.yaml \\
@@ -53,24 +60,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(nproc: int, args, out: Path, overrides: list[str]) -> dict:
-    """One trainer run with ``overrides`` (``KEY=VALUE`` for the trainer, ``env:NAME=VALUE`` for
-    its environment); returns its figures from the log."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _launch(nproc: int, args, out: Path, overrides: list[str], env_extra: dict | None = None):
+    """Start one trainer run (``torch.distributed.run``) with ``overrides`` (``KEY=VALUE`` for the
+    trainer, ``env:NAME=VALUE`` for its environment); its output goes to files in ``out``."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     env.update(o[4:].split("=", 1) for o in overrides if o.startswith("env:"))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "-m", "pipelines.train", str(args.config), f"store={args.store}",
            f"out={out}", f"device={args.device}", f"schedule.max_steps={args.steps}", f"log.every={args.every}",
            f"log.val_every={10 ** 9}", f"log.ckpt_every={10 ** 9}", "log.tensorboard=false", "resume=false",
            *[o for o in overrides if not o.startswith("env:")]]
-    last = args.steps - args.profile  # the profiled steps (at the end) are left out of the throughput
     if args.profile:
+        last = args.steps - args.profile
         cmd += [f"log.profile_steps={args.profile}", f"log.profile_start={last}"]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "stdout.txt", "w") as so, open(out / "stderr.txt", "w") as se:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=so, stderr=se, env=env), time.perf_counter()
+
+
+def run(nproc: int, args, out: Path, overrides: list[str]) -> dict:
+    """One trainer run; its figures from its log."""
+    proc, t0 = _launch(nproc, args, out, overrides)
+    return _collect(proc, t0, nproc, args, out)
+
+
+def run_side_by_side(n: int, args, out: Path, overrides: list[str]) -> dict:
+    """``n`` independent 1-process runs at once, one per GPU (``CUDA_VISIBLE_DEVICES``): what the
+    host gives each process when ``n`` share it, without any communication between them."""
+    started = [_launch(1, args, out / f"alone{i}", overrides,
+                       {"CUDA_VISIBLE_DEVICES": str(i)} if args.device == "cuda" else None) for i in range(n)]
+    runs = [_collect(p, t0, 1, args, out / f"alone{i}") for i, (p, t0) in enumerate(started)]
+    bad = [r for r in runs if "error" in r]
+    if bad:
+        return {**bad[0], "nproc": f"{n}x1"}
+    return {**runs[0], "nproc": f"{n}x1", "samples_per_s": sum(r["samples_per_s"] for r in runs),
+            "steady_samples_per_s": sum(r["steady_samples_per_s"] for r in runs),
+            "members_samples_per_s": [r["samples_per_s"] for r in runs], "wall_s": max(r["wall_s"] for r in runs)}
+
+
+def _collect(proc: subprocess.Popen, t0: float, nproc: int, args, out: Path) -> dict:
+    """Wait for a run; its figures from its ``log.jsonl`` (or its error)."""
+    proc.wait()
     wall = time.perf_counter() - t0
+    last = args.steps - args.profile  # the profiled steps (at the end) are left out of the throughput
     if proc.returncode != 0:  # recorded; the other runs of the call go on
-        text = proc.stderr or proc.stdout  # the trainer's own one-line error comes before torchrun's summary
+        text = (out / "stderr.txt").read_text() or (out / "stdout.txt").read_text()
         lines = [ln for ln in text.splitlines() if ln.startswith("giblet-train")] or [text[-3000:]]
         return {"nproc": nproc, "error": f"exit {proc.returncode}: " + "\n".join(lines), "wall_s": wall}
     recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -122,6 +156,10 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=0, metavar="S",
                    help="start no run that would end after S seconds (judged by the longest run so far); "
                         "the JSON is rewritten after every run, so a cut-off call keeps what it measured")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="also run N independent 1-process trainers at once (N = the largest --nproc; one GPU "
+                        "each, no communication): splits the N-process loss into the host's share (N alone "
+                        "vs 1 alone) and DDP's (N-process run vs N alone)")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args()
     args.store = str(Path(args.store).resolve())
@@ -130,14 +168,18 @@ def main() -> None:
     variants = {v[0]: args.override + v[1:] for v in args.variant} if args.variant else {"default": args.override}
     runs, t_begin = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        order = [(v, n) for _ in range(args.repeats) for v in variants for n in args.nproc]  # interleaved: drift
+        counts = [*args.nproc, *([f"{max(args.nproc)}x1"] if args.side_by_side else [])]
+        order = [(v, n) for _ in range(args.repeats) for v in variants for n in counts]  # interleaved: drift
         for k, (name, n) in enumerate(order):  # hits every variant and process count alike
             longest = max((r["wall_s"] for r in runs), default=0.0)
             if args.budget and time.perf_counter() - t_begin + longest > args.budget:
                 print(f"bench_train: --budget {args.budget:g} s reached; {len(order) - k} run(s) not started", flush=True)
                 break
             folder = Path(tmp) / f"run{len(runs) + 1}"
-            r = {**run(n, args, folder, variants[name]), "variant": name}
+            if isinstance(n, str):  # "Nx1": N independent 1-process runs at once
+                r = {**run_side_by_side(max(args.nproc), args, folder, variants[name]), "variant": name}
+            else:
+                r = {**run(n, args, folder, variants[name]), "variant": name}
             runs.append(r)
             if "error" in r:
                 print(f"[{name}] {n} process(es): FAILED {r['error'][-1500:]}", flush=True)
@@ -198,6 +240,20 @@ def _summary(runs: list[dict], variants: dict, args, final: bool) -> dict:
         if not v["results"] or v["results"][0]["nproc"] != args.nproc[0]:
             continue  # no baseline run (yet) for this variant
         base = v["results"][0]
+        alone = [r for r in ok if r["variant"] == name and isinstance(r["nproc"], str)]
+        if alone:  # N side by side vs 1 alone: the host; the N-process run vs N side by side: DDP
+            n = max(args.nproc)
+            top = next((r for r in v["results"] if r["nproc"] == n), None)
+            m = float(np.median([r["samples_per_s"] for r in alone]))
+            v["side_by_side"] = {"nproc": n, "all_samples_per_s": [r["samples_per_s"] for r in alone],
+                                 "members_samples_per_s": [r["members_samples_per_s"] for r in alone],
+                                 "median_samples_per_s": m, "host_factor": m / (n * base["median_samples_per_s"]),
+                                 "ddp_factor": top["median_samples_per_s"] / m if top else float("nan")}
+            if final:
+                sb = v["side_by_side"]
+                print(f"[{name}] {n} independent 1-process runs side by side: {m:.4g} samples/s = "
+                      f"{sb['host_factor']:.3g} x {n} x the lone run (the host's share); the {n}-process run is "
+                      f"{sb['ddp_factor']:.3g} x that (DDP's share)")
         for r in v["results"][1:]:
             r["speedup_vs_pooled_first"] = r["median_samples_per_s"] / pooled
             if final:
