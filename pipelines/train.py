@@ -115,6 +115,10 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple = ()) -> Tr
                 problems.append(f"data.{name}: must be >= 0 TRs, got {getattr(cfg.data, name)}")
         if cfg.compile_mode not in COMPILE_MODES:
             problems.append(f"compile_mode: {cfg.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
+        elif cfg.compile_mode == "reduce-overhead" and cfg.optim.accum_steps > 1:
+            # a CUDA graph's next replay reuses the memory of its outputs, the gradients included
+            problems.append(f"compile_mode=reduce-overhead with optim.accum_steps={cfg.optim.accum_steps}: CUDA "
+                            "graphs reuse each micro-step's gradient memory; accumulate with compile_mode=default")
     if problems:
         raise ConfigError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
     return dataclasses.replace(cfg, config_path=str(path.resolve()))
