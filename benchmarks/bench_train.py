@@ -173,7 +173,8 @@ def main() -> None:
         for k, (name, n) in enumerate(order):  # hits every variant and process count alike
             longest = max((r["wall_s"] for r in runs), default=0.0)
             if args.budget and time.perf_counter() - t_begin + longest > args.budget:
-                print(f"bench_train: --budget {args.budget:g} s reached; {len(order) - k} run(s) not started", flush=True)
+                print(f"bench_train: --budget {args.budget:g} s reached; {len(order) - k} run(s) not started",
+                      flush=True)
                 break
             folder = Path(tmp) / f"run{len(runs) + 1}"
             if isinstance(n, str):  # "Nx1": N independent 1-process runs at once

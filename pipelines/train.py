@@ -204,8 +204,9 @@ def train(cfg: TrainConfig) -> dict:
                           denormalize=val_ds.denormalize if raw else None)
     drop_last = cfg.compile if dcfg.drop_last is None else dcfg.drop_last
     loader = GibletLoader(train_ds, batch_size=dcfg.batch_size, num_workers=dcfg.num_workers, seed=cfg.seed,
-                          drop_last=drop_last, mix_chunks=dcfg.mix_chunks, lanes=dcfg.lanes, world=rt.world, transform=finish,
-                          pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+                          drop_last=drop_last, mix_chunks=dcfg.mix_chunks, lanes=dcfg.lanes, world=rt.world,
+                          transform=finish, pin_memory=rt.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(cfg.seed))
     # ^ its own generator: a DataLoader draws a worker seed when iterated, and drawing it from the
     #   global RNG would shift dropout after a resume (which starts one more iterator than a plain run)
     accum = cfg.optim.accum_steps

@@ -378,7 +378,8 @@ def test_train_config_reports_every_problem_with_suggestions():
     assert "5 problem(s)" in msg and "scale_check" in msg and "not divisible" in msg and "schedule.unit" in msg and "data.window" in msg
     assert "compile_mode: 'fast'; choose one of default, reduce-overhead" in msg
     with pytest.raises(ConfigError, match="compile_mode=reduce-overhead with optim.accum_steps=2"):
-        load_train_config(REPO / "configs" / "train" / "tiny.yaml", ["compile_mode=reduce-overhead", "optim.accum_steps=2"])
+        load_train_config(REPO / "configs" / "train" / "tiny.yaml",
+                          ["compile_mode=reduce-overhead", "optim.accum_steps=2"])
     load_train_config(REPO / "configs" / "train" / "tiny.yaml", ["compile_mode=reduce-overhead", "compile=true"])
 
 
