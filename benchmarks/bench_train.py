@@ -93,7 +93,9 @@ def run_side_by_side(n: int, args, out: Path, overrides: list[str]) -> dict:
     bad = [r for r in runs if "error" in r]
     if bad:
         return {**bad[0], "nproc": f"{n}x1"}
-    return {**runs[0], "nproc": f"{n}x1", "samples_per_s": sum(r["samples_per_s"] for r in runs),
+    return {**runs[0], "nproc": f"{n}x1", "profile": None,
+            "steps_per_s": float(np.mean([r["steps_per_s"] for r in runs])),  # per process
+            "samples_per_s": sum(r["samples_per_s"] for r in runs),
             "steady_samples_per_s": sum(r["steady_samples_per_s"] for r in runs),
             "members_samples_per_s": [r["samples_per_s"] for r in runs], "wall_s": max(r["wall_s"] for r in runs)}
 

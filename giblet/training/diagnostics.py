@@ -102,23 +102,28 @@ class StepProfiler:
 
         # Kernels and copies only: CPU ops repeat their kernels' time, and record_function ranges
         # (DDP's forward, the optimizer step, NCCL calls) also appear on the device as annotations.
-        on_device = [e for e in events if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
+        on_device = [e for e in events
+                     if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False)]
         nccl = sum(dev(e) for e in on_device if "nccl" in e.key.lower())
         busy = sum(dev(e) for e in on_device) - nccl
         per = 1.0 / self.steps
-        summary = {"steps": self.steps, "wall_ms_per_step": wall * 1e3 * per, "device_busy_ms_per_step": busy / 1e3 * per,
-                   "nccl_ms_per_step": nccl / 1e3 * per, "device_busy_fraction": busy / 1e6 / wall,
-                   "top_device": [[e.key, round(dev(e) / 1e3 * per, 3)] for e in
-                                  sorted(events, key=dev, reverse=True)[:8] if dev(e) > 0],
-                   "top_cpu": [[e.key, round(e.self_cpu_time_total / 1e3 * per, 3)] for e in
-                               sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]]}
+
+        def cpu(e) -> float:
+            return float(e.self_cpu_time_total)
+
+        by_dev, by_cpu = sorted(events, key=dev, reverse=True), sorted(events, key=cpu, reverse=True)
+        summary = {"steps": self.steps, "wall_ms_per_step": wall * 1e3 * per,
+                   "device_busy_ms_per_step": busy / 1e3 * per, "nccl_ms_per_step": nccl / 1e3 * per,
+                   "device_busy_fraction": busy / 1e6 / wall,
+                   "top_device": [[e.key, round(dev(e) / 1e3 * per, 3)] for e in by_dev[:8] if dev(e) > 0],
+                   "top_cpu": [[e.key, round(cpu(e) / 1e3 * per, 3)] for e in by_cpu[:8]]}
         lines = [f"steps {self.start + 1}..{step}: wall {summary['wall_ms_per_step']:.2f} ms/step, device busy "
                  f"{summary['device_busy_ms_per_step']:.2f} ms/step ({100 * summary['device_busy_fraction']:.0f}%), "
                  f"NCCL {summary['nccl_ms_per_step']:.2f} ms/step (ms per step below)", ""]
-        for title, key in (("by self device time", dev), ("by self CPU time", lambda e: e.self_cpu_time_total)):
+        for title, ranked in (("by self device time", by_dev), ("by self CPU time", by_cpu)):
             lines.append(title)
-            for e in sorted(events, key=key, reverse=True)[:25]:
-                lines.append(f"  {dev(e) / 1e3 * per:9.3f} dev {e.self_cpu_time_total / 1e3 * per:9.3f} cpu "
+            for e in ranked[:25]:
+                lines.append(f"  {dev(e) / 1e3 * per:9.3f} dev {cpu(e) / 1e3 * per:9.3f} cpu "
                              f"{e.count / self.steps:8.1f}x  {e.key[:100]}")
             lines.append("")
         self.path.parent.mkdir(parents=True, exist_ok=True)
