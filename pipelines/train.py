@@ -38,10 +38,10 @@ from giblet.reader import open_store
 from giblet.training import checkpoint as ckpt
 from giblet.training import distributed as D
 from giblet.training.diagnostics import (LogConfig, Meter, RunLog, StepProfiler, check_log, enforce_scale_check,
-                                         format_scale_check, grad_norms, scale_check)
+                                         format_scale_check, scale_check)
 from giblet.training.losses import COMPONENTS, LossConfig, VoxelCorrelation, check_losses, compute_losses
 from giblet.training.schedule import (OptimConfig, ScheduleConfig, build_optimizer, build_scheduler, check_schedule,
-                                      check_warmup, resolve_schedule)
+                                      check_warmup, param_groups, resolve_schedule)
 from pipelines.errors import one_line_errors
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
@@ -212,24 +212,28 @@ def train(cfg: TrainConfig) -> dict:
     accum = cfg.optim.accum_steps
     sched = resolve_schedule(cfg.schedule, loader.batches_per_epoch, accum)
     model = GibletAutoencoder(cfg.model, spec).to(rt.device)
-    optimizer, optim_name = build_optimizer(model, cfg.optim, rt.device, rt.world.world_size)
+    par = D.data_parallel(model, param_groups(model, cfg.optim.weight_decay), rt, cfg.ddp, zero=cfg.optim.zero)
+    optimizer, optim_name = build_optimizer(par.param_groups, cfg.optim, rt.device)
+    if cfg.optim.zero:
+        optim_name = f"ZeRO-1 over {rt.world.world_size} rank(s), flat buffers: {optim_name}"
     scheduler = build_scheduler(optimizer, sched)
     fingerprint = {"store": str(Path(cfg.store).resolve()), "n_voxels": spec.n_voxels,
                    "modalities": list(spec.modalities), "window": spec.window, "lag": spec.lag,
-                   "model": dataclasses.asdict(cfg.model), "world_size": rt.world.world_size}
+                   "model": dataclasses.asdict(cfg.model), "world_size": rt.world.world_size,
+                   "zero": cfg.optim.zero}
     step, state = 0, ckpt.load_checkpoint(cfg.out) if cfg.resume else None
     if not cfg.resume and ckpt.checkpoint_path(cfg.out).exists():
         raise ConfigError(f"{ckpt.checkpoint_path(cfg.out)} exists and resume=false; choose another out= folder")
     if state is not None:
         ckpt.check_compatible(state, fingerprint)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        par.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["loader"])
         step = int(state["step"])
         D.set_rng_state(state["rng"][rt.world.rank])
         del state  # the mmap'd tensors were copied into the model and optimizer
-    model = eager = D.wrap(model, rt, cfg.ddp)
+    model = eager = par.model  # DDP-wrapped (several ranks, no ZeRO) or the bare model
     if cfg.compile:  # validation runs eager: eval mode and its batch size would each compile another graph
         model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     graphed = cfg.compile and cfg.compile_mode == "reduce-overhead"  # CUDA graphs (on GPU only)
@@ -269,7 +273,6 @@ def train(cfg: TrainConfig) -> dict:
     enforce_scale_check(rows, cfg.log.scale_check)
 
     # ---- the step loop -------------------------------------------------------------------------
-    params = [p for p in model.parameters() if p.requires_grad]
     meter, kill_at = Meter(), int(os.environ.get(KILL_ENV, 0))
     profiler = StepProfiler(Path(cfg.out), rt.world.rank, step + cfg.log.profile_start, cfg.log.profile_steps,
                             rt.device)
@@ -286,20 +289,22 @@ def train(cfg: TrainConfig) -> dict:
             batch = to_device(batch, rt.device)
             if graphed:  # a new iteration: the graphs may reuse the previous step's output memory
                 torch.compiler.cudagraph_mark_step_begin()
-            with D.maybe_no_sync(model, micro < accum - 1), rt.autocast():
+            with par.no_sync(micro < accum - 1), rt.autocast():
                 out = model(batch)
                 loss, parts = compute_losses(out, batch, cfg.loss)
             (loss / accum).backward()
             for k, v in [("loss", loss)] + list(parts.items()):
                 parts_sum[k] = parts_sum.get(k, 0.0) + v.detach().float() / accum
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)  # the pre-clip total norm
-        lr = optimizer.param_groups[0]["lr"]  # the LR this step applies
+        par.reduce_gradients()  # ZeRO: this rank's shard of the mean gradient (DDP did it in the backward)
         log_now = (step + 1) % cfg.log.every == 0 or step + 1 == sched.total_steps
-        module_norms = grad_norms(D.unwrap(model)) if log_now and main else {}
+        module_norms = par.module_grad_norms() if log_now else {}  # pre-clip, like the total
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        norm = par.clip_grad_norm_(clip)  # the pre-clip total norm
+        lr = optimizer.param_groups[0]["lr"]  # the LR this step applies
         optimizer.step()
+        par.after_step()  # ZeRO: every rank gathers the updated shards
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        par.zero_grad(optimizer)
         step += 1
         profiled = profiler.after_step(step)
         if profiled:
@@ -328,11 +333,10 @@ def train(cfg: TrainConfig) -> dict:
                 f"{val['r_top10']:.4f}) | fmri loss {val['loss_fmri']:.4g}")
         if step % cfg.log.ckpt_every == 0 or step == sched.total_steps:
             rngs = D.gather_objects(D.rng_state())  # every rank's, so each resumes its own dropout stream
-            if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO: every rank sends its shard to rank 0
-                optimizer.consolidate_state_dict(to=0)
+            optim_state = par.optimizer_state(optimizer)  # ZeRO: every rank's shard, on rank 0
             if main:
                 ckpt.save_checkpoint(cfg.out, {"model": D.unwrap(model).state_dict(), "step": step,
-                                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                               "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                                                "loader": loader.state_dict(), "rng": rngs, "fingerprint": fingerprint})
             D.barrier()
         if step == kill_at:

@@ -21,7 +21,7 @@ from giblet.training import distributed as D
 from giblet.training.diagnostics import enforce_scale_check, grad_norms, scale_check
 from giblet.training.losses import LossConfig, VoxelCorrelation, audio_ce, check_losses, compute_losses, masked_mse
 from giblet.training.schedule import (OptimConfig, ScheduleConfig, build_optimizer, build_scheduler, check_warmup,
-                                      lr_factor, resolve_schedule)
+                                      lr_factor, param_groups, resolve_schedule)
 
 REPO = Path(__file__).resolve().parents[1]
 V, W, F_, H, WD, C, NCB, T, VOCAB, E = 40, 5, 3, 12, 16, 3, 2, 10, 16, 24
@@ -256,7 +256,7 @@ def test_optimizer_falls_back_to_torch_adamw_on_cpu():
     model = torch.nn.Linear(3, 2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        opt, name = build_optimizer(model, OptimConfig(name="adamw8bit"), torch.device("cpu"))
+        opt, name = build_optimizer(param_groups(model, 0.01), OptimConfig(name="adamw8bit"), torch.device("cpu"))
     assert isinstance(opt, torch.optim.AdamW) and name == "torch.AdamW" and caught
     decay = {id(p) for p in opt.param_groups[0]["params"]}
     assert id(model.weight) in decay and id(model.bias) not in decay  # no decay on biases

@@ -1,4 +1,4 @@
-"""Process group, device and DDP wrapping: one process, or many under ``torchrun``.
+"""Process group, device and data parallelism: one process, or many under ``torchrun``.
 
 Ranks come from torchrun's environment through :func:`giblet.data.world.world_from_env`:
 ``RANK`` is the global rank (it picks the data shard and who writes checkpoints),
@@ -142,6 +142,55 @@ def maybe_no_sync(model: torch.nn.Module, skip_sync: bool) -> Iterator[None]:
             yield
     else:
         yield
+
+
+class Replicated:
+    """Every rank holds and updates all the parameters: DDP all-reduces the gradients during
+    the backward (the bare model on one process). The step interface :class:`Zero1` shares."""
+
+    def __init__(self, model: torch.nn.Module, groups: list[dict], rt: Runtime, cfg: DDPConfig = DDPConfig()):
+        self.model = wrap(model, rt, cfg)
+        self.param_groups = groups
+        self._bare, self._params = model, [p for g in groups for p in g["params"]]
+
+    def no_sync(self, skip: bool) -> contextlib.AbstractContextManager:
+        return maybe_no_sync(self.model, skip)
+
+    def reduce_gradients(self) -> None:
+        """Nothing left to do: DDP averaged the gradients during the backward."""
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(self._params, max_norm)
+
+    def module_grad_norms(self) -> dict[str, float]:
+        from giblet.training.diagnostics import grad_norms
+
+        return grad_norms(self._bare)
+
+    def after_step(self) -> None:
+        pass
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+        if "zero_shards" in saved:
+            raise ConfigError("the checkpoint's optimizer state is sharded (written with optim.zero=true); "
+                              "resume with optim.zero=true")
+        optimizer.load_state_dict(saved)
+
+
+def data_parallel(model: torch.nn.Module, groups: list[dict], rt: Runtime, cfg: DDPConfig = DDPConfig(),
+                  zero: bool = False):
+    """How the ranks share a step: :class:`Replicated` (DDP), or flat-buffer ZeRO-1 with ``zero``."""
+    if not zero:
+        return Replicated(model, groups, rt, cfg)
+    from giblet.training.zero import Zero1
+
+    return Zero1(model, groups, rt.world.world_size, rt.world.rank, compress=cfg.compress)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,8 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0  # max total grad norm; 0 disables clipping (the pre-clip norm is logged either way)
     accum_steps: int = 1  # micro-batches per optimizer step
-    zero: bool = False  # with several ranks: ZeRO-1 -- each rank keeps the state of, and updates, 1/N of the
-    #   parameters, then broadcasts them (torch ZeroRedundancyOptimizer around the optimizer above)
+    zero: bool = False  # ZeRO-1 over flat buffers instead of DDP: parameters and gradients live in one flat
+    #   buffer each, every rank keeps the state of, and updates, 1/N of it (giblet.training.zero)
 
 
 @dataclass(frozen=True)
@@ -145,19 +145,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device,
-                    world_size: int = 1) -> tuple[torch.optim.Optimizer, str]:
-    """AdamW over fp32 master weights; bitsandbytes 8-bit AdamW on CUDA when asked and importable;
-    sharded over the ranks (ZeRO-1) with ``cfg.zero`` and ``world_size > 1`` (the process
-    group must be up).
+def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) -> tuple[torch.optim.Optimizer, str]:
+    """AdamW over fp32 master weights (``groups``: :func:`param_groups`, or the flat shards of
+    :class:`giblet.training.zero.Zero1`); bitsandbytes 8-bit AdamW on CUDA when asked and
+    importable. A group may carry ``optim_bits: 32`` (bitsandbytes then keeps its state in fp32).
 
     Returns:
         ``(optimizer, name)`` where ``name`` says what actually runs (logged, so a silent
         fallback is visible).
     """
-    groups = param_groups(model, cfg.weight_decay)
     kwargs = {"lr": cfg.lr, "betas": (float(cfg.betas[0]), float(cfg.betas[1]))}
-    cls, name = None, ""
     if cfg.name == "adamw8bit":
         if device.type != "cuda":
             warnings.warn("optim.name=adamw8bit needs CUDA; using torch AdamW on CPU", stacklevel=2)
@@ -168,19 +165,14 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
                 warnings.warn("optim.name=adamw8bit: bitsandbytes is not importable; using torch AdamW "
                               "(pip install bitsandbytes)", stacklevel=2)
             else:
-                cls, name = _stream_ordered(bnb.optim.AdamW8bit), "bitsandbytes.AdamW8bit (stream-ordered)"
-    if cls is None:
-        fused = device.type == "cuda"
-        cls, name = torch.optim.AdamW, f"torch.AdamW{' (fused)' if fused else ''}"
-        kwargs["fused"] = fused
-    if cfg.zero and world_size > 1:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
-        # parameters_as_bucket_view: each rank's parameters live in one flat buffer, so the
-        # updated shards go out in one broadcast per rank, not one per parameter (~230 calls).
-        return (ZeroRedundancyOptimizer(groups, optimizer_class=cls, parameters_as_bucket_view=True, **kwargs),
-                f"ZeRO-1 over {world_size} ranks: {name}")
-    return cls(groups, **kwargs), name
+                opt = _stream_ordered(bnb.optim.AdamW8bit)(groups, **kwargs)
+                manager = bnb.optim.GlobalOptimManager.get_instance()
+                for g in groups:
+                    if "optim_bits" in g:
+                        manager.override_config(g["params"], "optim_bits", g["optim_bits"])
+                return opt, "bitsandbytes.AdamW8bit (stream-ordered)"
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, fused=fused, **kwargs), f"torch.AdamW{' (fused)' if fused else ''}"
 
 
 def _stream_ordered(cls: type) -> type:
