@@ -48,3 +48,37 @@ def test_stream_ordered_adamw8bit_matches_bitsandbytes_bit_for_bit_without_syncs
         before = len(syncs)
         opt_ours.step()
     assert len(syncs) - before == len(shapes)
+
+
+def test_zero1_flat_adamw8bit_updates_every_parameter_as_bitsandbytes_does_per_parameter():
+    """optim.zero's flat leaves on one GPU: each parameter starts on a 256-element block, so the
+    8-bit blockwise states of the decayed leaf are the per-parameter ones side by side, and the
+    1-d leaf keeps 32-bit state like bitsandbytes does for tensors under 4,096 elements."""
+    pytest.importorskip("bitsandbytes")
+    from giblet.training.schedule import OptimConfig, build_optimizer, param_groups
+    from giblet.training.zero import Zero1
+
+    torch.manual_seed(0)
+    shapes = [(512, 256), (4100, 3), (300,), (7,)]  # 8-bit (one with a partial last block), 32-bit
+    flat_model, plain_model = (torch.nn.ParameterList([torch.nn.Parameter(torch.randn(s)) for s in shapes]).cuda()
+                               for _ in range(2))
+    plain_model.load_state_dict(flat_model.state_dict())
+    z = Zero1(flat_model, param_groups(flat_model, 0.1))
+    cfg = OptimConfig(name="adamw8bit", lr=1e-2, weight_decay=0.1)
+    dev = torch.device("cuda")
+    (opt_flat, name), (opt_plain, _) = (build_optimizer(g, cfg, dev) for g in (z.param_groups,
+                                                                              param_groups(plain_model, 0.1)))
+    assert name.startswith("bitsandbytes.AdamW8bit")
+    for _ in range(5):
+        for a, b in zip(flat_model, plain_model):
+            b.grad = torch.randn_like(b)
+            a.grad.copy_(b.grad)  # the flat gradient buffer's view
+        opt_flat.step()
+        opt_plain.step()
+        z.zero_grad(opt_flat)
+    torch.cuda.synchronize()
+    leaves = [g["params"][0] for g in z.param_groups]
+    assert opt_flat.state[leaves[0]]["state1"].dtype == torch.uint8  # 8-bit, blockwise
+    assert opt_flat.state[leaves[1]]["state1"].dtype == torch.float32  # the 1-d leaf: 32-bit
+    for a, b in zip(flat_model, plain_model):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
