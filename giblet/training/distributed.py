@@ -91,12 +91,13 @@ def cleanup() -> None:
 
 @dataclass(frozen=True)
 class DDPConfig:
-    """``DistributedDataParallel`` knobs (used only with several ranks)."""
+    """``DistributedDataParallel`` knobs (used only with several ranks; ``compress`` also by ZeRO-1)."""
 
     bucket_cap_mb: float = 25.0  # gradient all-reduce bucket size; larger = fewer, longer collectives
     gradient_as_bucket_view: bool = True  # grads live in the buckets: no copy per step, less memory
     static_graph: bool = False  # same graph every step: lets DDP skip per-step bookkeeping
-    compress: str = "none"  # "bf16": all-reduce gradients in bfloat16 (half the bytes; fp32 master weights stay)
+    compress: str = "none"  # "bf16": all-reduce (ZeRO-1: reduce-scatter) gradients in bfloat16 (half the bytes;
+    #   fp32 master weights stay)
     bucket_divide: bool = True  # divide by the world size once per bucket (a comm hook), not once per parameter
 
 

@@ -41,6 +41,19 @@ def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
+def _layout(groups: list[dict], world_size: int) -> tuple[list[int], list[tuple[int, int]], int]:
+    """Each parameter's offset in the flat buffer (a multiple of ``ALIGN``), each group's
+    ``[start, end)``, and the buffer's length (a multiple of ``ALIGN * world_size``)."""
+    offsets, spans, end = [], [], 0
+    for g in groups:
+        start = end
+        for p in g["params"]:
+            offsets.append(end)
+            end += _round_up(p.numel(), ALIGN)
+        spans.append((start, end))
+    return offsets, spans, _round_up(max(end, 1), ALIGN * world_size)
+
+
 class Zero1:
     """Flat-buffer ZeRO-1 over ``world_size`` ranks (the process group must be up when > 1).
 
@@ -63,14 +76,7 @@ class Zero1:
         if any(p.dtype != torch.float32 or p.device != params[0].device for p in params):
             raise ConfigError("optim.zero=true keeps fp32 master weights on one device; the model has other parameters")
         self.model, self.world_size, self.rank, self.compress = model, world_size, rank, compress
-        offsets, spans, end = [], [], 0
-        for g in groups:
-            start = end
-            for p in g["params"]:
-                offsets.append(end)
-                end += _round_up(p.numel(), ALIGN)
-            spans.append((start, end))
-        total = _round_up(max(end, 1), ALIGN * world_size)
+        offsets, spans, total = _layout(groups, world_size)
         device = params[0].device
         self.flat = torch.zeros(total, dtype=torch.float32, device=device)
         self.grad = torch.zeros_like(self.flat)
@@ -83,33 +89,37 @@ class Zero1:
         if world_size > 1:
             dist.broadcast(self.flat, src=0)
         self.shard = total // world_size
-        lo, hi = rank * self.shard, (rank + 1) * self.shard
-        self.shard_grad = self.grad[lo:hi] if world_size == 1 else torch.zeros(self.shard, device=device)
-        # What the optimizer updates: this rank's part of each group, one flat leaf (or none:
-        # every rank keeps every group, so the LR scheduler's state is the same on all of them).
-        self.param_groups = []
-        for g, (a, b) in zip(groups, spans):
-            a, b = max(a, lo), min(b, hi)
-            leaves = []
-            if a < b:
-                leaves = [self.flat[a:b]]
-                leaves[0].grad = self.shard_grad[a - lo:b - lo]
-            opts = {k: v for k, v in g.items() if k != "params"}
-            if all(p.dim() < 2 for p in g["params"]):
-                # bitsandbytes keeps tensors under 4,096 elements (biases, norms) in 32-bit
-                # state; flattened into one leaf they would pass that size
-                opts.setdefault("optim_bits", 32)
-            self.param_groups.append({"params": leaves, **opts})
+        self.lo = rank * self.shard
+        self.shard_grad = self.grad[self.lo:self.lo + self.shard] if world_size == 1 else \
+            torch.zeros(self.shard, device=device)
+        self.param_groups = [self._leaf_group(g, span) for g, span in zip(groups, spans)]
         # per-module norms: each parameter's piece of this rank's shard, by top-level module
         names = {id(p): n.split(".")[0] for n, p in model.named_parameters()}
         self.modules = sorted({names[id(p)] for p in params})
-        pieces, owner = [], []
-        for p, off in zip(params, offsets):
-            a, b = max(off, lo), min(off + p.numel(), hi)
-            if a < b:
-                pieces.append(self.shard_grad[a - lo:b - lo])
-                owner.append(self.modules.index(names[id(p)]))
-        self._pieces, self._owner = pieces, torch.tensor(owner, dtype=torch.long, device=device)
+        pieces = [(self._shard_part(off, off + p.numel()), self.modules.index(names[id(p)]))
+                  for p, off in zip(params, offsets)]
+        self._pieces = [t for t, _ in pieces if t is not None]
+        self._owner = torch.tensor([m for t, m in pieces if t is not None], dtype=torch.long, device=device)
+
+    def _shard_part(self, a: int, b: int) -> torch.Tensor | None:
+        """The shard gradient's view of flat elements ``[a, b)``, or None outside this shard."""
+        a, b = max(a, self.lo), min(b, self.lo + self.shard)
+        return self.shard_grad[a - self.lo:b - self.lo] if a < b else None
+
+    def _leaf_group(self, group: dict, span: tuple[int, int]) -> dict:
+        """What the optimizer updates of ``group``: one flat leaf over this rank's part of it, or
+        none (every rank keeps every group, so the LR scheduler's state is the same on all)."""
+        leaves, grad = [], self._shard_part(*span)
+        if grad is not None:
+            a = max(span[0], self.lo)
+            leaves = [self.flat[a:a + grad.numel()]]
+            leaves[0].grad = grad
+        opts = {k: v for k, v in group.items() if k != "params"}
+        if all(p.dim() < 2 for p in group["params"]):
+            # bitsandbytes keeps tensors under 4,096 elements (biases, norms) in 32-bit state;
+            # flattened into one leaf they would pass that size
+            opts.setdefault("optim_bits", 32)
+        return {"params": leaves, **opts}
 
     # -- the step ------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -156,8 +166,7 @@ class Zero1:
     def after_step(self) -> None:
         """Every rank's full weights, from each rank's updated shard."""
         if self.world_size > 1:
-            lo = self.rank * self.shard
-            _all_gather(self.flat, self.flat[lo:lo + self.shard])
+            _all_gather(self.flat, self.flat[self.lo:self.lo + self.shard])
 
     def zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         self.grad.zero_()  # the parameters' .grad stay views of it
