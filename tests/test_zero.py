@@ -2,8 +2,12 @@
 per-parameter optimizer. The 2-rank run is in test_train.py."""
 from __future__ import annotations
 
+import pytest
 import torch
 
+from giblet.data.world import world_from_env
+from giblet.errors import ConfigError
+from giblet.training import distributed as D
 from giblet.training.diagnostics import grad_norms
 from giblet.training.schedule import OptimConfig, build_optimizer, param_groups
 from giblet.training.zero import ALIGN, Zero1
@@ -90,3 +94,16 @@ def test_optimizer_state_round_trips_through_the_shard_list():
     z.load_optimizer_state(opt2, saved)
     for s1, s2 in zip(opt.state.values(), opt2.state.values()):
         torch.testing.assert_close(s1["exp_avg"], s2["exp_avg"])
+
+
+def test_a_checkpoint_from_the_other_mode_is_refused_with_the_fix():
+    a, b = _pair()
+    z = Zero1(a, param_groups(a, 0.1))
+    rt = D.Runtime(world=world_from_env({}), device=torch.device("cpu"), amp_dtype=None)
+    rep = D.Replicated(b, param_groups(b, 0.1), rt)
+    opt_z, _ = build_optimizer(z.param_groups, OptimConfig(), torch.device("cpu"))
+    opt_r, _ = build_optimizer(rep.param_groups, OptimConfig(), torch.device("cpu"))
+    with pytest.raises(ConfigError, match="not sharded over 1 rank.*resume with the same optim.zero"):
+        z.load_optimizer_state(opt_z, rep.optimizer_state(opt_r))
+    with pytest.raises(ConfigError, match="sharded.*resume with optim.zero=true"):
+        rep.load_optimizer_state(opt_r, z.optimizer_state(opt_z))
