@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from giblet.data.world import World, world_from_env
 from giblet.errors import ConfigError
+from giblet.training.diagnostics import grad_norms
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -101,10 +102,15 @@ class DDPConfig:
     bucket_divide: bool = True  # divide by the world size once per bucket (a comm hook), not once per parameter
 
 
+def check_compress(compress: str) -> None:
+    """``ddp.compress``, shared by DDP's all-reduce and ZeRO-1's reduce-scatter."""
+    if compress not in ("none", "bf16"):
+        raise ConfigError(f"ddp.compress={compress!r}; choose none or bf16")
+
+
 def wrap(model: torch.nn.Module, rt: Runtime, cfg: DDPConfig = DDPConfig()) -> torch.nn.Module:
     """DistributedDataParallel when there are several ranks; the bare model otherwise."""
-    if cfg.compress not in ("none", "bf16"):
-        raise ConfigError(f"ddp.compress={cfg.compress!r}; choose none or bf16")
+    check_compress(cfg.compress)
     if not rt.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -164,8 +170,6 @@ class Replicated:
         return torch.nn.utils.clip_grad_norm_(self._params, max_norm)
 
     def module_grad_norms(self) -> dict[str, float]:
-        from giblet.training.diagnostics import grad_norms
-
         return grad_norms(self._bare)
 
     def after_step(self) -> None:

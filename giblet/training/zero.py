@@ -23,12 +23,12 @@ and the optimizer updates the whole buffer in one call per group.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
 from giblet.errors import ConfigError
+from giblet.training.distributed import check_compress
 
 ALIGN = 256  # elements: bitsandbytes' blockwise quantization block
 
@@ -68,8 +68,7 @@ class Zero1:
 
     def __init__(self, model: torch.nn.Module, groups: list[dict], world_size: int = 1, rank: int = 0,
                  compress: str = "none"):
-        if compress not in ("none", "bf16"):
-            raise ConfigError(f"ddp.compress={compress!r}; choose none or bf16")
+        check_compress(compress)
         params = [p for g in groups for p in g["params"]]
         if len({id(p) for p in params}) != len(params) or not params:
             raise ValueError("Zero1: every trainable parameter must be in exactly one group")
@@ -122,10 +121,9 @@ class Zero1:
         return {"params": leaves, **opts}
 
     # -- the step ------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def no_sync(self, skip: bool) -> Iterator[None]:
+    def no_sync(self, skip: bool) -> contextlib.AbstractContextManager:
         """Nothing to skip: gradients are only exchanged by :meth:`reduce_gradients`."""
-        yield
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
