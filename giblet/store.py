@@ -1,9 +1,15 @@
 """The on-disk contract: a Zarr v3 group per study, a manifest written last, staged commits.
 
 Writers never touch a completed array in place. A unit of work (one stage for one input,
-e.g. ``fmri/sub-01``) writes its arrays under ``.giblet/staging/``; only when every array is
-written are they moved into the group and the unit recorded in ``manifest.json`` (atomic
-replace). An array the manifest does not list is not complete and is never served.
+e.g. ``fmri/sub-01/run-1``) writes its arrays under ``.giblet/staging/``; only when every
+array is written are they moved into the group and the unit recorded in ``manifest.json``
+(atomic replace). An array the manifest does not list is not complete and is never served.
+
+Every path giblet reads from a store (array names in the manifest, checksum entries) is
+checked to be a relative name made of plain segments that resolves *inside* the store,
+symlinks resolved, before anything is read, written or deleted (:func:`member`): an edited
+manifest can never aim a delete at another folder. The manifest carries a digest of its own
+content, so an edit made outside giblet is refused rather than served.
 
 Readers use :func:`giblet.open_store`, which serves only what the manifest lists.
 """
@@ -12,6 +18,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -22,23 +29,79 @@ import numpy as np
 import zarr
 
 from giblet.errors import StoreError
-from giblet.fingerprint import hash_file
+from giblet.fingerprint import hash_bytes, hash_file
 
-SCHEMA_VERSION = 1
+FORMAT = 2  # store format: 2 = runs x subjects (several runs per study); 1 = one run (giblet 0.1)
 MANIFEST = "manifest.json"
 META_DIR = ".giblet"
 ALIGN_KEY = "align"
+GROUP_META = "zarr.json"
 
 # Dimension names are on-disk contract (xarray reads them).
 TR, VOXEL, IJK, X, Y, Z = "tr", "voxel", "ijk", "x", "y", "z"
 FRAME, HEIGHT, WIDTH, CHANNEL = "frame", "height", "width", "channel"
-CODEBOOK, CODE_FRAME, EMBEDDING = "codebook", "code_frame", "embedding"
+CODEBOOK, CODE_FRAME, EMBEDDING, MOMENT = "codebook", "code_frame", "embedding", "moment"
+
+# Store layout: fMRI per (subject, run), stimulus arrays per run (docs/store.md).
+FMRI, STIMULI = "fmri", "stimuli"
+MASK, VOXELS = "fmri/mask", "fmri/voxels"
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def fmri_prefix(subject: str, run: str) -> str:
+    """Group of one (subject, run): ``fmri/<subject>/<run>`` holding ``bold``, ``mean``, ``std``."""
+    return f"{FMRI}/{subject}/{run}"
+
+
+def stimulus_prefix(run: str, modality: str) -> str:
+    """Group of one run's stimulus modality, e.g. ``stimuli/run-1/video``."""
+    return f"{STIMULI}/{run}/{modality}"
 
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+# -- paths: never act on one giblet did not make -------------------------------------------------
+def check_name(name: str, what: str = "array name") -> str:
+    """``name`` if it is a relative store path of plain segments (``fmri/sub-01/run-1/bold``).
+
+    Raises:
+        StoreError: an absolute path, an empty or ``..`` segment, a hidden segment, or any
+            character outside ``[A-Za-z0-9_.-]``.
+    """
+    parts = name.split("/") if isinstance(name, str) else [None]
+    if not parts or not all(isinstance(p, str) and _SEGMENT.fullmatch(p) and p not in (".", "..") for p in parts):
+        raise StoreError(f"{what} {name!r} is not a plain relative path inside the store (segments of letters, "
+                         f"digits, '-', '_', '.'); the manifest was edited or corrupted: giblet touched nothing -- "
+                         f"rebuild into a new output path")
+    return name
+
+
+def contained(store: str | os.PathLike, path: Path, what: str) -> Path:
+    """``path`` if it resolves inside ``store`` (symlinks resolved), else a one-line ``StoreError``."""
+    root, resolved = Path(store).resolve(), Path(path).resolve()
+    if resolved != root and root not in resolved.parents:
+        raise StoreError(f"{path}: {what} resolves to {resolved}, outside the store {root} (a symbolic link?); "
+                         f"giblet touched nothing -- remove the link or rebuild into a new output path")
+    return Path(path)
+
+
+def member(store: str | os.PathLike, name: str, what: str = "array name") -> Path:
+    """The path of store member ``name``, checked to resolve inside ``store`` (symlinks resolved)."""
+    return contained(store, Path(store) / check_name(name, what), f"{what} {name!r}")
+
+
+def remove_member(store: str | os.PathLike, name: str) -> None:
+    """Delete the array or group folder ``name`` of a store, after :func:`member`'s checks."""
+    path = member(store, name)
+    if path.is_symlink():
+        path.unlink()  # a link inside the store, to inside the store: drop the link, never its target
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# -- JSON -----------------------------------------------------------------------------------------
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` so that a reader sees the old or the new file, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -59,15 +122,50 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def read_manifest(store: Path) -> dict | None:
+def manifest_digest(manifest: dict) -> str:
+    """blake2b of the manifest's content (everything but ``digest`` itself), key-sorted JSON."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hash_bytes(json.dumps(body, sort_keys=True, separators=(",", ":"), default=_json_default).encode())
+
+
+def read_manifest(store: str | os.PathLike) -> dict | None:
+    """The store's manifest (None if it has none), checked before anything uses it.
+
+    Raises:
+        StoreError: invalid JSON, another store format, a digest that does not match the
+            content (edited outside giblet), or a path that is not a plain name inside the store.
+    """
     path = Path(store) / MANIFEST
     if not path.exists():
         return None
+    fix = "delete the store folder (or choose a new output path) and rerun `giblet-preprocess run CONFIG`"
     try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise StoreError(f"{path}: manifest is not valid JSON ({exc}); "
-                         f"rerun `giblet-preprocess run --force` to rebuild the store") from exc
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise StoreError(f"{path}: manifest is not valid JSON ({type(exc).__name__}: {exc}); {fix}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("units"), dict):
+        raise StoreError(f"{path}: not a giblet manifest (no 'units' mapping); {fix}")
+    fmt = manifest.get("format", manifest.get("schema_version"))
+    if fmt != FORMAT:
+        raise StoreError(f"{path}: store format {fmt!r}, this giblet reads format {FORMAT} (several runs per study); "
+                         f"{fix} with this giblet")
+    if manifest.get("digest") != manifest_digest(manifest):
+        raise StoreError(f"{path}: manifest content does not match its digest (edited outside giblet?); giblet "
+                         f"serves and touches nothing in it -- {fix}")
+    _check_manifest_paths(manifest)
+    return manifest
+
+
+def _check_manifest_paths(manifest: dict) -> None:
+    for key, entry in manifest["units"].items():
+        check_name(key, "unit key")
+        arrays = entry.get("arrays", {}) if isinstance(entry, dict) else None
+        if not isinstance(arrays, dict):
+            raise StoreError(f"manifest.json: unit {key!r} has no 'arrays' mapping; rebuild into a new output path")
+        for name, rec in arrays.items():
+            check_name(name)
+            for rel in (rec.get("checksums") or {}) if isinstance(rec, dict) else ():
+                check_name(rel, f"chunk file of {name}")
 
 
 def array_checksums(array_dir: Path) -> dict[str, str]:
@@ -79,6 +177,20 @@ def array_checksums(array_dir: Path) -> dict[str, str]:
     return out
 
 
+def group_names(arrays: Iterable[str]) -> list[str]:
+    """Every group that holds one of ``arrays``, the root (``""``) included, parents first."""
+    groups = {""}
+    for name in arrays:
+        parts = name.split("/")[:-1]
+        groups.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return sorted(groups, key=lambda g: (g.count("/") + bool(g), g))
+
+
+def group_meta_path(store: Path, group: str) -> Path:
+    return (member(store, group, "group") if group else Path(store)) / GROUP_META
+
+
+# -- writing ------------------------------------------------------------------------------------
 def create_array(staging: Path, name: str, shape: tuple, dtype: str, chunks: tuple,
                  dims: tuple[str, ...], attrs: dict | None = None, fill_value: Any = 0) -> zarr.Array:
     """Create one staged Zarr v3 array (``staging/name``) with named dimensions."""
@@ -102,32 +214,37 @@ class StoreWriter:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.meta = self.path / META_DIR
-        self.manifest = read_manifest(self.path) or {"schema_version": SCHEMA_VERSION, "units": {}}
-        if self.manifest.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(f"{self.path}: store schema version {self.manifest.get('schema_version')} "
-                             f"is not {SCHEMA_VERSION}; rebuild it with `giblet-preprocess run --force` "
-                             f"or a matching giblet version")
+        self.manifest = read_manifest(self.path) or {"format": FORMAT, "units": {}}
 
     # -- layout --------------------------------------------------------------------------
     def create(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"output {self.path}: exists and is not a folder; choose another output path")
         if self.path.is_dir() and any(self.path.iterdir()) and not (
-                (self.path / "zarr.json").exists() or (self.path / META_DIR).exists()):
+                (self.path / GROUP_META).exists() or (self.path / META_DIR).exists()):
             raise StoreError(f"output {self.path}: folder exists, is not empty and is not a giblet store; "
                              f"giblet will not write into it -- choose a new output path")
+        if self.meta.is_symlink() or (self.meta.exists() and not self.meta.is_dir()):
+            raise StoreError(f"{self.meta}: is a symbolic link or not a folder; giblet keeps its staging and lock "
+                             f"there and will not follow it -- remove it or choose a new output path")
         self.path.mkdir(parents=True, exist_ok=True)
         self.meta.mkdir(exist_ok=True)
         zarr.open_group(str(self.path), mode="a")
 
     def staging_dir(self, unit_key: str, fingerprint: str) -> Path:
-        return self.meta / "staging" / f"{unit_key.replace('/', '__')}-{fingerprint}"
+        """``.giblet/staging/<unit>-<fingerprint>``, checked to lie inside the store (no planted link)."""
+        path = self.meta / "staging" / f"{check_name(unit_key, 'unit key').replace('/', '__')}-{fingerprint}"
+        return contained(self.path, path, f"staging folder of {unit_key}")
 
     def unit(self, key: str) -> dict | None:
         return self.manifest["units"].get(key)
 
     def save_manifest(self) -> None:
+        self.manifest["format"] = FORMAT
+        self.manifest.pop("schema_version", None)
         self.manifest["updated"] = now_iso()
+        self.manifest["generation"] = int(self.manifest.get("generation", 0)) + 1
+        self.manifest["digest"] = manifest_digest(self.manifest)
         atomic_write_json(self.path / MANIFEST, self.manifest)
 
     # -- commits -------------------------------------------------------------------------
@@ -137,30 +254,31 @@ class StoreWriter:
         1. drop the unit's old manifest entry (from here the old arrays are "incomplete"),
         2. replace each array directory, 3. record the new entry (the unit is complete).
         """
-        arrays = list(arrays)
+        arrays = [check_name(a) for a in arrays]
         (staging / "commit-started").write_text(now_iso())
         entry = dict(entry)
         entry["arrays"] = {}
         for name in arrays:
             src = staging / name
-            meta = json.loads((src / "zarr.json").read_text())
+            meta = json.loads((src / GROUP_META).read_text())
             entry["arrays"][name] = {
                 "shape": meta["shape"], "dtype": meta["data_type"],
                 "chunks": meta["chunk_grid"]["configuration"]["chunk_shape"],
                 "dims": meta.get("dimension_names"), "checksums": array_checksums(src),
             }
+        dests = {name: member(self.path, name) for name in arrays}  # every check before any change
         old = self.manifest["units"].pop(key, None)
         self.manifest.pop(ALIGN_KEY, None)
         self.save_manifest()
         for name in set((old or {}).get("arrays", {})) - set(arrays):
-            shutil.rmtree(self.path / name, ignore_errors=True)
-        for name in arrays:
-            dst = self.path / name
+            remove_member(self.path, name)
+        root = zarr.open_group(str(self.path), mode="a")
+        for name, dst in dests.items():
             parent = str(Path(name).parent)
             if parent != ".":
-                zarr.open_group(str(self.path), mode="a").require_group(parent)
-            if dst.exists():
-                shutil.rmtree(dst)
+                root.require_group(parent)
+            if dst.exists() or dst.is_symlink():
+                remove_member(self.path, name)
             os.replace(staging / name, dst)
         entry["completed"] = now_iso()
         self.manifest["units"][key] = entry
@@ -169,18 +287,41 @@ class StoreWriter:
 
     def remove_unit(self, key: str) -> None:
         """Forget a unit (e.g. a subject dropped from the config) and delete its arrays."""
-        old = self.manifest["units"].pop(key, None)
+        old = self.manifest["units"].get(key) or {}
+        for name in old.get("arrays", {}):
+            member(self.path, name)  # every check before any change
+        self.manifest["units"].pop(key, None)
         self.manifest.pop(ALIGN_KEY, None)
         self.save_manifest()
-        for name in (old or {}).get("arrays", {}):
-            shutil.rmtree(self.path / name, ignore_errors=True)
+        for name in old.get("arrays", {}):
+            remove_member(self.path, name)
 
     def write_align(self, align: dict, attrs: dict) -> None:
-        """Record the common TR grid last: root attrs first, then the manifest entry."""
-        group = zarr.open_group(str(self.path), mode="a")
-        group.attrs["giblet"] = json.loads(json.dumps(attrs, default=_json_default))
-        self.manifest[ALIGN_KEY] = align
+        """Record the study's TR grids last: every group's metadata first (written whole, so a
+        missing or edited ``zarr.json`` is restored; the root's holds ``attrs``), then the
+        manifest's align record with each group's checksum, so an edit of either is detected."""
+        groups = {}
+        for group in group_names(self._array_names()):
+            path = group_meta_path(self.path, group)
+            meta = {"zarr_format": 3, "node_type": "group", "attributes": {"giblet": attrs} if not group else {}}
+            if not group or not path.is_file() or json.loads(path.read_text() or "null") != meta:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(path, json.loads(json.dumps(meta, default=_json_default)))
+            groups[group] = hash_file(path)
+        self.manifest[ALIGN_KEY] = dict(align, groups=groups)
         self.save_manifest()
+
+    def groups_intact(self) -> bool:
+        """Whether every group's ``zarr.json`` still has the checksum the align record holds."""
+        recorded = (self.manifest.get(ALIGN_KEY) or {}).get("groups") or {}
+        for group in group_names(self._array_names()):
+            path = group_meta_path(self.path, group)
+            if group not in recorded or not path.is_file() or hash_file(path) != recorded[group]:
+                return False
+        return True
+
+    def _array_names(self) -> list[str]:
+        return [a for e in self.manifest["units"].values() for a in e.get("arrays", {})]
 
 
 class StoreLock:
@@ -196,10 +337,12 @@ class StoreLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_symlink():  # never follow a planted link: the lock is a plain file giblet made
+            raise StoreError(f"{self.path}: is a symbolic link, not giblet's lock file; remove it and rerun")
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": now_iso()}
         for _ in range(3):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
             except FileExistsError:
                 holder = self._holder()
                 if holder and self._alive(holder):
@@ -218,10 +361,11 @@ class StoreLock:
     def _holder(self) -> dict | None:
         for _ in range(5):
             try:
-                return json.loads(self.path.read_text())
+                holder = json.loads(self.path.read_text())
+                return holder if isinstance(holder, dict) else {}
             except FileNotFoundError:
                 return None
-            except ValueError:
+            except (ValueError, UnicodeDecodeError):
                 time.sleep(0.05)  # being written right now
         return {}
 
@@ -230,8 +374,11 @@ class StoreLock:
         if holder.get("host") != socket.gethostname():
             return True  # cannot check another host's pid: assume alive
         try:
-            os.kill(int(holder["pid"]), 0)
-        except (ProcessLookupError, KeyError, ValueError):
+            pid = int(holder["pid"])
+            if pid <= 0:
+                return False  # kill(0 or negative) would signal process groups, never a lock holder
+            os.kill(pid, 0)
+        except (ProcessLookupError, KeyError, ValueError, TypeError, OverflowError):
             return False
         except PermissionError:
             return True

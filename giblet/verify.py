@@ -1,7 +1,12 @@
-"""Re-check a built store: completeness, shapes, dtypes, chunk checksums, invariants.
+"""Re-check a built store: everything ``open_store`` serves, metadata included.
 
-``verify_store(path)`` returns a list of problems (empty: the store is sound). Each
-problem names the array and, for checksum failures, the chunk file.
+``verify_store(path)`` returns a list of problems (empty: the store is sound). It checks
+the manifest (its digest and paths), every file of every array (chunks and ``zarr.json``)
+against its checksum, every group's ``zarr.json`` against the align record, the align
+record against the units it summarizes (TR counts, what each subject serves, the split,
+recomputed with ``giblet.split``), the root attributes against the align record, and the
+invariants of the data (z-scores per (subject, run), codes in range, ...). Each problem
+names the array, group or unit and, for checksum failures, the file.
 """
 from __future__ import annotations
 
@@ -13,48 +18,110 @@ import numpy as np
 from giblet.errors import StoreError
 from giblet.fingerprint import hash_file
 from giblet.reader import open_store
-from giblet.store import read_manifest
+from giblet.split import plan_split
+from giblet.store import ALIGN_KEY, FORMAT, GROUP_META, group_meta_path, group_names, member, read_manifest
 
 Z_TOL = 1e-3  # |mean| and |std - 1| of a stored z-scored column, float32 round-off included
 
 
 def _check_array(store: Path, name: str, rec: dict) -> list[str]:
     problems = []
-    adir = store / name
-    if not (adir / "zarr.json").exists():
+    adir = member(store, name)
+    if not (adir / GROUP_META).exists():
         return [f"{name}: listed in manifest.json but missing on disk"]
-    meta = json.loads((adir / "zarr.json").read_text())
-    if meta["shape"] != rec["shape"]:
-        problems.append(f"{name}: shape {meta['shape']} != manifest {rec['shape']}")
-    if meta["data_type"] != rec["dtype"]:
-        problems.append(f"{name}: dtype {meta['data_type']} != manifest {rec['dtype']}")
+    meta = json.loads((adir / GROUP_META).read_text())
+    if meta.get("shape") != rec["shape"]:
+        problems.append(f"{name}: shape {meta.get('shape')} != manifest {rec['shape']}")
+    if meta.get("data_type") != rec["dtype"]:
+        problems.append(f"{name}: dtype {meta.get('data_type')} != manifest {rec['dtype']}")
     on_disk = {p.relative_to(adir).as_posix() for p in adir.rglob("*") if p.is_file()}
     for rel in sorted(set(rec["checksums"]) - on_disk):
-        problems.append(f"{name}: chunk {rel} is missing")
+        problems.append(f"{name}: file {rel} is missing")
     for rel in sorted(on_disk - set(rec["checksums"])):
         problems.append(f"{name}: unexpected file {rel} (not written by giblet)")
     for rel, digest in sorted(rec["checksums"].items()):
         if rel in on_disk and hash_file(adir / rel) != digest:
-            problems.append(f"{name}: chunk {rel} checksum mismatch (corrupted on disk); "
-                            f"rerun `giblet-preprocess run CONFIG --force --only {name.split('/')[0]}`")
+            what = "metadata (zarr.json: attributes, shape or codecs edited?)" if rel == GROUP_META else f"chunk {rel}"
+            problems.append(f"{name}: {what} checksum mismatch (changed on disk); rerun "
+                            f"`giblet-preprocess run CONFIG --force --only {name.split('/')[0]}`")
     return problems
 
 
-def _check_zscore(view, subject: str) -> list[str]:
-    bold = view.array(f"fmri/{subject}/bold")
-    mean, std = view.fmri_stats(subject)
+def _check_groups(store: Path, manifest: dict) -> list[str]:
+    """Every group's ``zarr.json`` (the root's attributes included) against the align record."""
+    recorded = manifest[ALIGN_KEY].get("groups") or {}
+    arrays = [a for e in manifest["units"].values() for a in e.get("arrays", {})]
+    problems = []
+    for group in group_names(arrays):
+        path = group_meta_path(store, group)
+        label = f"group {group or '/'} ({path.relative_to(store).as_posix()})"
+        if not path.is_file():
+            problems.append(f"{label}: missing; readers such as xarray cannot open the group -- rerun "
+                            f"`giblet-preprocess run CONFIG` (it writes the group metadata again)")
+        elif group not in recorded:
+            problems.append(f"{label}: not covered by the align record; rerun `giblet-preprocess run CONFIG`")
+        elif hash_file(path) != recorded[group]:
+            problems.append(f"{label}: checksum mismatch (group metadata or the study attributes edited); rerun "
+                            f"`giblet-preprocess run CONFIG` (it writes the group metadata again)")
+    return problems
+
+
+def _check_align(manifest: dict, root_attrs: dict) -> list[str]:
+    """The align record agrees with the units it summarizes; the root attributes with the record."""
+    align, units = manifest[ALIGN_KEY], manifest["units"]
+    problems = []
+    for run, rec in align.get("runs", {}).items():
+        stim = {k: int((e.get("meta") or {})["n_trs"]) for k, e in units.items()
+                if e.get("run") == run and e.get("stage") != "fmri" and (e.get("meta") or {}).get("n_trs") is not None}
+        served = {k.split("/")[1]: int(e["meta"]["runs"][run]["n_trs"]) for k, e in units.items()
+                  if e.get("stage") == "fmri" and run in (e.get("meta") or {}).get("runs", {})}
+        want = min(stim.values()) if stim else max(served.values(), default=0)
+        want = min(want, max(served.values())) if served else want
+        if rec.get("n_trs") != want:
+            problems.append(f"align: run {run} n_trs {rec.get('n_trs')} but its units give {want}")
+        if rec.get("subjects") != served:
+            problems.append(f"align: run {run} serves {rec.get('subjects')} but its fMRI units stored {served}")
+    rule = align.get("split_rule", {})
+    lengths = {r: v.get("n_trs", 0) for r, v in align.get("runs", {}).items()}
+    want = plan_split(lengths, rule.get("val_runs", []), rule.get("test_runs", []), rule.get("val_fraction"))
+    for run, rec in align.get("runs", {}).items():
+        got = {k: tuple(v) for k, v in (rec.get("split") or {}).items()}
+        if got != want.get(run):
+            problems.append(f"align: run {run} split {got} but the split rule {rule} gives {want.get(run)}")
+    for key in ("format", "tr_s", "runs", "run_order", "subjects", "split_rule"):
+        if root_attrs.get(key) != align.get(key):
+            problems.append(f"root attributes: {key} {root_attrs.get(key)!r} differs from the manifest's align "
+                            f"record {align.get(key)!r} (edited?)")
+    return problems
+
+
+def _moments(x: np.ndarray, s1, s2) -> None:
+    s1 += x.sum(0)
+    s2 += (x ** 2).sum(0)
+
+
+def _check_zscore(view, subject: str, runs: list[str]) -> list[str]:
+    """``runs``: one run (zscore=run) or all of a subject's runs (zscore=subject), whose
+    served TRs together must have per-voxel mean 0 and std 1 (0 and 0 where std is 0)."""
+    label = f"fmri/{subject}/{'+'.join(runs)}"
+    mean, std = view.fmri_stats(subject, runs[0])
     problems = []
     if not (np.isfinite(mean).all() and np.isfinite(std).all()) or (std < 0).any():
-        problems.append(f"fmri/{subject}: mean/std hold NaN, inf or negative values")
-    s1 = np.zeros(bold.shape[1]); s2 = np.zeros(bold.shape[1])
-    step = bold.chunks[0]
-    for t0 in range(0, bold.shape[0], step):
-        block = bold[t0:t0 + step].astype(np.float64)
-        if not np.isfinite(block).all():
-            problems.append(f"fmri/{subject}/bold: NaN/inf in TRs {t0}-{t0 + len(block) - 1}")
+        problems.append(f"{label}: mean/std hold NaN, inf or negative values")
+    s1, s2, n = np.zeros(view.n_voxels), np.zeros(view.n_voxels), 0
+    for run in runs:
+        bold = view.array(f"fmri/{subject}/{run}/bold")
+        if bold.shape != (view.n_trs(run, subject), view.n_voxels):
+            problems.append(f"fmri/{subject}/{run}/bold: shape {bold.shape}, expected ({view.n_trs(run, subject)}, "
+                            f"{view.n_voxels}) (served TRs, voxels)")
             return problems
-        s1 += block.sum(0); s2 += (block**2).sum(0)
-    n = bold.shape[0]
+        step = bold.chunks[0]
+        for t0 in range(0, bold.shape[0], step):
+            block = bold[t0:t0 + step].astype(np.float64)
+            if not np.isfinite(block).all():
+                return problems + [f"fmri/{subject}/{run}/bold: NaN/inf in TRs {t0}-{t0 + len(block) - 1}"]
+            _moments(block, s1, s2)
+        n += bold.shape[0]
     m = s1 / n
     sd = np.sqrt(np.maximum(s2 / n - m**2, 0))
     zero = std == 0
@@ -62,47 +129,47 @@ def _check_zscore(view, subject: str) -> list[str]:
     bad_std = np.where(zero, sd > 0, np.abs(sd - 1) > Z_TOL)
     if bad_mean.any() or bad_std.any():
         v = int(np.argmax(bad_mean | bad_std))
-        problems.append(f"fmri/{subject}/bold: {int((bad_mean | bad_std).sum())} voxels are not z-scored "
-                        f"(first: voxel {v}, mean {m[v]:.4g}, std {sd[v]:.4g}; expected 0 and 1, or 0 and 0 "
+        problems.append(f"{label}/bold: {int((bad_mean | bad_std).sum())} voxels are not z-scored over their served "
+                        f"TRs (first: voxel {v}, mean {m[v]:.4g}, std {sd[v]:.4g}; expected 0 and 1, or 0 and 0 "
                         f"for zero-variance voxels)")
-    n_zero = (view.unit_meta(f"fmri/{subject}") or {}).get("n_zero_variance")
-    if n_zero is not None and n_zero != int(zero.sum()):
-        problems.append(f"fmri/{subject}: manifest counts {n_zero} zero-variance voxels, std has {int(zero.sum())}")
     return problems
 
 
-def _check_video(view) -> list[str]:
-    """video/frames uint8 (tr, frame, y, x, 3), video/padded matching it, finite [0, 1] stats."""
-    frames, padded = view.array("video/frames"), view.array("video/padded")
-    meta = view.unit_meta("video")
-    problems = []
+def _check_video(view, run: str) -> list[str]:
+    """frames uint8 (tr, frame, y, x, 3), padded matching it, moments equal to the frames'."""
+    from giblet.features.video import pixel_moments
+
+    frames, padded = view.array(view.stimulus_name("video", run)), view.array(view.stimulus_name("video", run, "padded"))
+    moments = view.array(view.stimulus_name("video", run, "moments"))
+    meta = view.unit_meta(f"video/{run}")
+    problems, label = [], f"stimuli/{run}/video"
     if frames.dtype != np.uint8 or frames.ndim != 5 or frames.shape[-1] != 3:
-        problems.append(f"video/frames: {frames.dtype} {frames.shape}, expected uint8 (tr, frame, y, x, 3)")
-    elif (frames.shape[0], frames.shape[1]) != (meta.get("n_trs"), meta.get("frames_per_tr")):
-        problems.append(f"video/frames: shape {frames.shape} disagrees with the manifest's n_trs "
+        return [f"{label}/frames: {frames.dtype} {frames.shape}, expected uint8 (tr, frame, height, width, 3)"]
+    if (frames.shape[0], frames.shape[1]) != (meta.get("n_trs"), meta.get("frames_per_tr")):
+        problems.append(f"{label}/frames: shape {frames.shape} disagrees with the manifest's n_trs "
                         f"{meta.get('n_trs')} / frames_per_tr {meta.get('frames_per_tr')}")
     if padded.dtype != np.bool_ or padded.shape != frames.shape[:2]:
-        problems.append(f"video/padded: {padded.dtype} {padded.shape}, expected bool {frames.shape[:2]}")
+        problems.append(f"{label}/padded: {padded.dtype} {padded.shape}, expected bool {frames.shape[:2]}")
     elif int(padded[...].sum()) != meta.get("n_padded_frames"):
-        problems.append(f"video/padded: {int(padded[...].sum())} padded slots, manifest counts "
+        problems.append(f"{label}/padded: {int(padded[...].sum())} padded slots, manifest counts "
                         f"{meta.get('n_padded_frames')}")
-    mean, std = view.video_stats()
-    if mean.shape != (3,) or std.shape != (3,) or mean.dtype != np.float32 or std.dtype != np.float32:
-        problems.append(f"video/mean|std: {mean.dtype} {mean.shape} / {std.dtype} {std.shape}, expected float32 (3,)")
-    elif not (np.isfinite(mean).all() and np.isfinite(std).all()):
-        problems.append(f"video/mean|std: not finite (mean {mean}, std {std})")
-    elif (mean < 0).any() or (mean > 1).any() or (std < 0).any() or (std > 0.5).any():
-        problems.append(f"video/mean|std: outside [0, 1] pixel scale (mean {mean}, std {std}); were they "
-                        f"computed on 0-255 values?")
+    if moments.shape != (frames.shape[0], 2, 3):
+        return problems + [f"{label}/moments: shape {moments.shape}, expected ({frames.shape[0]}, 2, 3)"]
+    step = frames.chunks[0]
+    for t0 in range(0, frames.shape[0], step):
+        if not np.array_equal(pixel_moments(frames[t0:t0 + step]), moments[t0:t0 + step]):
+            problems.append(f"{label}/moments: TRs {t0}-{t0 + step - 1} do not match the frames' pixel sums")
+            break
     return problems
 
 
-def _check_text(view) -> list[str]:
+def _check_text(view, run: str) -> list[str]:
     """Embeddings float32 and finite; has_text bool (tr,); zero rows where has_text is False
-    under fill=zeros; mean/std finite; the manifest's uncovered-TR count matches."""
-    emb, has = view.array("text/embeddings"), view.array("text/has_text")
+    under fill=zeros; the manifest's uncovered-TR count matches."""
+    emb, has = view.array(view.stimulus_name("text", run)), view.array(view.stimulus_name("text", run, "has_text"))
+    label = f"stimuli/{run}/text"
     if emb.dtype != np.float32 or emb.ndim != 2 or has.dtype != bool or has.shape != emb.shape[:1]:
-        return [f"text: embeddings {emb.dtype} {emb.shape} / has_text {has.dtype} {has.shape}; expected float32 "
+        return [f"{label}: embeddings {emb.dtype} {emb.shape} / has_text {has.dtype} {has.shape}; expected float32 "
                 f"(tr, embedding) and bool (tr,)"]
     problems = []
     flags = has[...]
@@ -111,83 +178,100 @@ def _check_text(view) -> list[str]:
     for t0 in range(0, emb.shape[0], step):
         block = emb[t0:t0 + step]
         if not np.isfinite(block).all():
-            problems.append(f"text/embeddings: NaN/inf in TRs {t0}-{t0 + len(block) - 1}")
+            problems.append(f"{label}/embeddings: NaN/inf in TRs {t0}-{t0 + len(block) - 1}")
         bad = ~flags[t0:t0 + step] & np.any(block != 0, axis=1)
         if zero_fill and bad.any():
-            problems.append(f"text/embeddings: TR {t0 + int(np.argmax(bad))} has no text (has_text False) but a "
+            problems.append(f"{label}/embeddings: TR {t0 + int(np.argmax(bad))} has no text (has_text False) but a "
                             f"non-zero row under fill=zeros")
-    for name in ("mean", "std"):
-        v = view.array(f"text/{name}")[...]
-        ok = v.dtype == np.float32 and v.shape == emb.shape[1:] and np.isfinite(v).all()
-        if not ok or (name == "std" and (v < 0).any()):
-            problems.append(f"text/{name}: {v.dtype} {v.shape}, expected finite float32 {emb.shape[1:]} (std >= 0)")
-    n_uncovered = view.unit_meta("text").get("n_uncovered_trs")
+    n_uncovered = view.unit_meta(f"text/{run}").get("n_uncovered_trs")
     if n_uncovered is not None and n_uncovered != int((~flags).sum()):
-        problems.append(f"text: manifest counts {n_uncovered} uncovered TRs, has_text has {int((~flags).sum())}")
+        problems.append(f"{label}: manifest counts {n_uncovered} uncovered TRs, has_text has {int((~flags).sum())}")
     return problems
 
 
-def _check_audio(view) -> list[str]:
-    """audio/codes int16 (tr, codebook, code_frame); codes in [0, codebook_size); as many
-    codebooks as the recorded bandwidth gives (EnCodec: floor(kbps / (log2(size) * frames/s)))."""
+def _check_audio(view, run: str) -> list[str]:
+    """codes int16 (tr, codebook, code_frame); codes in [0, codebook_size); as many codebooks
+    as the recorded bandwidth gives (EnCodec: floor(kbps / (log2(size) * frames/s)))."""
     import math
 
-    codes = view.array("audio/codes")
-    a = codes.attrs
+    codes = view.array(view.stimulus_name("audio", run))
+    a, label = codes.attrs, f"stimuli/{run}/audio/codes"
     try:
         size, kbps, rate, per_tr = int(a["codebook_size"]), float(a["bandwidth_kbps"]), float(a["frame_rate"]), \
             int(a["code_frames_per_tr"])
     except (KeyError, TypeError, ValueError):
-        return ["audio/codes: attrs lack codebook_size, bandwidth_kbps, frame_rate or code_frames_per_tr"]
+        return [f"{label}: attrs lack codebook_size, bandwidth_kbps, frame_rate or code_frames_per_tr"]
     want = max(1, math.floor(kbps * 1000 / (math.log2(size) * math.ceil(rate))))
     if codes.dtype != np.int16 or codes.ndim != 3 or codes.shape[1:] != (want, per_tr):
-        return [f"audio/codes: {codes.dtype} {codes.shape}, expected int16 (tr, {want}, {per_tr}) for "
+        return [f"{label}: {codes.dtype} {codes.shape}, expected int16 (tr, {want}, {per_tr}) for "
                 f"{kbps:g} kbps with {size}-code codebooks"]
     problems = []
-    n = (view.unit_meta("audio") or {}).get("n_trs")
+    n = (view.unit_meta(f"audio/{run}") or {}).get("n_trs")
     if n is not None and codes.shape[0] != n:
-        problems.append(f"audio/codes: {codes.shape[0]} TRs, the manifest's n_trs is {n}")
+        problems.append(f"{label}: {codes.shape[0]} TRs, the manifest's n_trs is {n}")
     step = codes.chunks[0]
     for t0 in range(0, codes.shape[0], step):
         block = codes[t0:t0 + step]
         if block.size and (block.min() < 0 or block.max() >= size):
-            problems.append(f"audio/codes: TRs {t0}-{t0 + len(block) - 1} hold codes in [{block.min()}, "
+            problems.append(f"{label}: TRs {t0}-{t0 + len(block) - 1} hold codes in [{block.min()}, "
                             f"{block.max()}], outside [0, {size})")
+    return problems
+
+
+def _check_invariants(view) -> list[str]:
+    problems = []
+    if view.has("fmri/mask"):
+        mask = view.mask
+        if int(mask.sum()) != view.n_voxels or len(view.voxels) != view.n_voxels:
+            problems.append("fmri/mask: n_voxels attribute, mask and voxels disagree")
+        elif not np.array_equal(np.argwhere(mask), view.voxels):
+            problems.append("fmri/voxels: not the C-order coordinates of fmri/mask")
+    for subject in view.subjects:
+        runs = view.subject_runs(subject)
+        by_subject = view.unit_meta(f"fmri/{subject}").get("zscore") == "subject"
+        for group in ([runs] if by_subject else [[r] for r in runs]):
+            problems += _check_zscore(view, subject, group)
+    for run in view.runs:
+        for modality, check in (("video", _check_video), ("text", _check_text), ("audio", _check_audio)):
+            if view.has(view.stimulus_name(modality, run)):
+                problems += check(view, run)
     return problems
 
 
 def verify_store(path: str | Path, invariants: bool = True) -> list[str]:
     """All problems found in the store at ``path`` (an empty list means it verified)."""
     path = Path(path)
-    manifest = read_manifest(path)
-    if manifest is None:
+    if not (path / GROUP_META).is_file() or not (path / "manifest.json").is_file():
+        if not path.is_dir() or not ((path / GROUP_META).is_file() or (path / ".giblet").is_dir()):
+            return [f"{path}: not a giblet store (no zarr.json and manifest.json); give the output folder of "
+                    f"`giblet-preprocess run CONFIG`"]
         return [f"{path}: no manifest.json: the store is incomplete (a run never finished); rerun it"]
+    try:
+        manifest = read_manifest(path)
+    except StoreError as exc:
+        return [str(exc)]
     problems: list[str] = []
     for key, entry in sorted(manifest["units"].items()):
         for name, rec in entry.get("arrays", {}).items():
             problems += _check_array(path, name, rec)
+    if ALIGN_KEY not in manifest:
+        return problems + [f"{path}: store is incomplete (manifest.json has no align record); run "
+                           f"`giblet-preprocess run CONFIG` to finish it"]
+    problems += _check_groups(path, manifest)
     try:
         view = open_store(path)
     except StoreError as exc:
         return problems + [str(exc)]
-    if view.n_trs < 1:
-        problems.append(f"{path}: n_trs is {view.n_trs}; no modality produced any TR")
+    try:
+        attrs = view.attrs
+    except Exception as exc:  # an edited root zarr.json that no longer parses
+        attrs = {"error": f"{type(exc).__name__}: {exc}"}
+    problems += _check_align(manifest, attrs)
+    if view.align.get("format") != FORMAT:
+        problems.append(f"align: format {view.align.get('format')!r}, expected {FORMAT}")
+    if not view.runs or any(view.n_trs(r) < 1 for r in view.runs):
+        problems.append(f"{path}: a run has no TR ({ {r: view.n_trs(r) for r in view.runs} }); no modality produced "
+                        f"any TR")
     if invariants and not problems:
-        if view.has("fmri/mask"):
-            mask = view.mask
-            if int(mask.sum()) != view.n_voxels or len(view.voxels) != view.n_voxels:
-                problems.append("fmri/mask: n_voxels attribute, mask and voxels disagree")
-            elif not np.array_equal(np.argwhere(mask), view.voxels):
-                problems.append("fmri/voxels: not the C-order coordinates of fmri/mask")
-        for subject in view.subjects:
-            problems += _check_zscore(view, subject)
-            bold = view.array(f"fmri/{subject}/bold")
-            if bold.shape[1] != view.n_voxels:
-                problems.append(f"fmri/{subject}/bold: {bold.shape[1]} voxels, mask has {view.n_voxels}")
-        if view.has("video/frames"):
-            problems += _check_video(view)
-        if view.has("text/embeddings"):
-            problems += _check_text(view)
-        if view.has("audio/codes"):
-            problems += _check_audio(view)
+        problems += _check_invariants(view)
     return problems

@@ -20,9 +20,10 @@ from typing import Callable, Optional
 from giblet.config import StudyConfig
 from giblet.errors import ConfigError, GibletError, StoreError
 from giblet.fingerprint import FileHashCache
-from giblet.store import ALIGN_KEY, META_DIR, StoreLock, StoreWriter, atomic_write_json
+from giblet.store import ALIGN_KEY, META_DIR, StoreLock, StoreWriter, atomic_write_json, read_manifest
 from pipelines.align import align_record
-from pipelines.registry import PlanContext, Unit, build_plan, stages
+from pipelines.stages import STAGE_NAMES, build_plan, is_current
+from pipelines.units import PlanContext, Unit
 
 
 @dataclass
@@ -46,13 +47,13 @@ class RunReport:
 
 def plan_for(cfg: StudyConfig, only: Optional[list[str]] = None) -> tuple[PlanContext, list[Unit]]:
     if only:
-        known = list(stages())
-        bad = [s for s in only if s not in known]
+        bad = [s for s in only if s not in STAGE_NAMES]
         if bad:
-            raise ConfigError(f"--only {' '.join(bad)}: unknown stage; choose from {', '.join(known)}")
+            raise ConfigError(f"--only {' '.join(bad)}: unknown stage; choose from {', '.join(STAGE_NAMES)}")
     store = cfg.output_path
     files = FileHashCache(store / META_DIR / "file-hashes.json" if store.exists() else None)
-    ctx = PlanContext(cfg=cfg, store=store, files=files)
+    manifest = read_manifest(store) if store.is_dir() else None
+    ctx = PlanContext(cfg=cfg, store=store, files=files, manifest_units=(manifest or {}).get("units", {}))
     return ctx, build_plan(ctx, only)
 
 
@@ -80,9 +81,9 @@ def _run_locked(cfg, ctx, units, report, only, force, scheduler, workers, log, p
     with StoreLock(ctx.store):
         ctx.files.cache_path = ctx.store / META_DIR / "file-hashes.json"
         ctx.files.save()
-        selected = units
-        todo = [u for u in selected if force or (writer.unit(u.key) or {}).get("fingerprint") != u.fingerprint]
-        report.skipped = [u.key for u in selected if u not in todo]
+        # A unit whose parameters wait on its dependencies (bind) is decided when they are committed.
+        todo = [u for u in units if force or not u.ready or not is_current(u, writer.manifest["units"])]
+        report.skipped = [u.key for u in units if u not in todo]
         planned_keys = {u.key for u in units}
         stale_keys = [k for k, e in writer.manifest["units"].items()
                       if k not in planned_keys and (not only or e.get("stage") in only)]
@@ -92,10 +93,12 @@ def _run_locked(cfg, ctx, units, report, only, force, scheduler, workers, log, p
         report.removed = stale_keys
         if todo:
             log(f"{len(todo)} unit(s) to build, {len(report.skipped)} up to date")
-            report.stages = _execute(todo, writer, scheduler, workers, log, progress)
-            report.ran = [u.key for u in todo]
+            report.stages, current = _execute(todo, writer, scheduler, workers, log, progress, force)
+            report.ran = [u.key for u in todo if u.key not in current]
+            report.skipped += current
         align = align_record(cfg, units, writer.manifest, only)
-        if writer.manifest.get(ALIGN_KEY, {}).get("fingerprint") != align["record"]["fingerprint"]:
+        if (writer.manifest.get(ALIGN_KEY, {}).get("fingerprint") != align["record"]["fingerprint"]
+                or not writer.groups_intact()):  # a group's zarr.json missing or edited: write them again
             writer.write_align(align["record"], align["attrs"])
         if not todo:
             log(f"all {len(report.skipped)} unit(s) up to date" + (" (stages: " + ", ".join(only) + ")" if only else ""))
@@ -120,13 +123,17 @@ def _client(scheduler: Optional[str], workers: Optional[int]):
     return Client(cluster), cluster
 
 
-def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, progress) -> dict[str, dict]:
-    """Run the units' tasks on the cluster, committing each unit when its tasks are done;
-    returns per-stage timings (from the scheduler's task stream: worker-side compute times)."""
+def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, progress,
+             force: bool = False) -> tuple[dict[str, dict], list[str]]:
+    """Run the units' tasks on the cluster, committing each unit when its tasks are done.
+
+    Returns per-stage timings (from the scheduler's task stream: worker-side compute times)
+    and the units found up to date once their dependencies were committed (bind)."""
     from distributed import as_completed, get_task_stream
     from tqdm import tqdm
 
     pending = {u.key: u for u in todo}
+    skipped_after_bind: list[str] = []
     waiting_on = {u.key: [d for d in u.deps if d in pending] for u in todo}
     started: dict[str, dict] = {}  # unit key -> {"staging", "left": set(task ids), "results", "t0", "t1"}
     client, cluster = _client(scheduler, workers)
@@ -140,6 +147,14 @@ def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, pro
 
         def start(key: str) -> None:
             unit = pending[key]
+            if unit.bind is not None:  # its dependencies are committed now: its last parameters are known
+                unit.bind_from(writer.manifest["units"])
+                if not force and is_current(unit, writer.manifest["units"]):
+                    skipped_after_bind.append(key)
+                    log(f"{key}: up to date")
+                    started[key] = {"t0": time.time(), "skipped": True}
+                    _release(key)
+                    return
             staging, results, tasks = _open_staging(writer, unit)
             todo_tasks = [t for t in tasks if t.id not in results]
             started[key] = {"staging": staging, "results": results, "left": {t.id for t in todo_tasks},
@@ -155,7 +170,7 @@ def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, pro
 
         def finish(key: str) -> None:
             unit, state = pending[key], started[key]
-            meta = unit.finalize(state["staging"], state["results"]) if unit.finalize else _merge(state["results"])
+            meta = unit.finalize(unit, state["staging"], state["results"]) if unit.finalize else _merge(state["results"])
             entry = unit.entry()
             entry["meta"] = meta
             entry["ran_on"] = sorted(state.get("ran_on", ()))  # worker addresses (provenance)
@@ -166,6 +181,9 @@ def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, pro
                                  f"(or fix permissions) and rerun to resume") from exc
             state["t1"] = time.time()
             log(f"{key}: done in {state['t1'] - state['t0']:.1f} s")
+            _release(key)
+
+        def _release(key: str) -> None:
             del waiting_on[key]
             for deps in waiting_on.values():
                 if key in deps:
@@ -193,7 +211,8 @@ def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, pro
                     start_ready()
         if waiting_on:
             raise StoreError(f"units never became ready: {', '.join(waiting_on)} (a dependency cycle?)")
-        return _stage_times(todo, started, stream.data, owner)
+        ran = {k: v for k, v in started.items() if not v.get("skipped")}
+        return _stage_times(todo, ran, stream.data, owner), skipped_after_bind
     finally:
         bar.close()
         for fut in list(futures.futures):
@@ -232,7 +251,7 @@ def _open_staging(writer: StoreWriter, unit: Unit):
     staging = writer.staging_dir(unit.key, unit.fingerprint)
     if (staging / "commit-started").exists() or not (staging / "prepared").exists():
         shutil.rmtree(staging, ignore_errors=True)  # half-committed or half-prepared: start clean
-    tasks = unit.make_tasks(staging)
+    tasks = unit.tasks(staging)
     results: dict[str, dict] = {}
     if staging.exists():
         for marker in (staging / ".tasks").glob("*.json"):
@@ -245,7 +264,7 @@ def _open_staging(writer: StoreWriter, unit: Unit):
                 shutil.rmtree(old, ignore_errors=True)
         (staging / ".tasks").mkdir(parents=True)
         if unit.prepare:
-            unit.prepare(staging)
+            unit.prepare(unit, staging)
         (staging / "prepared").write_text(unit.fingerprint)
     return staging, results, tasks
 

@@ -1,11 +1,20 @@
-"""fMRI stage wiring: one ``fmri/mask`` unit, then one unit per subject."""
+"""fMRI stage wiring: one ``fmri/mask`` unit, then one unit per (subject, run) -- or per
+subject with ``fmri.zscore=subject``.
+
+An fMRI unit serves the first ``min(its TRs, its run's stimulus TRs)`` TRs of the BOLD
+file and z-scores exactly those: the run's stimulus units decide the count, so the unit
+depends on them and binds the count once they are committed (``pipelines.units``).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
+from giblet import store
 from giblet.features import fmri
 from giblet.fingerprint import non_default_params
-from pipelines.registry import PlanContext, Stage, Task, Unit
+from pipelines.units import PlanContext, Stage, Task, Unit
+
+STIMULUS_STAGES = ("video", "audio", "text")
 
 
 class FmriStage(Stage):
@@ -13,53 +22,87 @@ class FmriStage(Stage):
     version = fmri.VERSION
 
     def enabled(self, cfg) -> bool:
-        return bool(cfg.inputs.fmri)
+        return bool(cfg.subjects)
 
     def plan(self, ctx: PlanContext, upstream: dict) -> list[Unit]:
         cfg, p = ctx.cfg, ctx.cfg.fmri
-        params = non_default_params(p)
-        params.pop("read_block_trs", None)  # how the file is read, not what is stored
-        subjects = {s: ctx.cfg.input_path(path) for s, path in cfg.inputs.fmri.items()}
-        ref_subject = p.mask_reference or next(iter(subjects))
-        # Header-only checks up front, so a bad subject fails before any compute.
-        ref_img = fmri.load_bold(subjects[ref_subject], ref_subject)
-        for s, path in subjects.items():
-            fmri.check_same_grid(fmri.load_bold(path, s), ref_img, s, ref_subject)
+        runs = cfg.study_runs
+        pairs = {(s, r.name): cfg.input_path(path) for r in runs.values() for s, path in r.fmri.items()}
+        ref_subject = p.mask_reference or cfg.subjects[0]
+        ref_run = next(r.name for r in runs.values() if ref_subject in r.fmri)
+        ref_label = f"{ref_subject}/{ref_run}"
+        # Header-only checks up front, so a bad run fails before any compute.
+        ref_img = fmri.load_bold(pairs[ref_subject, ref_run], ref_label)
+        lengths, header_tr = {}, {}
+        for (s, r), path in pairs.items():
+            img = fmri.load_bold(path, f"{s}/{r}")
+            fmri.check_same_grid(img, ref_img, f"{s}/{r}", ref_label)
+            header_tr[s, r] = fmri.check_tr(img, path, f"{s}/{r}", cfg.tr_s, p.trust_config_tr)
+            lengths[s, r] = int(img.shape[3])
 
+        params = non_default_params(p)
         mask_file = cfg.input_path(p.mask_file) if p.mask_strategy == "file" else None
         mask_params = {k: v for k, v in params.items() if k.startswith("mask_")}
         mask_inputs = ({"mask_file": ctx.file_fp(mask_file)} if mask_file
-                       else {"reference": ctx.file_fp(subjects[ref_subject])})
+                       else {"reference": ctx.file_fp(pairs[ref_subject, ref_run])})
         if not mask_file:
-            mask_params["reference_subject"] = ref_subject
+            mask_params["reference"] = ref_label
 
-        def mask_tasks(staging: Path) -> list[Task]:
+        def mask_tasks(unit: Unit, staging: Path) -> list[Task]:
             return [Task("mask", fmri.build_mask, dict(
-                staging=str(staging), strategy=p.mask_strategy, reference=str(subjects[ref_subject]),
-                ref_subject=ref_subject, mask_file=str(mask_file) if mask_file else None,
+                staging=str(staging), strategy=p.mask_strategy, reference=str(pairs[ref_subject, ref_run]),
+                ref_label=ref_label, mask_file=str(mask_file) if mask_file else None,
                 block_trs=p.read_block_trs, mask_trs=p.mask_trs))]
 
         mask = Unit("fmri/mask", self.name, self.version, mask_params, mask_inputs, mask_tasks,
-                    ["fmri/mask", "fmri/voxels"], label="fMRI mask")
-        units = [mask]
+                    [store.MASK, store.VOXELS], label="fMRI mask")
         subj_params = {k: v for k, v in params.items() if not k.startswith("mask_")}
         if p.high_pass is not None:
             subj_params["tr_s"] = cfg.tr_s  # the filter depends on the sampling rate
-        for s, path in subjects.items():
-            units.append(self._subject_unit(ctx, s, path, mask, subj_params))
+        groups: dict[str, list[tuple[str, str]]] = {}  # unit key -> its (subject, run) pairs
+        for s, r in pairs:
+            key = f"fmri/{s}/{r}" if p.zscore == "run" else f"fmri/{s}"
+            groups.setdefault(key, []).append((s, r))
+        units = [mask]
+        for key, members in groups.items():
+            units.append(self._unit(ctx, key, members, pairs, lengths, header_tr, mask, subj_params, upstream))
         return units
 
-    def _subject_unit(self, ctx: PlanContext, subject: str, path: Path, mask: Unit, params: dict) -> Unit:
+    def _unit(self, ctx: PlanContext, key: str, members: list, pairs: dict, lengths: dict, header_tr: dict,
+              mask: Unit, params: dict, upstream: dict) -> Unit:
         cfg, p = ctx.cfg, ctx.cfg.fmri
+        subject = members[0][0]
+        run_names = [r for _, r in members]
+        stimulus = {r: [f"{st}/{r}" for st in STIMULUS_STAGES] for r in run_names}  # the units that may exist
+        deps = [mask.key] + [k for r in run_names for k in stimulus[r] if k in upstream]
 
-        def tasks(staging: Path) -> list[Task]:
+        def bind(manifest_units: dict) -> dict:
+            """TRs served per run: the file's, cut to what the run's committed stimulus units cover."""
+            served = {}
+            for _, r in members:
+                covered = [int(manifest_units[k]["meta"]["n_trs"]) for k in stimulus[r]
+                           if k in manifest_units and (manifest_units[k].get("meta") or {}).get("n_trs") is not None]
+                served[r] = min([lengths[subject, r]] + covered)
+            return {"served_trs": served}
+
+        def tasks(unit: Unit, staging: Path) -> list[Task]:
+            served = unit.bound["served_trs"]
             return [Task(subject, fmri.build_subject, dict(
-                staging=str(staging), store_path=str(ctx.store), subject=subject, path=str(path),
+                staging=str(staging), store_path=str(ctx.store), subject=subject,
+                runs=[{"run": r, "path": str(pairs[subject, r]), "n_trs": served[r]} for r in run_names],
                 tr_s=cfg.tr_s, detrend=p.detrend, high_pass=p.high_pass, zero_variance=p.zero_variance,
-                chunk_trs=p.chunk_trs, block_trs=p.read_block_trs))]
+                chunk_trs=p.chunk_trs, block_trs=p.read_block_trs, zscore=p.zscore))]
 
-        prefix = f"fmri/{subject}"
-        return Unit(prefix, self.name, self.version, params,
-                    {"bold": ctx.file_fp(path), "mask": mask.fingerprint}, tasks,
-                    [f"{prefix}/bold", f"{prefix}/mean", f"{prefix}/std"], deps=[mask.key],
-                    label=f"fMRI {subject}")
+        def finalize(unit: Unit, staging: Path, results: dict) -> dict:
+            meta = results[subject]
+            for r in run_names:
+                meta["runs"][r].update(file_trs=lengths[subject, r], header_tr_s=header_tr[subject, r],
+                                       trust_config_tr=p.trust_config_tr)
+            return meta
+
+        inputs = ({"bold": ctx.file_fp(pairs[members[0]])} if len(members) == 1 and p.zscore == "run"
+                  else {f"bold/{r}": ctx.file_fp(pairs[subject, r]) for r in run_names})
+        inputs["mask"] = mask.fingerprint
+        arrays = [a for r in run_names for a in fmri.array_names(subject, r).values()]
+        return Unit(key, self.name, self.version, params, inputs, tasks, arrays, deps=deps, finalize=finalize,
+                    bind=bind, label=f"fMRI {key[5:]}", run=run_names[0] if p.zscore == "run" else None)

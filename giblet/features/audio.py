@@ -36,7 +36,15 @@ import numpy as np
 from giblet.errors import InputError
 
 VERSION = 1
-CODES = "audio/codes"
+
+
+def codes_name(run: str) -> str:
+    """Store path of one run's codes array, ``stimuli/<run>/audio/codes``."""
+    from giblet import store
+
+    return f"{store.stimulus_prefix(run, 'audio')}/codes"
+
+
 # The EnCodec model side (resolve, build, load, fingerprint) lives in giblet.features.encodec.
 from giblet.features.encodec import (  # noqa: E402,F401  (re-exported: part of this stage's API)
     ENCODEC_24KHZ, MAX_PAD_ELEMENTS, RANDOM, RANDOM_RECIPE, RANDOM_SEED, ModelInfo, build_random_model, load_model,
@@ -283,19 +291,19 @@ def encode_frames(model, wave: np.ndarray, k0: int, k1: int, *, bandwidth: float
 
 # -- the stage's Dask tasks and driver steps ------------------------------------------------
 
-def create_codes(staging: Path, n_trs: int, n_codebooks: int, frames_per_tr: int, chunk_trs: int,
+def create_codes(staging: Path, name: str, n_trs: int, n_codebooks: int, frames_per_tr: int, chunk_trs: int,
                  attrs: dict) -> None:
-    """Driver: the staged ``audio/codes`` array, ``(tr, codebook, code_frame) int16``."""
+    """Driver: the staged codes array ``name``, ``(tr, codebook, code_frame) int16``."""
     from giblet import store
 
-    store.create_array(staging, CODES, (n_trs, n_codebooks, frames_per_tr), "int16",
+    store.create_array(staging, name, (n_trs, n_codebooks, frames_per_tr), "int16",
                        (chunk_trs, n_codebooks, frames_per_tr), (store.TR, store.CODEBOOK, store.CODE_FRAME), attrs)
 
 
-def encode_trs(staging: str, source: str, source_key: str, source_fp: str, model: str, model_fp: str,
+def encode_trs(staging: str, name: str, source: str, source_key: str, source_fp: str, model: str, model_fp: str,
                device: str, sampling_rate: int, tr_s: float, onset_s: float, tr0: int, tr1: int,
                bandwidth: float, segment_s: float, context_s: float, batch_size: int) -> dict:
-    """Task: encode TRs ``[tr0, tr1)`` (whole chunks) into the staged ``audio/codes``.
+    """Task: encode TRs ``[tr0, tr1)`` (whole chunks) into the staged codes array ``name``.
 
     TRs past the end of the audio are left unwritten (``finish_codes`` trims them).
     Returns the record merged into the unit's meta: TR count, sample count, device, timings.
@@ -310,7 +318,7 @@ def encode_trs(staging: str, source: str, source_key: str, source_fp: str, model
     hop = int(np.prod(net.config.upsampling_ratios))
     rate = net.config.sampling_rate / hop
     n_trs = count_trs(len(wave), hop, tr_s, rate)
-    arr = store.open_staged(Path(staging), CODES)
+    arr = store.open_staged(Path(staging), name)
     end = min(tr1, n_trs)
     t1 = time.perf_counter()
     if end > tr0:
@@ -329,7 +337,7 @@ def encode_trs(staging: str, source: str, source_key: str, source_fp: str, model
             "weights_hash": net.giblet_weights_hash, **info}
 
 
-def finish_codes(staging: Path, results: dict, chunk_trs: int) -> dict:
+def finish_codes(staging: Path, name: str, results: dict, chunk_trs: int) -> dict:
     """Driver: trim the staged array to the TRs the audio covers; the unit's meta record."""
     from giblet import store
 
@@ -339,7 +347,7 @@ def finish_codes(staging: Path, results: dict, chunk_trs: int) -> dict:
         raise InputError(f"audio: {first['source']}: tasks decoded different lengths ({sorted(counts)} TRs); "
                          f"the file changed during the run: rerun")
     n_trs = counts.pop()
-    arr = store.open_staged(staging, CODES)
+    arr = store.open_staged(staging, name)
     if n_trs < 1:
         raise InputError(f"audio: {first['source']} holds {first['n_samples']} samples after onset_s: shorter "
                          f"than one TR; check inputs and onset_s")
@@ -349,7 +357,7 @@ def finish_codes(staging: Path, results: dict, chunk_trs: int) -> dict:
     if n_trs < arr.shape[0]:
         arr.resize((n_trs,) + tuple(arr.shape[1:]))
         # zarr-python 3.1 keeps out-of-bounds chunk files after a shrink: drop them.
-        for chunk in (staging / CODES / "c").glob("*"):
+        for chunk in (staging / name / "c").glob("*"):
             if chunk.name.isdigit() and int(chunk.name) * chunk_trs >= n_trs:
                 shutil.rmtree(chunk)
     devices = sorted({r["device"] for r in results.values()})

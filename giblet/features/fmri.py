@@ -18,86 +18,135 @@ from giblet import store
 from giblet.errors import InputError, InputMissingError
 from giblet.normalize import ZScorer
 
-VERSION = 1
+VERSION = 2
 
 
-def load_bold(path: str | Path, subject: str) -> nib.Nifti1Image:
-    """Open one subject's BOLD image lazily and check it is a usable 4D run."""
+def load_bold(path: str | Path, label: str) -> nib.Nifti1Image:
+    """Open one BOLD run lazily and check it is a usable 4D run of real numbers whose header
+    agrees with the file (``label`` names it in errors, e.g. ``sub-01/run-1``)."""
     path = Path(path)
     if not path.exists():
-        raise InputMissingError(f"{subject}: BOLD file {path} does not exist; fix inputs.fmri.{subject} in the config")
+        raise InputMissingError(f"{label}: BOLD file {path} does not exist; fix its path in the config")
     try:
         img = nib.load(str(path), keep_file_open=True)
     except Exception as exc:  # nibabel raises many types for unreadable files
-        raise InputError(f"{subject}: {path} is not a readable NIfTI image ({type(exc).__name__}: {exc}); "
-                         f"replace the file or fix inputs.fmri.{subject}") from None
+        raise InputError(f"{label}: {path} is not a readable NIfTI image ({type(exc).__name__}: {exc}); "
+                         f"replace the file or fix its path in the config") from None
     shape = img.shape
     if len(shape) != 4:
-        raise InputError(f"{subject}: {path} has {len(shape)} dimensions {tuple(shape)}, expected 4D (x, y, z, tr); "
+        raise InputError(f"{label}: {path} has {len(shape)} dimensions {tuple(shape)}, expected 4D (x, y, z, tr); "
                          f"pass the 4D BOLD run, not a single volume or a 5D image")
     if shape[3] < 2:
-        raise InputError(f"{subject}: {path} has {shape[3]} TR(s); at least 2 are needed to z-score over time")
+        raise InputError(f"{label}: {path} has {shape[3]} TR(s); at least 2 are needed to z-score over time")
+    dtype = img.get_data_dtype()
+    if dtype.names is not None or dtype.kind not in "iuf":
+        raise InputError(f"{label}: {path} stores {dtype} voxels ({'RGB/structured' if dtype.names else dtype.kind}); "
+                         f"BOLD must be real numbers (integers or floats) -- convert the file (e.g. take the "
+                         f"magnitude of complex data) first")
+    _check_declared_size(img, path, label)
     return img
 
 
-def check_same_grid(img: nib.Nifti1Image, ref: nib.Nifti1Image, subject: str, ref_subject: str) -> None:
-    """All subjects share one voxel grid: same (x, y, z) shape and affine as the reference."""
+def _check_declared_size(img: nib.Nifti1Image, path: Path, label: str) -> None:
+    """The header's shape x dtype must fit in the file: a header that lies about its size
+    would otherwise surface as a huge allocation or a read error mid-run."""
+    header = img.header
+    expected = int(header.get_data_offset()) + int(np.prod(img.shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+    if path.suffix == ".gz":
+        with open(path, "rb") as fh:  # gzip's trailer: uncompressed size mod 2**32 (of the last member)
+            fh.seek(0, 2)
+            if fh.tell() < 4 or expected >= 2**32:
+                return
+            fh.seek(-4, 2)
+            actual = int.from_bytes(fh.read(4), "little")
+    else:
+        actual = path.stat().st_size
+    if actual < expected:
+        raise InputError(f"{label}: {path} header declares {tuple(img.shape)} {header.get_data_dtype()} voxels "
+                         f"({expected} bytes with the header) but the file holds {actual}; the file is truncated or "
+                         f"its header is wrong -- re-export it")
+
+
+def header_tr_s(img: nib.Nifti1Image) -> float | None:
+    """The TR the NIfTI header states, in seconds (``pixdim[4]`` in its ``xyzt_units``), or None
+    when the header states none: time unit unknown (nibabel writes 1.0 with unknown units by
+    default) or a zero TR."""
+    unit = img.header.get_xyzt_units()[1]
+    scale = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}.get(unit)
+    value = float(img.header.get_zooms()[3])
+    if scale is None or not np.isfinite(value) or value <= 0:
+        return None
+    return value * scale
+
+
+def check_tr(img: nib.Nifti1Image, path: Path, label: str, tr_s: float, trust_config: bool) -> float | None:
+    """Refuse a header TR that disagrees with the config's ``tr_s`` (unless ``trust_config``);
+    returns the header's TR (recorded in the store)."""
+    found = header_tr_s(img)
+    if found is not None and abs(found - tr_s) > 1e-3 * max(tr_s, 1e-9) and not trust_config:
+        raise InputError(f"{label}: {path} header says TR = {found:g} s ({img.header.get_zooms()[3]:g} "
+                         f"{img.header.get_xyzt_units()[1]}), the config says tr_s = {tr_s:g} s; fix tr_s, or set "
+                         f"fmri.trust_config_tr=true if the header is wrong (recorded in the store)")
+    return found
+
+
+def check_same_grid(img: nib.Nifti1Image, ref: nib.Nifti1Image, label: str, ref_label: str) -> None:
+    """All runs of all subjects share one voxel grid: same (x, y, z) shape and affine as the reference."""
     if img.shape[:3] != ref.shape[:3]:
-        raise InputError(f"{subject}: grid {img.shape[:3]} differs from {ref_subject}'s {ref.shape[:3]}; "
-                         f"resample every subject to one space (e.g. nilearn.image.resample_to_img) first")
+        raise InputError(f"{label}: grid {img.shape[:3]} differs from {ref_label}'s {ref.shape[:3]}; "
+                         f"resample every run to one space (e.g. nilearn.image.resample_to_img) first")
     if not np.allclose(img.affine, ref.affine, atol=1e-4):
-        raise InputError(f"{subject}: affine differs from {ref_subject}'s (max difference "
-                         f"{np.abs(img.affine - ref.affine).max():.4g} mm); resample every subject to one space first")
+        raise InputError(f"{label}: affine differs from {ref_label}'s (max difference "
+                         f"{np.abs(img.affine - ref.affine).max():.4g} mm); resample every run to one space first")
 
 
-def _blocks(img: nib.Nifti1Image, path: Path, subject: str, block_trs: int, stop: int | None = None):
+def _blocks(img: nib.Nifti1Image, path: Path, label: str, block_trs: int, stop: int | None = None):
     """Yield ``(t0, block)`` with block ``(x, y, z, b)`` as read (scaled) from the file."""
-    n = img.shape[3] if stop is None else stop
+    n = img.shape[3] if stop is None else min(stop, img.shape[3])
     for t0 in range(0, n, block_trs):
         t1 = min(n, t0 + block_trs)
         try:
             block = np.asanyarray(img.dataobj[..., t0:t1])
         except (EOFError, OSError, zlib.error, ValueError) as exc:
-            raise InputError(f"{subject}: {path} is truncated or corrupt: reading TRs {t0}-{t1 - 1} failed "
+            raise InputError(f"{label}: {path} is truncated or corrupt: reading TRs {t0}-{t1 - 1} failed "
                              f"({type(exc).__name__}: {exc}); re-copy or re-export the file") from None
         yield t0, block
 
 
-def _check_finite(block: np.ndarray, t0: int, subject: str, path: Path) -> None:
+def _check_finite(block: np.ndarray, t0: int, label: str, path: Path) -> None:
     bad = ~np.isfinite(block)
     if bad.any():
         first = np.argwhere(bad)[0]
-        raise InputError(f"{subject}: {path} holds {int(bad.sum())} NaN/inf values (first at voxel "
+        raise InputError(f"{label}: {path} holds {int(bad.sum())} NaN/inf values (first at voxel "
                          f"{tuple(int(v) for v in first[:3])}, TR {t0 + int(first[-1])}); "
                          f"repair the file (e.g. nilearn.image.clean_img) before preprocessing")
 
 
-def mean_image(path: Path, subject: str, block_trs: int, max_trs: int | None = None) -> nib.Nifti1Image:
+def mean_image(path: Path, label: str, block_trs: int, max_trs: int | None = None) -> nib.Nifti1Image:
     """Temporal mean of a 4D image over its first ``max_trs`` TRs (all if None), streamed.
 
     Only the TRs averaged are decompressed, so the mask costs a fraction of a full read.
     """
-    img = load_bold(path, subject)
+    img = load_bold(path, label)
     n = img.shape[3] if max_trs is None else min(max_trs, img.shape[3])
     total = np.zeros(img.shape[:3], dtype=np.float64)
-    for t0, block in _blocks(img, path, subject, block_trs, stop=n):
-        _check_finite(block, t0, subject, path)
+    for t0, block in _blocks(img, path, label, block_trs, stop=n):
+        _check_finite(block, t0, label, path)
         total += block.sum(axis=-1, dtype=np.float64)
     return nib.Nifti1Image((total / n).astype(np.float32), img.affine)
 
 
-def compute_mask(strategy: str, reference: Path, ref_subject: str, mask_file: Path | None,
+def compute_mask(strategy: str, reference: Path, ref_label: str, mask_file: Path | None,
                  block_trs: int, mask_trs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The shared mask ``(x, y, z) bool`` and its affine ``(4, 4)``.
+    """The study's mask ``(x, y, z) bool`` and its affine ``(4, 4)``.
 
     ``epi``/``background`` run nilearn's ``compute_epi_mask``/``compute_background_mask`` on
-    the reference subject's mean image over its first ``mask_trs`` TRs, so adding a subject
-    never changes the mask;
-    ``file`` loads a NIfTI mask on the same grid.
+    the reference run's mean image over its first ``mask_trs`` TRs, so adding a subject or
+    a run never changes the mask; ``file`` loads a NIfTI mask on the same grid.
     """
     from nilearn.masking import compute_background_mask, compute_epi_mask
 
-    ref_img = load_bold(reference, ref_subject)
+    ref_img = load_bold(reference, ref_label)
     if strategy == "file":
         if mask_file is None or not Path(mask_file).exists():
             raise InputMissingError(f"fmri: mask file {mask_file} does not exist; fix fmri.mask_file")
@@ -107,26 +156,28 @@ def compute_mask(strategy: str, reference: Path, ref_subject: str, mask_file: Pa
                              f"{ref_img.shape[:3]} (or its affine differs); resample the mask to the BOLD images")
         mask = np.asanyarray(mimg.dataobj).astype(bool).reshape(ref_img.shape[:3])
     else:
-        mean = mean_image(reference, ref_subject, block_trs, mask_trs)
+        mean = mean_image(reference, ref_label, block_trs, mask_trs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fn = compute_epi_mask if strategy == "epi" else compute_background_mask
             mask = np.asanyarray(fn(mean).dataobj).astype(bool)
     if not mask.any():
-        raise InputError(f"fmri: the {strategy} mask of {ref_subject} ({reference}) is empty; "
+        raise InputError(f"fmri: the {strategy} mask of {ref_label} ({reference}) is empty; "
                          f"set fmri.mask_strategy=background (or give fmri.mask_file)")
     return mask, ref_img.affine
 
 
-def read_masked(path: Path, subject: str, mask: np.ndarray, block_trs: int) -> np.ndarray:
-    """In-mask voxels of every TR, ``(tr, voxel) float32``, voxels in C order of the mask."""
-    img = load_bold(path, subject)
+def read_masked(path: Path, label: str, mask: np.ndarray, block_trs: int, stop: int | None = None) -> np.ndarray:
+    """In-mask voxels of the first ``stop`` TRs (all if None), ``(tr, voxel) float32``, voxels
+    in C order of the mask."""
+    img = load_bold(path, label)
     if img.shape[:3] != mask.shape:
-        raise InputError(f"{subject}: grid {img.shape[:3]} differs from the mask's {mask.shape}; "
-                         f"resample every subject to one space first")
-    out = np.empty((img.shape[3], int(mask.sum())), dtype=np.float32)
-    for t0, block in _blocks(img, path, subject, block_trs):
-        _check_finite(block, t0, subject, path)
+        raise InputError(f"{label}: grid {img.shape[:3]} differs from the mask's {mask.shape}; "
+                         f"resample every run to one space first")
+    n = img.shape[3] if stop is None else min(stop, img.shape[3])
+    out = np.empty((n, int(mask.sum())), dtype=np.float32)
+    for t0, block in _blocks(img, path, label, block_trs, stop=n):
+        _check_finite(block, t0, label, path)
         # block[mask] is (voxel, b) in C order of the mask, matching np.argwhere(mask).
         out[t0:t0 + block.shape[-1]] = block[mask].T
     return out
@@ -134,14 +185,16 @@ def read_masked(path: Path, subject: str, mask: np.ndarray, block_trs: int) -> n
 
 def clean(x: np.ndarray, detrend: bool, high_pass: float | None, tr_s: float, block: int = 8192) -> np.ndarray:
     """What ``nilearn.signal.clean(detrend=..., high_pass=..., t_r=...)`` computes, in voxel
-    blocks, mean kept.
+    blocks, then re-centred on the raw voxel mean.
 
-    Same steps and numbers (a test checks equality): nilearn's detrend, then nilearn's
-    Butterworth high-pass (``nilearn.signal.butterworth``, order 5, ``sosfiltfilt``). The
-    filter is called with ``copy=True``, which filters the whole block in one vectorized
-    ``sosfiltfilt``; inside ``clean`` nilearn filters voxel by voxel in place (~57 s for a
-    Sherlock-sized subject, against ~10 s). The voxel mean is added back so that the saved
-    ``mean`` stays in scanner units and ``denormalize`` returns values on the raw scale.
+    Same steps and numbers as nilearn (a test checks equality): nilearn's detrend, then
+    nilearn's Butterworth high-pass (``nilearn.signal.butterworth``, order 5,
+    ``sosfiltfilt``). The filter is called with ``copy=True``, which filters the whole block in
+    one vectorized ``sosfiltfilt``; inside ``clean`` nilearn filters voxel by voxel in place
+    (~57 s for a Sherlock-sized subject, against ~10 s). The cleaned signal is then shifted to
+    have exactly the raw voxel mean (the filtered signal is not exactly zero-mean), so the
+    saved ``mean`` is the raw mean over the served TRs and ``denormalize`` returns the cleaned
+    signal on the scanner's scale.
     """
     from nilearn.signal import butterworth
     from nilearn.signal import clean as nl_clean
@@ -155,59 +208,95 @@ def clean(x: np.ndarray, detrend: bool, high_pass: float | None, tr_s: float, bl
             cols = nl_clean(cols, detrend=True, standardize=None, standardize_confounds=False)
         if high_pass is not None:
             cols = butterworth(cols, sampling_rate=1.0 / tr_s, high_pass=high_pass, copy=True)
-        x[:, v0:v0 + block] = (cols + mean).astype(np.float32)
+        x[:, v0:v0 + block] = (cols - cols.mean(axis=0) + mean).astype(np.float32)
     return x
 
 
-def build_mask(staging: str, strategy: str, reference: str, ref_subject: str, mask_file: str | None,
+def build_mask(staging: str, strategy: str, reference: str, ref_label: str, mask_file: str | None,
                block_trs: int, mask_trs: int | None = None) -> dict:
     """Task: write ``fmri/mask`` (x, y, z) bool and ``fmri/voxels`` (voxel, 3) int32."""
-    mask, affine = compute_mask(strategy, Path(reference), ref_subject,
+    mask, affine = compute_mask(strategy, Path(reference), ref_label,
                                 Path(mask_file) if mask_file else None, block_trs, mask_trs)
     voxels = np.argwhere(mask).astype(np.int32)
     attrs = {"affine": affine.tolist(), "n_voxels": int(len(voxels)), "strategy": strategy,
-             "reference": ref_subject, "mean_of_first_trs": mask_trs, "order": "C (np.argwhere(mask))"}
-    m = store.create_array(Path(staging), "fmri/mask", mask.shape, "bool", mask.shape, (store.X, store.Y, store.Z),
+             "reference": ref_label, "mean_of_first_trs": mask_trs, "order": "C (np.argwhere(mask))"}
+    m = store.create_array(Path(staging), store.MASK, mask.shape, "bool", mask.shape, (store.X, store.Y, store.Z),
                            attrs, fill_value=False)
     m[...] = mask
-    v = store.create_array(Path(staging), "fmri/voxels", voxels.shape, "int32", voxels.shape,
+    v = store.create_array(Path(staging), store.VOXELS, voxels.shape, "int32", voxels.shape,
                            (store.VOXEL, store.IJK), {"affine": affine.tolist()})
     v[...] = voxels
     return {"n_voxels": int(len(voxels)), "shape": list(mask.shape)}
 
 
-def build_subject(staging: str, store_path: str, subject: str, path: str, tr_s: float, detrend: bool,
-                  high_pass: float | None, zero_variance: str, chunk_trs: int, block_trs: int) -> dict:
-    """Task: z-score one subject into ``fmri/<subject>/{bold,mean,std}``.
+def array_names(subject: str, run: str) -> dict[str, str]:
+    """Store paths of one (subject, run): ``bold``, ``mean`` and ``std``."""
+    prefix = store.fmri_prefix(subject, run)
+    return {k: f"{prefix}/{k}" for k in ("bold", "mean", "std")}
 
-    Returns the per-subject record kept in the manifest (TR count, zero-variance count).
+
+def build_subject(staging: str, store_path: str, subject: str, runs: list[dict], tr_s: float, detrend: bool,
+                  high_pass: float | None, zero_variance: str, chunk_trs: int, block_trs: int,
+                  zscore: str = "run") -> dict:
+    """Task: z-score one subject's runs into ``fmri/<subject>/<run>/{bold,mean,std}``.
+
+    Args:
+        runs: ``[{"run", "path", "n_trs"}]`` -- ``n_trs`` is the TRs served (the first
+            ``n_trs`` of the file: its run's stimulus covers no more).
+        zscore: ``run`` -- statistics over each run's served TRs; ``subject`` -- over the
+            served TRs of all ``runs`` together.
+
+    Returns:
+        The record kept in the manifest: per run, served and file TR counts, zero-variance
+        count, raw range.
     """
     import zarr
 
-    mask = zarr.open_array(str(Path(store_path) / "fmri/mask"), mode="r")[...]
-    x = read_masked(Path(path), subject, mask, block_trs)
-    raw_min, raw_max = float(x.min()), float(x.max())
-    x = clean(x, detrend, high_pass, tr_s)
-    scaler = ZScorer()
-    for t0 in range(0, x.shape[0], block_trs):
-        scaler.partial_fit(x[t0:t0 + block_trs])
+    mask = zarr.open_array(str(Path(store_path) / store.MASK), mode="r")[...]
+    data, meta = {}, {}
+    for r in runs:
+        label = f"{subject}/{r['run']}"
+        x = read_masked(Path(r["path"]), label, mask, block_trs, stop=r["n_trs"])
+        meta[r["run"]] = {"n_trs": int(x.shape[0]), "raw_min": float(x.min()), "raw_max": float(x.max())}
+        data[r["run"]] = clean(x, detrend, high_pass, tr_s)
+    groups = [[r["run"]] for r in runs] if zscore == "run" else [[r["run"] for r in runs]]
+    for group in groups:
+        scaler = ZScorer()
+        for run in group:
+            for t0 in range(0, len(data[run]), block_trs):
+                scaler.partial_fit(data[run][t0:t0 + block_trs])
+        n_zero = _zero_variance(scaler, f"{subject}/{'+'.join(group)}", zero_variance)
+        for run in group:
+            _write_run(Path(staging), subject, run, data.pop(run), scaler, chunk_trs, zscore)
+            meta[run].update(n_zero_variance=n_zero, first_zero_variance_voxel=int(np.argmax(scaler.zero_variance_))
+                             if n_zero else None)
+    return {"runs": meta, "n_voxels": int(mask.sum()), "zscore": zscore}
+
+
+def _zero_variance(scaler: ZScorer, label: str, rule: str) -> int:
     n_zero = int(scaler.zero_variance_.sum())
-    if n_zero == x.shape[1]:
-        raise InputError(f"{subject}: all {n_zero} in-mask voxels of {path} are constant over time "
-                         f"(an empty or all-zero run?); check the file")
-    first_zero = int(np.argmax(scaler.zero_variance_)) if n_zero else None
-    if n_zero and zero_variance == "error":
-        raise InputError(f"{subject}: {n_zero} voxels have zero variance over tr (first: voxel {first_zero}); "
-                         f"set fmri.zero_variance=zero to keep them as 0 after z-scoring")
-    prefix = f"fmri/{subject}"
-    attrs = {"subject": subject, "convention": ZScorer.convention, "n_zero_variance": n_zero}
-    bold = store.create_array(Path(staging), f"{prefix}/bold", x.shape, "float32", (chunk_trs, x.shape[1]),
+    if n_zero == len(scaler.zero_variance_):
+        raise InputError(f"{label}: all {n_zero} in-mask voxels are constant over the served TRs (an empty or "
+                         f"all-zero run?); check the file")
+    if n_zero and rule == "error":
+        raise InputError(f"{label}: {n_zero} voxels have zero variance over tr (first: voxel "
+                         f"{int(np.argmax(scaler.zero_variance_))}); set fmri.zero_variance=zero to keep them as 0 "
+                         f"after z-scoring")
+    return n_zero
+
+
+def _write_run(staging: Path, subject: str, run: str, x: np.ndarray, scaler: ZScorer, chunk_trs: int,
+               zscore: str) -> None:
+    names = array_names(subject, run)
+    attrs = {"subject": subject, "run": run, "convention": {**ZScorer.convention, "over": zscore},
+             "n_zero_variance": int(scaler.zero_variance_.sum())}
+    bold = store.create_array(staging, names["bold"], x.shape, "float32", (chunk_trs, x.shape[1]),
                               (store.TR, store.VOXEL), attrs)
     for t0 in range(0, x.shape[0], chunk_trs):  # whole chunks only
         bold[t0:t0 + chunk_trs] = scaler.transform(x[t0:t0 + chunk_trs])
+    units = {"mean": "raw scanner units: the voxel mean over the TRs the statistics cover",
+             "std": "raw scanner units: population std (ddof 0) of the cleaned signal; 0 marks zero variance"}
     for name, values in (("mean", scaler.mean_), ("std", scaler.std_)):
-        arr = store.create_array(Path(staging), f"{prefix}/{name}", values.shape, "float32", values.shape,
-                                 (store.VOXEL,), {"units": "raw scanner units"})
+        arr = store.create_array(staging, names[name], values.shape, "float32", values.shape, (store.VOXEL,),
+                                 {"units": units[name], "over": zscore})
         arr[...] = values
-    return {"n_trs": int(x.shape[0]), "n_voxels": int(x.shape[1]), "n_zero_variance": n_zero,
-            "first_zero_variance_voxel": first_zero, "raw_min": raw_min, "raw_max": raw_max}

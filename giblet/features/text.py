@@ -126,8 +126,15 @@ def _texts(df, columns: list[str], path: Path) -> list[str]:
 
 
 def read_rows(path: str | Path, start_column: str, end_column: str, columns: list[str], *, time_unit: str = "s",
-              tr_s: float = 1.5, allow_unsorted: bool = False) -> Rows:
+              tr_s: float = 1.5, allow_unsorted: bool = False, row_range: tuple[int, int] | None = None,
+              tr_offset: int = 0) -> Rows:
     """Read, validate and de-duplicate annotation rows (times in seconds).
+
+    Args:
+        row_range: ``(first, last)`` 1-based data rows (the header excluded), inclusive: one
+            run's rows of a sheet that holds several runs (:func:`run_segments`); None: all.
+        tr_offset: with ``time_unit=tr``, subtracted from the sheet's TR numbers (a sheet whose
+            TR numbers continue across runs).
 
     Raises:
         InputError: a missing column (the message lists those that exist), a time that is not
@@ -141,26 +148,67 @@ def read_rows(path: str | Path, start_column: str, end_column: str, columns: lis
     start = _times(_column(df, start_column, path, "start_column"), names[0], path, time_unit)
     end = _times(_column(df, end_column, path, "end_column"), names[1], path, time_unit)
     texts = _texts(df, columns, path)
-    counts = {"n_rows": len(df), "n_untimed": 0, "n_empty_text": 0, "n_duplicates": 0, "n_zero_length": 0}
+    first, last = row_range or (1, len(df))
+    if last > len(df):
+        raise InputError(f"text: {path} has {len(df)} data rows; text.run_rows asks for rows {first}-{last}: fix "
+                         f"text.run_rows")
+    counts = {"n_rows": last - first + 1, "n_untimed": 0, "n_empty_text": 0, "n_duplicates": 0, "n_zero_length": 0}
     rows = Rows([], [], [], [], counts=counts)
-    scale, shift = (1.0, 0.0) if time_unit == "s" else (tr_s, 1.0)  # TR n starts at (n - 1) * tr_s
+    scale, shift = (1.0, 0.0) if time_unit == "s" else (tr_s, 1.0 + tr_offset)  # TR n starts at (n - 1) * tr_s
     seen: set = set()
-    for i in range(len(df)):
+    for i in range(first - 1, last):
         if not _keep(i, start[i], end[i], texts[i], seen, counts, path, names, time_unit):
             continue
+        if time_unit == "tr" and start[i] - tr_offset < 1:
+            raise InputError(f"text: {path} row {i + 2}: TR {start[i]:g} minus text.tr_offset={tr_offset} is below "
+                             f"1; fix text.tr_offset or text.run_rows")
         if rows.start and (start[i] - shift) * scale < rows.start[-1] and not allow_unsorted:
             prev = rows.sheet_row[-1]
             raise InputError(
                 f"text: {path} row {i + 2} starts at {start[i]:g}, before row {prev} ({start[prev - 2]:g}) in column "
-                f"{names[0]!r}: rows are out of time order, as when a file's clock restarts for a second run; use "
-                f"continuous time columns (for the Sherlock file: text.start_column='Start Time (TRs, 1.5s)' "
-                f"text.end_column='End Time (TRs, 1.5s)' text.time_unit=tr), split the file per run, or set "
-                f"text.allow_unsorted=true if overlapping rows are intended")
+                f"{names[0]!r}: rows are out of time order, as when a file's clock restarts for a second run; give "
+                f"the study a `runs:` block (one sheet for all runs is split where the clock restarts), split the "
+                f"file per run, or set text.allow_unsorted=true if overlapping rows are intended")
         rows.start.append(float((start[i] - shift) * scale))
-        rows.end.append(float(end[i] * scale))
+        rows.end.append(float((end[i] - tr_offset) * scale))
         rows.text.append(texts[i])
         rows.sheet_row.append(i + 2)
     return rows
+
+
+def run_segments(path: str | Path, start_column: str, end_column: str, columns: list[str],
+                 time_unit: str = "s") -> list[tuple[int, int]]:
+    """The runs of a sheet that holds several: ``(first, last)`` 1-based data rows of each.
+
+    A new run starts at a row whose start time lies before the previous row's (the clock
+    restarts, as in Sherlock's seconds columns at data row 483). Rows without times or text
+    and exact repeats of a row of the same run are not looked at. A trailing stretch made
+    only of exact copies of earlier runs' rows is a duplicated block, not a run: it is
+    left out (its rows belong to no run).
+    """
+    path = Path(path)
+    df = read_table(path)
+    start = _times(_column(df, start_column, path, "start_column"), start_column.strip(), path, time_unit)
+    end = _times(_column(df, end_column, path, "end_column"), end_column.strip(), path, time_unit)
+    texts = _texts(df, columns, path)
+    segments: list[list[int]] = [[0, len(df) - 1]]
+    keys: list[set] = [set()]
+    prev = None
+    for i in range(len(df)):
+        if np.isnan(start[i]) or np.isnan(end[i]) or not texts[i]:
+            continue
+        key = (start[i], end[i], texts[i])
+        if key in keys[-1]:
+            continue
+        if prev is not None and start[i] < prev:
+            segments[-1][1] = i - 1
+            segments.append([i, len(df) - 1])
+            keys.append(set())
+        keys[-1].add(key)
+        prev = start[i]
+    runs = [seg for j, (seg, seg_keys) in enumerate(zip(segments, keys))
+            if j == 0 or not seg_keys <= set().union(*keys[:j])]
+    return [(a + 1, b + 1) for a, b in runs]
 
 
 def _keep(i: int, s: float, e: float, text: str, seen: set, counts: dict, path: Path, names: tuple,
@@ -220,13 +268,40 @@ def clip_to_grid(rows: Rows, tr_s: float, onset_s: float, stimulus_end_s: float 
 
 def prepare_rows(staging: str | Path, path: str, start_column: str, end_column: str, columns: list[str],
                  time_unit: str, allow_unsorted: bool, tr_s: float, onset_s: float,
-                 stimulus_end_s: float | None) -> Rows:
-    """Driver side: read and check the file, fix the grid, save the rows for ``build_text``."""
+                 stimulus_end_s: float | None, rows_of_run: dict | None = None, tr_offset: int = 0) -> Rows:
+    """Driver side: read and check the file, fix the grid, save the rows for ``build_text``.
+
+    ``rows_of_run``: for a sheet shared by several runs, ``{"run": name, "runs": [names in
+    order], "ranges": {run: "first-last"} or None}``: this run's rows are its explicit range,
+    else the segment of :func:`run_segments` at its position among ``runs``.
+    """
+    row_range = None
+    if rows_of_run is not None:
+        row_range = _rows_of(path, start_column, end_column, columns, time_unit, **rows_of_run)
     rows = read_rows(path, start_column, end_column, columns, time_unit=time_unit, tr_s=tr_s,
-                     allow_unsorted=allow_unsorted)
+                     allow_unsorted=allow_unsorted, row_range=row_range, tr_offset=tr_offset)
     rows = clip_to_grid(rows, tr_s, onset_s, stimulus_end_s, path)
     store.atomic_write_json(Path(staging) / ROWS_FILE, asdict(rows))
     return rows
+
+
+def _rows_of(path: str, start_column: str, end_column: str, columns: list[str], time_unit: str, run: str,
+             runs: list[str], ranges: dict | None) -> tuple[int, int]:
+    from giblet.config import row_range
+
+    if ranges:
+        if run not in ranges:
+            raise InputError(f"text/{run}: text.run_rows gives no rows for run {run!r} of the shared sheet {path}; "
+                             f"add text.run_rows.{run}=FIRST-LAST")
+        return row_range(ranges[run])
+    found = run_segments(path, start_column, end_column, columns, time_unit)
+    if len(found) != len(runs):
+        shown = ", ".join(f"{a}-{b}" for a, b in found)
+        raise InputError(f"text/{run}: {path} splits into {len(found)} run(s) where column {start_column.strip()!r} "
+                         f"goes back in time (data rows {shown}), but {len(runs)} run(s) share it "
+                         f"({', '.join(runs)}); give each run its rows (text.run_rows.<run>=FIRST-LAST) or its own "
+                         f"sheet (runs.<run>.annotations)")
+    return found[runs.index(run)]
 
 
 def stimulus_duration(path: str | Path) -> float:
@@ -313,29 +388,31 @@ def fill_gaps(emb: np.ndarray, has_text: np.ndarray, fill: str) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def train_stats(emb: np.ndarray, has_text: np.ndarray, n_train: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension ``(mean, std)`` (ddof 0) over training TRs that have text.
+def covered_stats(emb: np.ndarray, has_text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension ``(mean, std)`` (ddof 0) over the TRs that have text.
 
-    Uncovered TRs are placeholders (zeros or copies), so they would bias the statistics;
-    when no training TR has text, all covered TRs are used.
+    The reader calls it on the training TRs of every run (``StoreView.text_stats``).
+    Uncovered TRs are placeholders (zeros or copies), so they would bias the statistics.
+
+    Args:
+        emb: ``(tr, embedding)``; has_text: ``(tr,) bool``.
     """
-    sel = has_text.copy()
-    sel[n_train:] = False
-    if not sel.any():
-        sel = has_text
-    x = emb[sel].astype(np.float64)
+    x = np.asarray(emb, dtype=np.float64)[np.asarray(has_text, dtype=bool)]
+    if not len(x):
+        return np.full(emb.shape[1], np.nan, np.float32), np.full(emb.shape[1], np.nan, np.float32)
     return x.mean(0).astype(np.float32), x.std(0).astype(np.float32)
 
 
-def n_train_trs(n_trs: int, val_fraction: float) -> int:
-    """Training TRs of this unit's own grid: the first ``round((1 - val_fraction) * n_trs)``."""
-    return max(1, int(round((1.0 - val_fraction) * n_trs)))
+def array_names(run: str) -> dict[str, str]:
+    """Store paths of one run's text arrays: ``embeddings`` and ``has_text``."""
+    prefix = store.stimulus_prefix(run, "text")
+    return {k: f"{prefix}/{k}" for k in ("embeddings", "has_text")}
 
 
 # -- the task -------------------------------------------------------------------------------
-def build_text(staging: str, model: str, device: str, batch_size: int, combine: str, fill: str, tr_s: float,
-               onset_s: float, val_fraction: float, chunk_trs: int) -> dict:
-    """Task: embed the rows saved by ``prepare_rows`` into ``text/{embeddings,has_text,mean,std}``.
+def build_text(staging: str, names: dict, model: str, device: str, batch_size: int, combine: str, fill: str,
+               tr_s: float, onset_s: float, chunk_trs: int) -> dict:
+    """Task: embed the rows saved by ``prepare_rows`` into one run's ``embeddings`` and ``has_text``.
 
     Returns the unit's record: TR count, row counts, coverage and model facts.
     """
@@ -352,24 +429,21 @@ def build_text(staging: str, model: str, device: str, batch_size: int, combine: 
         raise InputError(f"text: no annotation row covers any of the {rows.n_trs} TRs ({rows.counts}); "
                          f"check onset_s, text.time_unit and the time columns")
     emb = fill_gaps(emb, has_text, fill)
-    n_train = n_train_trs(rows.n_trs, val_fraction)
-    mean, std = train_stats(emb, has_text, n_train)
-    _write(staging, emb, has_text, mean, std, chunk_trs, {"combine": combine, "fill": fill, "dim": encoder.dim,
-                                                         "normalized": encoder.normalize, "n_train": n_train})
+    _write(staging, names, emb, has_text, chunk_trs, {"combine": combine, "fill": fill, "dim": encoder.dim,
+                                                      "normalized": encoder.normalize,
+                                                      "sheet_rows": [rows.sheet_row[0], rows.sheet_row[-1]]})
     return {"n_trs": rows.n_trs, **rows.counts, "n_used_rows": len(rows.text), "n_distinct_strings": n_distinct,
             "n_uncovered_trs": int((~has_text).sum()), "embedding_dim": encoder.dim, "device": encoder.device,
-            "n_train_trs": n_train, "load_s": round(t1 - t0, 3), "encode_s": round(t2 - t1, 3)}
+            "sheet_rows": [rows.sheet_row[0], rows.sheet_row[-1]], "load_s": round(t1 - t0, 3),
+            "encode_s": round(t2 - t1, 3)}
 
 
-def _write(staging: Path, emb, has_text, mean, std, chunk_trs: int, attrs: dict) -> None:
+def _write(staging: Path, names: dict, emb, has_text, chunk_trs: int, attrs: dict) -> None:
     n, dim = emb.shape
-    e = store.create_array(staging, "text/embeddings", (n, dim), "float32", (chunk_trs, dim),
+    e = store.create_array(staging, names["embeddings"], (n, dim), "float32", (chunk_trs, dim),
                            (store.TR, store.EMBEDDING), attrs)
-    h = store.create_array(staging, "text/has_text", (n,), "bool", (chunk_trs,), (store.TR,),
+    h = store.create_array(staging, names["has_text"], (n,), "bool", (chunk_trs,), (store.TR,),
                            {"meaning": "True where an annotation row covers the TR"}, fill_value=False)
     for t0 in range(0, n, chunk_trs):  # whole chunks only
         e[t0:t0 + chunk_trs] = emb[t0:t0 + chunk_trs]
         h[t0:t0 + chunk_trs] = has_text[t0:t0 + chunk_trs]
-    over = {"over": f"training TRs [0, {attrs['n_train']}) with has_text", "ddof": 0}
-    for name, values in (("mean", mean), ("std", std)):
-        store.create_array(staging, f"text/{name}", (dim,), "float32", (dim,), (store.EMBEDDING,), over)[...] = values

@@ -39,9 +39,14 @@ VERSION = 1
 # config name -> swscale algorithm (av.video.reformatter.Interpolation)
 INTERPOLATIONS = {"area": "AREA", "bilinear": "BILINEAR", "bicubic": "BICUBIC", "nearest": "POINT",
                   "lanczos": "LANCZOS"}
-FRAMES, PADDED, MEAN, STD = "video/frames", "video/padded", "video/mean", "video/std"
 SEEK_BACKOFF_S = (0, 2, 8, 32)  # seek this much earlier if the first keyframe lands after the target
-HIST_MAX_PIXELS = 2**24  # cv2.calcHist counts in float32: exact below this many pixels per call
+_SQUARES = np.arange(256, dtype=np.int32) ** 2
+
+
+def array_names(run: str) -> dict[str, str]:
+    """Store paths of one run's video arrays: ``frames``, ``padded`` and ``moments``."""
+    prefix = store.stimulus_prefix(run, "video")
+    return {k: f"{prefix}/{k}" for k in ("frames", "padded", "moments")}
 
 
 def _exact(x: float) -> Fraction:
@@ -126,34 +131,36 @@ def segments(n_trs: int, segment_trs: int) -> list[tuple[int, int]]:
     return [(t0, min(n_trs, t0 + segment_trs)) for t0 in range(0, n_trs, segment_trs)]
 
 
-def n_train_trs(n_trs: int, val_fraction: float) -> int:
-    """TRs whose pixels define ``video/mean|std``: the first ``round((1 - val_fraction) n)``."""
-    return max(1, int(round((1.0 - val_fraction) * n_trs)))
-
-
-def create_arrays(staging: Path, grid: TrGrid, width: int, height: int, chunk_trs: int, attrs: dict) -> None:
-    """Create the staged ``video/frames`` and ``video/padded`` arrays (driver side)."""
+def create_arrays(staging: Path, names: dict, grid: TrGrid, width: int, height: int, chunk_trs: int,
+                  attrs: dict) -> None:
+    """Create the staged ``frames``, ``padded`` and ``moments`` arrays of one run (driver side)."""
     f = grid.frames_per_tr
-    store.create_array(staging, FRAMES, (grid.n_trs, f, height, width, 3), "uint8", (chunk_trs, f, height, width, 3),
+    store.create_array(staging, names["frames"], (grid.n_trs, f, height, width, 3), "uint8",
+                       (chunk_trs, f, height, width, 3),
                        (store.TR, store.FRAME, store.HEIGHT, store.WIDTH, store.CHANNEL), attrs)
-    store.create_array(staging, PADDED, (grid.n_trs, f), "bool", (chunk_trs, f), (store.TR, store.FRAME),
-                       {"meaning": "True where the slot repeats an earlier frame (see video/frames attrs)"},
+    store.create_array(staging, names["padded"], (grid.n_trs, f), "bool", (chunk_trs, f), (store.TR, store.FRAME),
+                       {"meaning": "True where the slot repeats an earlier frame (see frames attrs)"},
                        fill_value=False)
+    store.create_array(staging, names["moments"], (grid.n_trs, 2, 3), "int64", (chunk_trs, 2, 3),
+                       (store.TR, store.MOMENT, store.CHANNEL),
+                       {"meaning": "per TR and channel: [sum of pixel values, sum of their squares] (0-255) over "
+                                   "every stored slot, padded ones included",
+                        "pixels_per_tr": int(f * width * height)})
 
 
 class _SegmentWriter:
     """Collects the kept frames of TRs ``[tr0, tr1)`` and writes them a whole chunk at a time."""
 
-    def __init__(self, staging: Path, tr0: int, tr1: int, chunk_trs: int, frames_per_tr: int, n_train: int,
+    def __init__(self, staging: Path, names: dict, tr0: int, tr1: int, chunk_trs: int, frames_per_tr: int,
                  convert):
-        self.frames = store.open_staged(staging, FRAMES)
-        self.padded = store.open_staged(staging, PADDED)
-        self.tr0, self.tr1, self.chunk, self.n_train, self.convert = tr0, tr1, chunk_trs, n_train, convert
+        self.frames = store.open_staged(staging, names["frames"])
+        self.padded = store.open_staged(staging, names["padded"])
+        self.moments = store.open_staged(staging, names["moments"])
+        self.tr0, self.tr1, self.chunk, self.convert = tr0, tr1, chunk_trs, convert
         h, w = self.frames.shape[2:4]
         self.buf = np.zeros((chunk_trs, frames_per_tr, h, w, 3), dtype=np.uint8)
         self.pad = np.zeros((chunk_trs, frames_per_tr), dtype=bool)
         self.count = np.zeros(chunk_trs, dtype=np.int64)  # kept frames per TR of the current chunk
-        self.hist = np.zeros((3, 256), dtype=np.int64)  # pixel-value histogram of training TRs
         self.n_padded = self.n_dropped = self.n_empty_trs = 0
         self.chunk0 = tr0
 
@@ -183,31 +190,24 @@ class _SegmentWriter:
         m = end - self.chunk0
         self.frames[self.chunk0:end] = self.buf[:m]
         self.padded[self.chunk0:end] = self.pad[:m]
-        n_stat = max(0, min(end, self.n_train) - self.chunk0)
-        if n_stat:
-            self.hist += _histogram(self.buf[:n_stat])
+        self.moments[self.chunk0:end] = pixel_moments(self.buf[:m])
         self.chunk0 = end
         self.count[:] = 0
         self.pad[:] = False
 
 
-def _histogram(frames: np.ndarray) -> np.ndarray:
-    """Exact per-channel pixel-value counts ``(3, 256) int64`` of ``(..., y, x, 3) uint8`` frames.
+def pixel_moments(frames: np.ndarray) -> np.ndarray:
+    """Exact per-TR, per-channel ``[sum, sum of squares]`` of pixel values (0-255).
 
-    ``cv2.calcHist`` is several times faster than ``np.bincount`` on strided channels; it
-    counts in float32, exact up to 2**24, so it is called on slices of at most 2**24 pixels.
+    Args:
+        frames: ``(tr, ..., channel) uint8``.
+
+    Returns:
+        ``(tr, 2, channel) int64`` -- integers, so statistics over any set of TRs (the
+        training TRs of every run, chosen after the stage ran) are exact sums of rows.
     """
-    import cv2
-
-    w = frames.shape[-2]
-    img = frames.reshape(-1, w, 3)
-    step = max(1, HIST_MAX_PIXELS // w)
-    out = np.zeros((3, 256), dtype=np.int64)
-    for r0 in range(0, img.shape[0], step):
-        part = np.ascontiguousarray(img[r0:r0 + step])
-        for c in range(3):
-            out[c] += cv2.calcHist([part], [c], None, [256], [0, 256]).ravel().astype(np.int64)
-    return out
+    flat = frames.reshape(len(frames), -1, frames.shape[-1])
+    return np.stack([flat.sum(1, dtype=np.int64), _SQUARES[flat].sum(1, dtype=np.int64)], axis=1)
 
 
 def _frames_from(path: Path, t_start: Fraction):
@@ -257,13 +257,13 @@ def _decode(container, stream, path: Path):
                          f"re-copy or re-export the file") from None
 
 
-def decode_segment(staging: str, path: str, tr0: int, tr1: int, n_train: int, tr_s: float, onset_s: float,
+def decode_segment(staging: str, names: dict, path: str, tr0: int, tr1: int, tr_s: float, onset_s: float,
                    frame_skip: int, frames_per_tr: int, width: int, height: int, interpolation: str,
                    chunk_trs: int, fps: Fraction | float) -> dict:
     """Task: decode TRs ``[tr0, tr1)`` into the staged ``video/frames`` ``(tr, frame, y, x, 3) uint8``.
 
-    Returns counts (kept, padded, dropped frames) and the per-channel pixel histogram of
-    the TRs below ``n_train``, from which ``finalize`` computes ``video/mean|std``.
+    ``names``: the run's array paths (:func:`array_names`). Also writes each TR's pixel
+    moments. Returns counts (kept, padded, dropped frames).
     """
     from av.video.reformatter import VideoReformatter
 
@@ -274,7 +274,7 @@ def decode_segment(staging: str, path: str, tr0: int, tr1: int, n_train: int, tr
     def convert(frame) -> np.ndarray:
         return reformatter.reformat(frame, width, height, "rgb24", interpolation=algo, threads=1).to_ndarray()
 
-    out = _SegmentWriter(Path(staging), tr0, tr1, chunk_trs, frames_per_tr, n_train, convert)
+    out = _SegmentWriter(Path(staging), names, tr0, tr1, chunk_trs, frames_per_tr, convert)
     cur, seen, on_screen, last_t, n_decoded = tr0, 0, None, None, 0
     for t, frame in _frames_from(Path(path), grid.start_of(tr0)):
         k = grid.tr_of(t)
@@ -295,7 +295,7 @@ def decode_segment(staging: str, path: str, tr0: int, tr1: int, n_train: int, tr
     for j in range(cur, tr1):
         out.close(j, on_screen)
     return {"tr0": tr0, "tr1": tr1, "n_frames_in_trs": n_decoded, "n_padded": out.n_padded,
-            "n_dropped": out.n_dropped, "n_empty_trs": out.n_empty_trs, "hist": out.hist.tolist()}
+            "n_dropped": out.n_dropped, "n_empty_trs": out.n_empty_trs}
 
 
 def _check_not_truncated(path: str, last_t: Fraction | None, needed: Fraction, fps: Fraction) -> None:
@@ -305,31 +305,23 @@ def _check_not_truncated(path: str, last_t: Fraction | None, needed: Fraction, f
                          f"{float(needed):.2f} s; the file is truncated or corrupt: re-copy or re-export it")
 
 
-def pixel_stats(hists: list) -> tuple[np.ndarray, np.ndarray, int]:
-    """Per-channel mean and population std (ddof 0) of [0, 1]-scaled pixels from histograms.
+def pixel_stats(moments: np.ndarray, pixels_per_tr: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and population std (ddof 0) of [0, 1]-scaled pixels from TR moments.
 
     Args:
-        hists: per-task ``(channel, 256)`` pixel-value counts.
+        moments: ``(tr, 2, channel)`` rows of ``moments`` arrays (any TRs, any runs).
+        pixels_per_tr: pixels per channel in one TR (``moments`` attrs).
 
     Returns:
-        ``(mean, std)`` each ``(channel,) float32``, and the pixel count per channel.
+        ``(mean, std)`` each ``(channel,) float32`` (NaN when no TR is given).
     """
-    h = np.sum([np.asarray(x, dtype=np.int64) for x in hists], axis=0)
-    v = np.arange(256, dtype=np.float64) / 255.0
-    n = int(h[0].sum())
+    n = len(moments) * int(pixels_per_tr)
     if n == 0:
-        return np.full(3, np.nan, np.float32), np.full(3, np.nan, np.float32), 0
-    mean = (h * v).sum(1) / n
-    var = np.maximum((h * (v - mean[:, None]) ** 2).sum(1) / n, 0.0)  # two-pass: no cancellation
-    return mean.astype(np.float32), np.sqrt(var).astype(np.float32), n
-
-
-def write_stats(staging: Path, mean: np.ndarray, std: np.ndarray, n_train: int) -> None:
-    attrs = {"scale": "pixels / 255", "over": f"training TRs [0, {n_train}) of video/frames, padded slots included",
-             "ddof": 0}
-    for name, values in ((MEAN, mean), (STD, std)):
-        arr = store.create_array(staging, name, (3,), "float32", (3,), (store.CHANNEL,), attrs)
-        arr[...] = values
+        return np.full(3, np.nan, np.float32), np.full(3, np.nan, np.float32)
+    total = [[int(v) for v in row] for row in np.asarray(moments, dtype=np.int64).sum(0)]  # Python ints: exact
+    mean = np.array([s / (255.0 * n) for s in total[0]])
+    var = np.array([(n * q - s * s) / (255.0 * 255.0 * n * n) for s, q in zip(total[0], total[1])])
+    return mean.astype(np.float32), np.sqrt(np.maximum(var, 0.0)).astype(np.float32)
 
 
 def to_float(frames: np.ndarray, mean: np.ndarray | None = None, std: np.ndarray | None = None) -> np.ndarray:
