@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from giblet.config import StudyConfig
 from giblet.store import ALIGN_KEY, read_manifest
-from pipelines.registry import Unit
+from pipelines.units import Unit
 
 
 def why_stale(unit: Unit, entry: dict) -> str:
@@ -11,7 +11,7 @@ def why_stale(unit: Unit, entry: dict) -> str:
     reasons = []
     if entry.get("version") != unit.version:
         reasons.append(f"stage version {entry.get('version')} -> {unit.version}")
-    old_p, new_p = entry.get("params", {}), unit.params
+    old_p, new_p = entry.get("params", {}), unit.all_params
     for k in sorted(set(old_p) | set(new_p)):
         if old_p.get(k) != new_p.get(k):
             reasons.append(f"parameter {k}: {old_p.get(k, 'default')!r} -> {new_p.get(k, 'default')!r}")
@@ -29,7 +29,10 @@ def status_lines(cfg: StudyConfig, units: list[Unit], only: list[str] | None = N
     width = max([len(u.key) for u in units] + [5])
     for unit in units:
         entry = manifest["units"].get(unit.key)
-        if entry is None:
+        if not unit.ready:
+            waits = ", ".join(d for d in unit.deps if d != "fmri/mask") or ", ".join(unit.deps)
+            state = ("missing" if entry is None else "stale?") + f" (decided once {waits} is built: it sets the TRs served)"
+        elif entry is None:
             state = "missing"
         elif entry.get("fingerprint") == unit.fingerprint:
             state = "done"
@@ -46,8 +49,10 @@ def status_lines(cfg: StudyConfig, units: list[Unit], only: list[str] | None = N
     align = manifest.get(ALIGN_KEY)
     current = {k: e["fingerprint"] for k, e in manifest["units"].items()}
     if align and align.get("units") == current:
-        lines.append(f"{'align':<{width}}  done (n_trs {align['n_trs']}, train {align['split']['train']}, "
-                     f"val {align['split']['val']})")
+        runs = ", ".join(f"{r} {v['n_trs']} TRs ({len(v['subjects'])} subjects; "
+                         + ", ".join(f"{k} {a}-{b}" for k, (a, b) in v["split"].items()) + ")"
+                         for r, v in align["runs"].items())
+        lines.append(f"{'align':<{width}}  done: {runs}")
     else:
         lines.append(f"{'align':<{width}}  missing")
         all_done = False

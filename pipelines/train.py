@@ -51,6 +51,7 @@ KILL_ENV = "GIBLET_TRAIN_KILL_AT_STEP"  # tests only: SIGKILL this process right
 @dataclass(frozen=True)
 class DataConfig:
     subjects: Optional[list[str]] = None  # default: every subject in the store
+    runs: Optional[list[str]] = None  # default: every run in the store (the split decides which TRs train)
     window: int = 8  # stimulus context: window + 1 TRs ending at target - lag (causal)
     lag: int = 0
     hrf: bool = False  # the dataset's HRF convolution of text (the model has its own HRF filter)
@@ -131,7 +132,7 @@ def model_spec(ds: GibletDataset, cfg: TrainConfig, view=None) -> ModelSpec:
     audio = None
     if "audio" in ds.modalities:
         n_cb, n_frames = shapes["audio"][0][-2:]
-        attrs = dict(view.array("audio/codes").attrs)
+        attrs = dict(view.array(view.stimulus_name("audio", ds.runs[0])).attrs)
         audio = (n_cb, n_frames, int(attrs.get("codebook_size", cfg.data.audio_vocab)))
     return ModelSpec(n_voxels=view.n_voxels, window=ds.window, lag=ds.lag, tr_s=ds.tr_s,
                      video=tuple(shapes["video"][0][-4:]) if "video" in ds.modalities else None, audio=audio,
@@ -161,8 +162,8 @@ def validate(model, val_ds: GibletDataset, collate, cfg: TrainConfig, rt: D.Runt
             _, parts = compute_losses(out, batch, cfg.loss)
         pred = out["fmri"].float()
         if cfg.loss.fmri_target == "raw":  # r is computed on z-scores either way, through the same ZScorers
-            pred = torch.stack([torch.from_numpy(val_ds.scaler(int(s)).transform(p.cpu().numpy()))
-                                for p, s in zip(pred, batch["subject"])]).to(rt.device)
+            pred = torch.stack([torch.from_numpy(val_ds.scaler(int(s), int(r)).transform(p.cpu().numpy()))
+                                for p, s, r in zip(pred, batch["subject"], batch["run"])]).to(rt.device)
         corr.update(pred, batch["fmri"])
         n = len(pred)
         sums[0] += n
@@ -187,9 +188,9 @@ def train(cfg: TrainConfig) -> dict:
     say = print if main else (lambda *a, **k: None)
     D.seed_everything(cfg.seed, rt.world.rank)
     dcfg = cfg.data
-    ds_kw = dict(subjects=dcfg.subjects, window=dcfg.window, lag=dcfg.lag, hrf=dcfg.hrf)
+    ds_kw = dict(subjects=dcfg.subjects, runs=dcfg.runs, window=dcfg.window, lag=dcfg.lag, hrf=dcfg.hrf)
     view = open_store(cfg.store)
-    if view.has("video/frames"):  # read and hand over only the frames the model sees, pooled as it pools them
+    if view.has_modality("video"):  # read and hand over only the frames the model sees, pooled as it pools them
         ds_kw["frames"] = cfg.model.video_frames
         if dcfg.pool_video:
             ds_kw["video_pool"] = tuple(cfg.model.video_pool)
@@ -263,10 +264,11 @@ def train(cfg: TrainConfig) -> dict:
     stream = batches()
     first = next(stream)
     # ---- scale check: the check that would have stopped the prototype on day one -------------
-    mean, std = view.fmri_stats(train_ds.subjects[0])
+    mean, std = view.fmri_stats(train_ds.subjects[0], view.subject_runs(train_ds.subjects[0])[0])
     stats = {"fmri_raw_mean": float(mean.mean()), "fmri_raw_std": float(std.mean())}
     if "video_pool" in ds_kw:  # stored pixels per pooled pixel
-        stats["video_pool_factor"] = float(np.prod(view.array("video/frames").shape[2:4]) / np.prod(ds_kw["video_pool"]))
+        frames = view.array(view.stimulus_name("video", train_ds.runs[0]))
+        stats["video_pool_factor"] = float(np.prod(frames.shape[2:4]) / np.prod(ds_kw["video_pool"]))
     rows = scale_check(first, spec, stats, cfg.loss, cfg.log.scale_tolerance)
     say(format_scale_check(rows))
     log.write("scale_check", step=step, rows=rows)

@@ -16,43 +16,52 @@ def _summary(x: np.ndarray) -> dict:
     return {"min": float(x.min()), "max": float(x.max()), "mean": float(x.mean()), "std": float(x.std())}
 
 
+def _trs(n: int, max_trs: int) -> np.ndarray:
+    return np.unique(np.linspace(0, max(n - 1, 0), num=min(max_trs, n)).astype(int))
+
+
 def scale_report(view: StoreView, max_trs: int = 64) -> list[dict]:
-    """One row per model input: name, dtype, shape, and min/max/mean/std of a TR sample."""
-    trs = np.unique(np.linspace(0, max(view.n_trs - 1, 0), num=min(max_trs, view.n_trs)).astype(int))
+    """One row per model input and run: name, dtype, shape, and min/max/mean/std of a TR sample."""
     rows = []
     for subject in view.subjects:
-        bold = view.array(f"fmri/{subject}/bold")
-        rows.append({"input": f"fmri/{subject} (z-scored)", "dtype": str(bold.dtype), "shape": bold.shape,
-                     **_summary(bold.get_orthogonal_selection((trs, slice(None))))})
-        mean, std = view.fmri_stats(subject)
-        rows.append({"input": f"fmri/{subject} raw mean", "dtype": "float32", "shape": mean.shape, **_summary(mean)})
-        rows.append({"input": f"fmri/{subject} raw std", "dtype": "float32", "shape": std.shape, **_summary(std)})
-    stim = (("video/frames", "video/mean", "video/std", 1 / 255.0), ("text/embeddings", "text/mean", "text/std", 1.0))
-    for name, mean_name, std_name, scale in stim:
-        if view.has(name):
-            arr = view.array(name)
+        for run in view.subject_runs(subject):
+            bold = view.array(f"fmri/{subject}/{run}/bold")
+            trs = _trs(bold.shape[0], max_trs)
+            rows.append({"input": f"fmri/{subject}/{run} (z-scored)", "dtype": str(bold.dtype), "shape": bold.shape,
+                         **_summary(bold.get_orthogonal_selection((trs, slice(None))))})
+            mean, std = view.fmri_stats(subject, run)
+            rows.append({"input": f"fmri/{subject}/{run} raw mean", "dtype": "float32", "shape": mean.shape,
+                         **_summary(mean)})
+            rows.append({"input": f"fmri/{subject}/{run} raw std", "dtype": "float32", "shape": std.shape,
+                         **_summary(std)})
+    stim = (("video", "frames", view.video_stats, 1 / 255.0), ("text", "embeddings", view.text_stats, 1.0))
+    for modality, name, stats, scale in stim:
+        for run in view.modality_runs(modality):
+            arr = view.array(view.stimulus_name(modality, run, name))
+            trs = _trs(view.n_trs(run), max_trs)
             sample = arr.get_orthogonal_selection((trs,) + (slice(None),) * (arr.ndim - 1)) * scale
-            rows.append({"input": f"{name} stored" + (" (/255)" if scale != 1 else ""), "dtype": str(arr.dtype),
+            label = f"{modality}/{run}/{name}"
+            rows.append({"input": f"{label} stored" + (" (/255)" if scale != 1 else ""), "dtype": str(arr.dtype),
                          "shape": arr.shape, "stored": True, **_summary(sample)})
-            if view.has(mean_name) and view.has(std_name):  # what the trainer feeds the model
-                mean, std = view.array(mean_name)[...], view.array(std_name)[...]
-                fed = (sample - mean) / np.where(std > 0, std, 1.0)
-                rows.append({"input": f"{name} as fed (z-scored)", "dtype": "float32", "shape": arr.shape,
-                             **_summary(fed)})
-    if view.has("audio/codes"):
-        arr = view.array("audio/codes")
-        sample = arr.get_orthogonal_selection((trs, slice(None), slice(None)))
-        rows.append({"input": "audio/codes [integer classes]", "dtype": str(arr.dtype), "shape": arr.shape,
+            mean, std = stats()  # what the trainer feeds the model: z-scored with the training TRs' stats
+            fed = (sample - mean) / np.where(std > 0, std, 1.0)
+            rows.append({"input": f"{label} as fed (z-scored)", "dtype": "float32", "shape": arr.shape,
+                         **_summary(fed)})
+    for run in view.modality_runs("audio"):
+        arr = view.array(view.stimulus_name("audio", run))
+        sample = arr.get_orthogonal_selection((_trs(view.n_trs(run), max_trs), slice(None), slice(None)))
+        rows.append({"input": f"audio/{run}/codes [integer classes]", "dtype": str(arr.dtype), "shape": arr.shape,
                      "stored": True, **_summary(sample)})
     return rows
 
 
 def format_report(view: StoreView) -> str:
     rows = scale_report(view)
-    head = f"{'input':<34} {'dtype':<8} {'shape':<24} {'min':>10} {'max':>10} {'mean':>10} {'std':>10}"
-    lines = [f"store {view.path}: n_trs {view.n_trs}, tr_s {view.tr_s}", head, "-" * len(head)]
+    head = f"{'input':<40} {'dtype':<8} {'shape':<24} {'min':>10} {'max':>10} {'mean':>10} {'std':>10}"
+    runs = ", ".join(f"{r} {view.n_trs(r)} TRs" for r in view.runs)
+    lines = [f"store {view.path}: {runs}; tr_s {view.tr_s}", head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['input']:<34} {r['dtype']:<8} {str(tuple(r['shape'])):<24} {r['min']:>10.4g} "
+        lines.append(f"{r['input']:<40} {r['dtype']:<8} {str(tuple(r['shape'])):<24} {r['min']:>10.4g} "
                      f"{r['max']:>10.4g} {r['mean']:>10.4g} {r['std']:>10.4g}")
     fed = [r["std"] for r in rows if not r.get("stored") and "raw" not in r["input"] and r["std"] > 0]
     if fed:

@@ -1,6 +1,6 @@
 """Streaming reads of a giblet store for training.
 
-- :class:`GibletDataset`: map-style (subject, TR) samples read straight from Zarr chunks.
+- :class:`GibletDataset`: map-style (subject, run, TR) samples read straight from Zarr chunks.
 - :func:`partition`: the pure split of an epoch over ranks and dataloader workers.
 - :class:`GibletLoader`: batches of one rank's share, ``state_dict()`` to resume mid-epoch.
 - :func:`get_world`: rank and world size from ``torch.distributed`` / torchrun's environment.

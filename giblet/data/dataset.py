@@ -20,12 +20,11 @@ from giblet.data.context import convolve_windows, frame_indices, hrf_kernel, sou
 from giblet.data.frames import pool_frames
 from giblet.errors import ConfigError, ModalityMissingError
 from giblet.normalize import ZScorer
-from giblet.reader import open_store
+from giblet.reader import STIMULUS_ARRAYS, open_store
+from giblet.store import STIMULI, fmri_prefix
 
 MODALITIES = ("fmri", "video", "audio", "text")
-STIMULUS_ARRAYS = {"video": "video/frames", "audio": "audio/codes", "text": "text/embeddings"}
-HAS_TEXT = "text/has_text"
-SPLITS = ("train", "val", "all")
+SPLITS = ("train", "val", "test", "all")
 EDGES = ("zeros", "drop")
 CACHE_CHUNK_SETS = 8  # default cache: this many TR-chunks of every array a sample reads
 
@@ -67,10 +66,11 @@ class _ArrayInfo:
 
 
 class GibletDataset(Dataset):
-    """Map-style dataset over the (subject, TR) pairs of one split of a giblet store.
+    """Map-style dataset over the (subject, run, TR) triples of one split of a giblet store.
 
-    Sample ``i`` is subject ``i // n_trs_split``, TR ``start + i % n_trs_split``: a dict of
-    tensors with only the modalities served --
+    Samples are laid out (subject, run) pair after pair, in store order, each pair's TRs of
+    the split consecutive (cut to the TRs served for that subject in that run). A sample is
+    a dict of tensors with only the modalities served --
 
     - ``fmri``: ``(voxel,) float32`` z-scored (as stored);
     - ``video``: ``(frame, height, width, channel) uint8``; ``frames=n`` keeps ``n`` evenly
@@ -80,76 +80,81 @@ class GibletDataset(Dataset):
     - ``audio``: ``(codebook, code_frame) int64`` EnCodec codes (classes; never normalized);
     - ``text``: ``(embedding,) float32`` (z-scored with ``normalize=True``), and
       ``has_text`` ``() bool``;
-    - ``stim_valid``: ``() bool``, False where the source TR is before TR 0 (see
+    - ``stim_valid``: ``() bool``, False where the source TR is before the run's TR 0 (see
       ``giblet.data.context``); with ``window=k > 0`` every stimulus entry gains a leading
-      context axis of ``k + 1`` TRs, oldest first, and ``stim_valid`` is ``(k + 1,)``;
-    - ``subject`` (index into ``self.subjects``), ``tr`` (TR in the store) and ``index``
-      (sample id): ``() int64``.
+      context axis of ``k + 1`` TRs, oldest first, and ``stim_valid`` is ``(k + 1,)``. A
+      window or the HRF never reaches into another run: each run's stimulus starts at its
+      own TR 0;
+    - ``subject`` (index into ``self.subjects``), ``run`` (index into ``self.runs``), ``tr``
+      (TR in the run) and ``index`` (sample id): ``() int64``.
 
     Args:
         store_path: a store built by ``giblet-preprocess run``.
-        split: ``"train"``, ``"val"`` or ``"all"`` (the store's contiguous TR ranges).
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"`` (the store's record of ``giblet.split``).
         subjects: subset of the store's subjects (default: all), served in store order.
+        runs: subset of the store's runs (default: all), served in store order.
         window: stimulus context of ``window + 1`` TRs ending at the source TR.
         lag: source TR = target TR - ``lag``.
         hrf: convolve continuous features (text) with the Glover HRF, causally.
         modalities: subset of ``("fmri", "video", "audio", "text")`` (default: all the store has).
+            Without ``fmri`` the samples are the (run, TR) pairs of the split (``subject`` -1).
         normalize: z-score video and text with the store's saved stats.
         frames: serve this many evenly spaced frames of each TR's stored frames (first and
             last included; :func:`giblet.data.context.frame_indices`) instead of all of them:
             a model that looks at 4 of 10 frames then copies and hands over 40 % of the video.
+            Required when runs store different frame counts per TR (movies of other frame rates).
         video_pool: ``(height, width)``: average-pool every served frame to this size
             (:func:`pool_frames`, the op ``GibletAutoencoder`` applies to uint8 frames), once
-            per decoded chunk, so the cache and every sample hold the pooled frames: a model
-            that pools 90x160 frames to 18x32 reads and hands over 25x fewer pixels (as
-            float32: 6x fewer bytes) and no window re-pools a frame.
+            per decoded chunk, so the cache and every sample hold the pooled frames.
         edge: ``"zeros"`` (zeros + ``stim_valid``) or ``"drop"`` (leave out target TRs whose
-            context reaches before TR 0).
+            context reaches before the run's TR 0).
         cache_bytes: bound of each process's decoded-chunk cache (default: 8 TR-chunks of
-            every array one sample reads: one subject's fMRI and each stimulus array).
+            every array one sample reads: one fMRI run and each stimulus array).
     """
 
     def __init__(self, store_path: str | os.PathLike, split: str = "train", subjects: Optional[Sequence[str]] = None,
-                 *, window: int = 0, lag: int = 0, hrf: bool = False, modalities: Optional[Sequence[str]] = None,
-                 normalize: bool = False, edge: str = "zeros", cache_bytes: Optional[int] = None,
-                 frames: Optional[int] = None, video_pool: Optional[Sequence[int]] = None):
+                 *, runs: Optional[Sequence[str]] = None, window: int = 0, lag: int = 0, hrf: bool = False,
+                 modalities: Optional[Sequence[str]] = None, normalize: bool = False, edge: str = "zeros",
+                 cache_bytes: Optional[int] = None, frames: Optional[int] = None,
+                 video_pool: Optional[Sequence[int]] = None):
         view = open_store(store_path)
         self.store_path = str(view.path)
-        self.tr_s, self.n_trs = view.tr_s, view.n_trs
+        self.tr_s = view.tr_s
         self.window, self.lag = _nonneg("window", window), _nonneg("lag", lag)
         self.hrf, self.normalize, self.edge = bool(hrf), bool(normalize), _choice("edge", edge, EDGES)
         self.split = _choice("split", split, SPLITS)
-        self.subjects = self._pick_subjects(view, subjects)
+        self.runs = _pick(view, "run", view.runs, runs)
         self.modalities = self._pick_modalities(view, modalities)
-        start, stop = (0, view.n_trs) if split == "all" else view.split[split]
-        if edge == "drop" and self.stimulus:
-            start = max(start, self.window + self.lag)
-        self.trs = (int(start), int(max(start, stop)))
-        self._info = {name: _ArrayInfo(view.array(name)) for name in self._array_names()}
+        self.subjects = _pick(view, "subject", view.subjects, subjects) if "fmri" in self.modalities else []
+        self.pairs = self._pairs(view)  # (subject index or -1, run index, first TR, stop TR)
+        if not self.pairs:
+            raise ModalityMissingError(f"{view.path}: split {split!r} of runs {self.runs} and subjects "
+                                       f"{self.subjects or 'any'} holds no sample (split by run: "
+                                       f"{ {k: sorted(v) for k, v in view.split.items()} }); choose another split, "
+                                       f"runs or subjects")
+        self.offsets = np.cumsum([0] + [b - a for _, _, a, b in self.pairs])
+        self._info = {name: _ArrayInfo(view.array(name)) for name in self._array_names(view)}
         self.frames = self._pick_frames(frames)
         self.video_pool = self._pick_pool(video_pool)
         self._served = {name: self._served_row(name, info) for name, info in self._info.items()}
         self.chunk_sizes = self._layout()
         chunk_bytes = {n: i.read_trs * int(np.prod(self._served[n][0], dtype=np.int64)) * self._served[n][1].itemsize
                        for n, i in self._info.items()}  # as cached: frames kept and pooled
-        chunk_set = sum(b for n, b in chunk_bytes.items() if not n.startswith("fmri/"))
+        per_run = [sum(b for n, b in chunk_bytes.items() if n.startswith(f"{STIMULI}/{r}/")) for r in self.runs]
+        chunk_set = max(per_run, default=0)
         chunk_set += max((b for n, b in chunk_bytes.items() if n.startswith("fmri/")), default=0)
         self.cache_bytes = int(cache_bytes) if cache_bytes is not None else CACHE_CHUNK_SETS * chunk_set
         self._local: Optional[dict] = None  # per-process: store view, arrays, cache, scalers
 
     # -- set-up ----------------------------------------------------------------------------
-    def _pick_subjects(self, view, subjects) -> list[str]:
-        if subjects is None:
-            return list(view.subjects)
-        unknown = [s for s in subjects if s not in view.subjects]
-        if unknown:
-            raise ModalityMissingError(f"{view.path}: no subject(s) {', '.join(map(repr, unknown))}; "
-                                       f"the store has: {', '.join(view.subjects) or 'none'}")
-        return [s for s in view.subjects if s in set(subjects)]
-
     def _pick_modalities(self, view, modalities) -> tuple[str, ...]:
-        present = ["fmri"] + [m for m, name in STIMULUS_ARRAYS.items() if view.has(name)]
+        present = (["fmri"] if view.subjects else []) + [m for m in STIMULUS_ARRAYS
+                                                          if any(view.has(_stim(view, m, r)) for r in self.runs)]
         if modalities is None:
+            if "fmri" not in present:
+                raise ModalityMissingError(f"{view.path}: the store has no fMRI (no subject's BOLD was built; it has: "
+                                           f"{', '.join(present) or 'nothing'}); add runs.<run>.fmri (or inputs.fmri) "
+                                           f"to the config and rerun, or pass modalities= without 'fmri'")
             chosen = present
         else:
             bad = [m for m in modalities if m not in MODALITIES]
@@ -158,29 +163,61 @@ class GibletDataset(Dataset):
             missing = [m for m in modalities if m not in present]
             if missing:
                 raise ModalityMissingError(f"{view.path}: the store has no {', '.join(missing)} "
-                                           f"(it has: {', '.join(present)}); drop them from modalities or add "
-                                           f"that input to the preprocessing config and rerun")
+                                           f"(it has: {', '.join(present) or 'nothing'}); drop them from modalities or "
+                                           f"add that input to the preprocessing config and rerun")
             chosen = [m for m in MODALITIES if m in modalities]
+        for m in chosen:
+            lacking = [r for r in self.runs if m != "fmri" and not view.has(_stim(view, m, r))]
+            if lacking:
+                raise ModalityMissingError(f"{view.path}: runs {lacking} have no {m}; serve runs that all have it "
+                                           f"(runs=...) or drop {m} from modalities")
         if self.hrf and "text" not in chosen:
             raise ConfigError(f"GibletDataset: hrf=True convolves text embeddings only (never codes or frames), "
                               f"but this dataset serves {', '.join(chosen)}; drop hrf or serve text")
-        for m, stat in (("video", "video/mean"), ("text", "text/mean")):
-            if self.normalize and m in chosen and not view.has(stat):
-                raise ModalityMissingError(f"{view.path}: normalize=True needs {stat}, which the store lacks; "
-                                           f"rebuild the {m} stage or pass normalize=False")
         return tuple(chosen)
 
-    def _pick_frames(self, frames: Optional[int]) -> Optional[np.ndarray]:
-        """Frame slots served of each TR (None: all)."""
+    def _pairs(self, view) -> list[tuple[int, int, int, int]]:
+        """Every (subject, run) stretch of the split, in store order (subject -1: no fMRI served)."""
+        out = []
+        for si, subject in enumerate(self.subjects or [None]):
+            for ri, run in enumerate(self.runs):
+                if subject is not None and not view.has_run(subject, run):
+                    continue  # a subject may lack a run
+                start, stop = view.split_trs(self.split, run, subject)
+                if self.edge == "drop" and self.stimulus:
+                    start = max(start, self.window + self.lag)
+                if stop > start:
+                    out.append((si if subject is not None else -1, ri, int(start), int(stop)))
+        return out
+
+    def _array_names(self, view) -> list[str]:
+        names = sorted({_bold(self.subjects[s], self.runs[r]) for s, r, _, _ in self.pairs if s >= 0})
+        for run in self.runs:
+            names += [_stim(view, m, run) for m in self.stimulus]
+            names += [_stim(view, "text", run, "has_text")] if "text" in self.modalities else []
+        return names
+
+    def _pick_frames(self, frames: Optional[int]) -> Optional[dict]:
+        """Frame slots served of each TR, per run (None: all)."""
+        stored = {r: self._info[self._name("video", r)].tail[0] for r in range(len(self.runs))} \
+            if "video" in self.modalities else {}
         if frames is None:
+            if len(set(stored.values())) > 1:
+                raise ConfigError(f"GibletDataset: runs store different frames per TR "
+                                  f"({ {self.runs[r]: n for r, n in stored.items()} }: movies of other frame rates); "
+                                  f"pass frames=N (at most {min(stored.values())})")
             return None
         if "video" not in self.modalities:
             raise ConfigError(f"GibletDataset: frames={frames!r} selects video frames, but this dataset serves "
                               f"{', '.join(self.modalities)}; drop frames or serve video")
         if int(frames) != frames or frames < 1:
             raise ConfigError(f"GibletDataset: frames={frames!r}; it must be an integer >= 1 (frames per TR)")
-        stored = self._info[STIMULUS_ARRAYS["video"]].tail[0]
-        return None if frames >= stored else frame_indices(stored, int(frames))
+        if frames > min(stored.values()) and len(set(stored.values())) > 1:
+            raise ConfigError(f"GibletDataset: frames={frames} but some run stores only {min(stored.values())} "
+                              f"frames per TR; pass frames <= {min(stored.values())}")
+        if all(frames >= n for n in stored.values()):
+            return None
+        return {r: frame_indices(n, int(frames)) for r, n in stored.items()}
 
     def _pick_pool(self, pool: Optional[Sequence[int]]) -> Optional[tuple[int, int]]:
         if pool is None:
@@ -188,7 +225,7 @@ class GibletDataset(Dataset):
         if "video" not in self.modalities:
             raise ConfigError(f"GibletDataset: video_pool={pool!r} pools video frames, but this dataset serves "
                               f"{', '.join(self.modalities)}; drop video_pool or serve video")
-        stored = self._info[STIMULUS_ARRAYS["video"]].tail[1:3]
+        stored = self._info[self._name("video", 0)].tail[1:3]
         if (len(pool) != 2 or not all(isinstance(v, (int, np.integer)) and 1 <= v for v in pool)
                 or pool[0] > stored[0] or pool[1] > stored[1]):
             raise ConfigError(f"GibletDataset: video_pool={list(pool)!r}; it must be [height, width] between 1 and "
@@ -198,40 +235,35 @@ class GibletDataset(Dataset):
     def _served_row(self, name: str, info: _ArrayInfo) -> tuple[tuple[int, ...], np.dtype]:
         """Shape (after the TR axis) and dtype of the rows a chunk holds once decoded, frames
         kept and pooled."""
-        if name != STIMULUS_ARRAYS["video"]:
+        if not name.endswith("/video/frames"):
             return info.tail, info.dtype
         n_frames, height, width, channels = info.tail
-        n_frames = n_frames if self.frames is None else len(self.frames)
+        run = self.runs.index(name.split("/")[1])
+        n_frames = n_frames if self.frames is None else len(self.frames[run])
         if self.video_pool is None:
             return (n_frames, height, width, channels), info.dtype
         return (n_frames, *self.video_pool, channels), np.dtype(np.float32)
 
-    def _array_names(self) -> list[str]:
-        names = [f"fmri/{s}/bold" for s in self.subjects] if "fmri" in self.modalities else []
-        names += [STIMULUS_ARRAYS[m] for m in self.stimulus]
-        return names + ([HAS_TEXT] if "text" in self.modalities else [])
-
     def _layout(self) -> tuple[int, ...]:
-        """Lengths of runs of consecutive sample ids that share one stored fMRI chunk."""
-        start, stop = self.trs
+        """Lengths of runs of consecutive sample ids that share one stored chunk (fMRI's, or
+        the first stimulus array's when no fMRI is served)."""
         sizes: list[int] = []
-        for s in self.subjects:
-            info = self._info.get(f"fmri/{s}/bold") or next(iter(self._info.values()), None)
-            step = info.read_trs if info else max(stop - start, 1)
+        for s, r, start, stop in self.pairs:
+            name = _bold(self.subjects[s], self.runs[r]) if s >= 0 else self._name(self.stimulus[0], r)
+            step = self._info[name].read_trs
             cuts = [start] + list(range((start // step + 1) * step, stop, step)) + [stop]
             sizes += [b - a for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
         return tuple(sizes)
+
+    def _name(self, modality: str, run: int, array: Optional[str] = None) -> str:
+        return f"{STIMULI}/{self.runs[run]}/{modality}/{array or STIMULUS_ARRAYS[modality]}"
 
     @property
     def stimulus(self) -> tuple[str, ...]:
         return tuple(m for m in self.modalities if m != "fmri")
 
-    @property
-    def n_trs_split(self) -> int:
-        return self.trs[1] - self.trs[0]
-
     def __len__(self) -> int:
-        return len(self.subjects) * self.n_trs_split
+        return int(self.offsets[-1])
 
     # -- per-process state (never pickled) --------------------------------------------------
     def __getstate__(self) -> dict:
@@ -258,8 +290,9 @@ class GibletDataset(Dataset):
                 st["arrays"][name] = st["view"].array(name)
             step = self._info[name].read_trs
             rows = st["arrays"][name][c * step:(c + 1) * step]
-            if name == STIMULUS_ARRAYS["video"]:  # once per chunk, not once per window that reads it
-                rows = rows if self.frames is None else rows[:, self.frames]
+            if name.endswith("/video/frames"):  # once per chunk, not once per window that reads it
+                keep = None if self.frames is None else self.frames[self.runs.index(name.split("/")[1])]
+                rows = rows if keep is None else rows[:, keep]
                 rows = rows if self.video_pool is None else pool_frames(torch.from_numpy(rows), self.video_pool).numpy()
             return rows
 
@@ -282,12 +315,13 @@ class GibletDataset(Dataset):
         return out
 
     # -- samples ---------------------------------------------------------------------------
-    def locate(self, index: int) -> tuple[int, int]:
-        """``(subject index, TR)`` of sample ``index``."""
+    def locate(self, index: int) -> tuple[int, int, int]:
+        """``(subject index, run index, TR)`` of sample ``index`` (subject -1 without fMRI)."""
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} is outside 0..{len(self) - 1}")
-        s, offset = divmod(int(index), self.n_trs_split)
-        return s, self.trs[0] + offset
+        p = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        s, r, start, _ = self.pairs[p]
+        return s, r, start + int(index - self.offsets[p])
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.array(v)) for k, v in self._read(index).items()}  # copies: never a cache view
@@ -305,43 +339,42 @@ class GibletDataset(Dataset):
 
     def _read(self, index: int) -> dict[str, np.ndarray]:
         """One sample as numpy arrays, possibly read-only views of cached chunks."""
-        s, t = self.locate(index)
-        out = {"index": np.int64(index), "subject": np.int64(s), "tr": np.int64(t)}
+        s, r, t = self.locate(index)
+        out = {"index": np.int64(index), "subject": np.int64(s), "run": np.int64(r), "tr": np.int64(t)}
         if "fmri" in self.modalities:
-            out["fmri"] = self._span(f"fmri/{self.subjects[s]}/bold", t, t + 1)[0]
+            out["fmri"] = self._span(_bold(self.subjects[s], self.runs[r]), t, t + 1)[0]
         if self.stimulus:
             src = source_trs(t, self.window, self.lag)
             valid = src >= 0
             stim = {"stim_valid": valid}
             for m in self.stimulus:
-                stim.update(getattr(self, f"_{m}")(src, valid))
+                stim.update(getattr(self, f"_{m}")(r, src, valid))
             out.update({k: v[0] for k, v in stim.items()} if self.window == 0 else stim)  # no context axis
         return out
 
-    def _video(self, src: np.ndarray, valid: np.ndarray) -> dict:
-        frames = self._span(STIMULUS_ARRAYS["video"], src[0], src[-1] + 1)  # frames kept and pooled
+    def _video(self, run: int, src: np.ndarray, valid: np.ndarray) -> dict:
+        frames = self._span(self._name("video", run), src[0], src[-1] + 1)  # frames kept and pooled
         if self.normalize:
             frames = self._scaler("video").transform(frames if self.video_pool else frames / 255.0)
             frames[~valid] = 0.0
         return {"video": frames}
 
-    def _audio(self, src: np.ndarray, valid: np.ndarray) -> dict:
-        return {"audio": self._span(STIMULUS_ARRAYS["audio"], src[0], src[-1] + 1).astype(np.int64)}
+    def _audio(self, run: int, src: np.ndarray, valid: np.ndarray) -> dict:
+        return {"audio": self._span(self._name("audio", run), src[0], src[-1] + 1).astype(np.int64)}
 
-    def _text(self, src: np.ndarray, valid: np.ndarray) -> dict:
-        name = STIMULUS_ARRAYS["text"]
+    def _text(self, run: int, src: np.ndarray, valid: np.ndarray) -> dict:
         reach = len(hrf_kernel(self.tr_s)) - 1 if self.hrf else 0
-        rows = self._span(name, src[0] - reach, src[-1] + 1)
+        rows = self._span(self._name("text", run), src[0] - reach, src[-1] + 1)
         if self.normalize:
             real = np.arange(src[0] - reach, src[-1] + 1) >= 0
             rows = np.where(real[:, None], self._scaler("text").transform(rows), 0.0).astype(np.float32)
         if self.hrf:
             rows = convolve_windows(rows, hrf_kernel(self.tr_s), len(src))
-        has_text = self._span(HAS_TEXT, src[0], src[-1] + 1)  # False before TR 0
+        has_text = self._span(self._name("text", run, "has_text"), src[0], src[-1] + 1)  # False before TR 0
         return {"text": rows.astype(np.float32, copy=False), "has_text": has_text}
 
     # -- normalization stats ---------------------------------------------------------------
-    def _scaler(self, key: str) -> ZScorer:
+    def _scaler(self, key) -> ZScorer:
         st = self._state()
         if key not in st["scalers"]:
             view = st["view"]
@@ -350,38 +383,59 @@ class GibletDataset(Dataset):
             elif key == "text":
                 st["scalers"][key] = ZScorer.from_stats(*view.text_stats())
             else:
-                st["scalers"][key] = view.scaler(key)
+                st["scalers"][key] = view.scaler(*key)
         return st["scalers"][key]
 
-    def scaler(self, subject: int | str) -> ZScorer:
-        """The ``ZScorer`` that normalized one subject's fMRI (by name or index into ``subjects``)."""
-        return self._scaler(self.subjects[subject] if isinstance(subject, int) else subject)
+    def _index(self, names: list[str], value, what: str) -> int:
+        if isinstance(value, str):
+            if value not in names:
+                raise ModalityMissingError(f"GibletDataset: no {what} {value!r}; it serves {', '.join(names)}")
+            return names.index(value)
+        return int(value)
+
+    def scaler(self, subject: int | str, run: int | str | None = None) -> ZScorer:
+        """The ``ZScorer`` that normalized one (subject, run) of fMRI (names or indices into
+        ``subjects`` / ``runs``; ``run`` may be left out when one run is served)."""
+        if run is None:
+            if len(self.runs) != 1:
+                raise ModalityMissingError(f"GibletDataset: {len(self.runs)} runs are served ({', '.join(self.runs)}); "
+                                           f"say which run's statistics (run=...)")
+            run = 0
+        s, r = self._index(self.subjects, subject, "subject"), self._index(self.runs, run, "run")
+        return self._scaler((self.subjects[s], self.runs[r]))
 
     @property
     def stats(self) -> dict:
-        """Every normalization the served data went through: ``{"fmri": {subject: ZScorer},
+        """Every normalization the served data went through: ``{"fmri": {subject: {run: ZScorer}},
         "video": ZScorer (channel,) over [0, 1] pixels, "text": ZScorer (embedding,)}``
-        (stimulus entries only where the store has them)."""
-        out: dict = {"fmri": {s: self.scaler(s) for s in self.subjects}}
+        (stimulus entries only for the modalities served)."""
         view = self._state()["view"]
+        out: dict = {"fmri": {s: {r: self.scaler(s, r) for r in self.runs if view.has_run(s, r)}
+                              for s in self.subjects}}
         for m in ("video", "text"):
-            if view.has(f"{m}/mean"):
+            if m in self.modalities:
                 out[m] = self._scaler(m)
         return out
 
-    def denormalize(self, z, subject):
+    def denormalize(self, z, subject, run=None):
         """Map z-scored fMRI ``(batch, voxel)`` (numpy or torch) back to scanner units.
 
-        ``subject`` is one subject (name or index) or a ``(batch,)`` tensor of indices, e.g.
-        ``batch["subject"]``. Goes through the same ``ZScorer`` that normalized the data.
+        ``subject`` and ``run`` are one name or index each, or ``(batch,)`` tensors of indices,
+        e.g. ``batch["subject"]``, ``batch["run"]`` (``run`` may be left out when one run is
+        served). Goes through the same ``ZScorer`` that normalized the data.
         """
-        if isinstance(subject, (int, str)):
-            return self.scaler(subject).inverse_transform(z)
-        idx = torch.as_tensor(subject).cpu().numpy() if not isinstance(subject, np.ndarray) else subject
+        if isinstance(subject, (int, str, np.integer)) and (run is None or isinstance(run, (int, str, np.integer))):
+            return self.scaler(subject, run).inverse_transform(z)
+        n = len(z)
+        sub = _indices(subject, n)
+        runs = np.zeros(n, dtype=np.int64) if run is None else _indices(run, n)
+        if run is None and len(self.runs) != 1:
+            self.scaler(0)  # the clear "say which run" error
         out = z.clone() if isinstance(z, torch.Tensor) else np.array(z, dtype=np.float32)
-        for s in np.unique(idx):
-            rows = torch.from_numpy(idx == s).to(z.device) if isinstance(z, torch.Tensor) else idx == s
-            out[rows] = self.scaler(int(s)).inverse_transform(z[rows])
+        for s, r in sorted(set(zip(sub.tolist(), runs.tolist()))):
+            rows = (sub == s) & (runs == r)
+            rows = torch.from_numpy(rows).to(z.device) if isinstance(z, torch.Tensor) else rows
+            out[rows] = self.scaler(int(s), int(r)).inverse_transform(z[rows])
         return out
 
     # -- shapes ----------------------------------------------------------------------------
@@ -392,22 +446,23 @@ class GibletDataset(Dataset):
     def sample_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of every entry of a sample (without the batch axis)."""
         ctx = (self.window + 1,) if self.window else ()
-        spec = {k: ((), torch.int64) for k in ("index", "subject", "tr")}
+        spec = {k: ((), torch.int64) for k in ("index", "subject", "run", "tr")}
         if "fmri" in self.modalities:
-            spec["fmri"] = (self._info[f"fmri/{self.subjects[0]}/bold"].tail, torch.float32)
+            spec["fmri"] = ((self.n_voxels,), torch.float32)
         if self.stimulus:
             spec["stim_valid"] = (ctx, torch.bool)
         dtypes = {"video": torch.float32 if self.normalize or self.video_pool else torch.uint8,
                   "audio": torch.int64, "text": torch.float32}
         for m in self.stimulus:
-            spec[m] = (ctx + self._served[STIMULUS_ARRAYS[m]][0], dtypes[m])
+            spec[m] = (ctx + self._served[self._name(m, 0)][0], dtypes[m])
         if "text" in self.modalities:
             spec["has_text"] = (ctx, torch.bool)
         return spec
 
     def __repr__(self) -> str:
         return (f"GibletDataset({Path(self.store_path).name!r}, split={self.split!r}, subjects={len(self.subjects)}, "
-                f"trs={self.trs}, modalities={self.modalities}, window={self.window}, lag={self.lag}, hrf={self.hrf})")
+                f"runs={self.runs}, samples={len(self)}, modalities={self.modalities}, window={self.window}, "
+                f"lag={self.lag}, hrf={self.hrf})")
 
 
 WIRE_BYTES = 64 * 1024  # below this, a batch entry is sent by value (see GibletDataset.get_batch)
@@ -428,6 +483,34 @@ def _stack(arrays: list, wire: bool = False):
         out = out.new_empty(shape)
     np.stack(arrays, out=out.numpy())
     return out
+
+
+def _bold(subject: str, run: str) -> str:
+    return f"{fmri_prefix(subject, run)}/bold"
+
+
+def _stim(view, modality: str, run: str, array: Optional[str] = None) -> str:
+    return view.stimulus_name(modality, run, array)
+
+
+def _pick(view, what: str, present: list[str], chosen: Optional[Sequence[str]]) -> list[str]:
+    """``chosen`` names (default: all ``present``), checked and in store order."""
+    if chosen is None:
+        return list(present)
+    if isinstance(chosen, str):
+        chosen = [chosen]
+    unknown = [c for c in chosen if c not in present]
+    if unknown:
+        raise ModalityMissingError(f"{view.path}: no {what}(s) {', '.join(map(repr, unknown))}; "
+                                   f"the store has: {', '.join(present) or 'none'}")
+    return [p for p in present if p in set(chosen)]
+
+
+def _indices(value, n: int) -> np.ndarray:
+    """``(n,) int64`` from a tensor, array or one index."""
+    if isinstance(value, torch.Tensor):
+        value = value.cpu().numpy()
+    return np.broadcast_to(np.asarray(value, dtype=np.int64), (n,))
 
 
 def _nonneg(name: str, value: int) -> int:

@@ -352,7 +352,7 @@ def finish_batch(batch: dict, denormalize=None) -> dict[str, torch.Tensor]:
             if k in batch:
                 batch[k] = batch[k].unsqueeze(1)
     if denormalize is not None and "fmri" in batch:
-        batch["target_fmri"] = denormalize(batch["fmri"], batch["subject"])
+        batch["target_fmri"] = denormalize(batch["fmri"], batch["subject"], batch.get("run"))
     return batch
 
 
