@@ -40,7 +40,7 @@ class VideoStage(Stage):
         params.update(tr_s=cfg.tr_s, onset_s=cfg.onset_s, train_trs=n_train)
         attrs = {"rgb": True, "interpolation": p.interpolation, "frame_skip": p.frame_skip,
                  "frames_per_tr": grid.frames_per_tr, "fps": float(info.fps), "tr_s": cfg.tr_s,
-                 "onset_s": cfg.onset_s, "source": _source(info), "rules": RULES}
+                 "onset_s": cfg.onset_s, "source": _source(info), "colour": info.colour.attrs(), "rules": RULES}
 
         def prepare(staging: Path) -> None:
             video.create_arrays(staging, grid, p.width, p.height, p.chunk_trs, attrs)
