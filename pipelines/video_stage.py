@@ -42,7 +42,8 @@ class VideoStage(Stage):
         params.update(tr_s=cfg.tr_s, onset_s=run.onset_s)  # the TR grid
         attrs = {"rgb": True, "interpolation": p.interpolation, "frame_skip": p.frame_skip,
                  "frames_per_tr": grid.frames_per_tr, "fps": float(info.fps), "tr_s": cfg.tr_s,
-                 "onset_s": run.onset_s, "run": run.name, "source": _source(info), "rules": RULES}
+                 "onset_s": run.onset_s, "run": run.name, "source": _source(info), "colour": info.colour.attrs(),
+                 "rules": RULES}
 
         def prepare(unit: Unit, staging: Path) -> None:
             video.create_arrays(staging, names, grid, p.width, p.height, p.chunk_trs, attrs)

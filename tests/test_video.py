@@ -17,6 +17,7 @@ import giblet
 from giblet.config import VIDEO_INTERPOLATIONS, load_config
 from giblet.errors import ConfigError, InputError, InputMissingError
 from giblet.features import video
+from giblet.features.colour import DEFAULT, FLAGS, Colour, colour_of
 from giblet.synth import decode_frame_index, make_study, scenes, write_movie
 from giblet.verify import verify_store
 from pipelines import cli, engine
@@ -33,15 +34,16 @@ def movie(tmp_path_factory) -> Path:
     return path
 
 
-def decode_all(path, tmp, tr_s=1.5, onset_s=0.0, frame_skip=4, frames_per_tr=None, segment_trs=64, chunk_trs=16):
+def decode_all(path, tmp, tr_s=1.5, onset_s=0.0, frame_skip=4, frames_per_tr=None, segment_trs=64, chunk_trs=16,
+               size=(W, H)):
     """Run the stage's prepare + every segment task directly; return grid, results, frames, padded."""
     info = video.probe_movie(path)
     grid = video.make_grid(info, tr_s, onset_s, frame_skip, frames_per_tr)
     staging = Path(tmp) / "staging"
     shutil.rmtree(staging, ignore_errors=True)
-    video.create_arrays(staging, grid, W, H, chunk_trs, {})
+    video.create_arrays(staging, grid, *size, chunk_trs, {})
     results = [video.decode_segment(str(staging), str(path), t0, t1, grid.n_trs, tr_s, onset_s, frame_skip,
-                                    grid.frames_per_tr, W, H, "area", chunk_trs, info.fps)
+                                    grid.frames_per_tr, *size, "area", chunk_trs, info.fps)
                for t0, t1 in video.segments(grid.n_trs, segment_trs)]
     frames = zarr.open_array(str(staging / video.FRAMES))[...]
     padded = zarr.open_array(str(staging / video.PADDED))[...]
@@ -136,6 +138,107 @@ def test_pixel_stats_and_float_helpers(monkeypatch):
     assert set(VIDEO_INTERPOLATIONS) == set(video.INTERPOLATIONS)
 
 
+# -- colour: matrix and range from the stream's flags ---------------------------------------
+
+KR_KB = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}  # luma weights of R and B
+AVCOL = {"bt601": 6, "bt709": 1}  # SMPTE 170M / BT.709 codes for matrix, primaries, transfer
+
+
+def write_yuv_movie(path, frames, matrix, full, flagged, lossless=True, fps=2):
+    """H.264 of ``(n, y, x, 3) uint8`` RGB frames turned into 4:2:0 YUV by the textbook formulas
+    (numpy, not swscale), flagged with their matrix and range or not (unflagged = limited)."""
+    kr, kb = KR_KB[matrix]
+    x = np.asarray(frames, np.float64) / 255
+    y = x @ np.array([kr, 1 - kr - kb, kb])
+    cb, cr = (x[..., 2] - y) / (2 - 2 * kb), (x[..., 0] - y) / (2 - 2 * kr)
+    y, c = (255 * y, 255) if full else (16 + 219 * y, 224)
+    n, h, w = y.shape
+    half = lambda p: p.reshape(n, h // 2, 2, w // 2, 2).mean((2, 4))  # noqa: E731 (2x2 chroma box)
+    q = lambda p: np.clip(np.round(p), 0, 255).astype(np.uint8).reshape(n, -1)  # noqa: E731
+    planes = np.concatenate([q(y), q(128 + c * half(cb)), q(128 + c * half(cr))], 1).reshape(n, h * 3 // 2, w)
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=fps)
+        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
+        vs.options = {"preset": "veryfast", **({"qp": "0"} if lossless else {"crf": "18"})}
+        cc = vs.codec_context
+        if flagged:
+            cc.colorspace = cc.color_primaries = cc.color_trc = AVCOL[matrix]
+        if flagged or full:
+            cc.color_range = 2 if full else 1
+        for i, plane in enumerate(planes):
+            frame = av.VideoFrame.from_ndarray(plane, format="yuv420p")
+            frame.pts = i
+            for pkt in vs.encode(frame):
+                out.mux(pkt)
+        for pkt in vs.encode(None):
+            out.mux(pkt)
+
+
+FLAT = np.concatenate([[(255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128), (255, 255, 255), (0, 0, 0),
+                        (230, 120, 30), (20, 160, 170)], np.random.default_rng(0).integers(0, 256, (8, 3))])
+CASES = {  # matrix, full range, flagged -> the conversion the stage must choose
+    "bt601 flagged": ("bt601", False, True, Colour("bt601", "limited", FLAGS, FLAGS)),
+    "bt709 flagged": ("bt709", False, True, Colour("bt709", "limited", FLAGS, FLAGS)),
+    "unflagged": ("bt601", False, False, Colour("bt601", "limited", DEFAULT, DEFAULT)),
+    "bt709 full range": ("bt709", True, True, Colour("bt709", "full", FLAGS, FLAGS)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_flat_colours_decode_to_their_true_rgb(tmp_path, case):
+    matrix, full, flagged, want = CASES[case]
+    path = tmp_path / "flat.mp4"  # one flat colour a frame, 2 fps; 0.5 s TRs keep every frame
+    write_yuv_movie(path, np.broadcast_to(FLAT[:, None, None], (len(FLAT), 36, 64, 3)), matrix, full, flagged)
+    assert video.probe_movie(path).colour == want
+    _, _, frames, _ = decode_all(path, tmp_path, tr_s=0.5, frame_skip=1, size=(16, 9))
+    err = frames[:, 0].astype(int) - FLAT[:, None, None]
+    # 8-bit YUV rounding alone: ~0.3 levels on average, 2 at most, no bias (the stored mean is unbiased)
+    assert np.abs(err).max() <= 2 and np.abs(err).mean() <= 0.4 and abs(err.mean()) <= 0.2
+
+
+def colour_blocks(n, h, w, rng):
+    """``(n, h, w, 3) uint8`` frames of saturated rectangles: sharp colour edges at any pixel."""
+    pal = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255),
+                    (255, 255, 255), (0, 0, 0), (128, 128, 128)], np.uint8)
+    frames = np.empty((n, h, w, 3), np.uint8)
+    for f in frames:
+        f[:] = pal[rng.integers(len(pal))]
+        for _ in range(12):
+            y0, x0 = rng.integers(0, h), rng.integers(0, w)
+            f[y0:y0 + rng.integers(2, h // 2), x0:x0 + rng.integers(2, w // 2)] = pal[rng.integers(len(pal))]
+    return frames
+
+
+@pytest.mark.parametrize("case", ["unflagged", "bt709 flagged", "bt709 full range"])
+def test_pixels_match_opencv_at_colour_edges_within_the_documented_bound(tmp_path, case):
+    import cv2
+
+    matrix, full, flagged, _ = CASES[case]
+    path = tmp_path / "edges.mp4"
+    write_yuv_movie(path, colour_blocks(4, 72, 128, np.random.default_rng(0)), matrix, full, flagged, lossless=False)
+    _, _, frames, _ = decode_all(path, tmp_path, tr_s=0.5, frame_skip=1, size=(32, 18))
+    cap, ref = cv2.VideoCapture(str(path)), []  # OpenCV's FFmpeg applies the same flags
+    while (got := cap.read())[0]:
+        ref.append(cv2.resize(cv2.cvtColor(got[1], cv2.COLOR_BGR2RGB), (32, 18), interpolation=cv2.INTER_AREA))
+    diff = np.abs(frames[:, 0].astype(int) - np.array(ref))
+    # docs/store.md: the two place 4:2:0 chroma half a sample apart, so saturated edges differ
+    assert len(ref) == len(frames) and diff.mean() <= 3 and np.percentile(diff, 99) <= 40 and diff.max() <= 80
+
+
+def test_colour_rule_reads_the_flags_and_defaults_to_bt601_limited():
+    yuv, yuvj = av.VideoFormat("yuv420p"), av.VideoFormat("yuvj420p")
+    assert colour_of(1, 2, yuv, "m.mp4") == Colour("bt709", "full", FLAGS, FLAGS)
+    assert colour_of(5, 1, yuv, "m.mp4") == colour_of(6, 1, yuv, "m.mp4") == Colour("bt601", "limited", FLAGS, FLAGS)
+    assert colour_of(2, 0, yuv, "m.mp4") == Colour("bt601", "limited", DEFAULT, DEFAULT)  # at any frame size
+    assert colour_of(2, 0, yuvj, "m.mp4") == Colour("bt601", "full", DEFAULT, "pixel format (yuvj)")
+    assert colour_of(9, 1, yuv, "m.mp4").reformat_args() == {
+        "src_colorspace": "BT2020", "dst_colorspace": "BT2020", "src_color_range": "MPEG", "dst_color_range": "JPEG"}
+    rgb = colour_of(0, 0, av.VideoFormat("gbrp"), "m.mp4")
+    assert rgb.matrix == "none" and rgb.reformat_args() == {}
+    with pytest.raises(InputError, match=r"m.mp4 flags YUV matrix AVColorSpace 8 .*-vf colorspace=all=bt709"):
+        colour_of(8, 1, yuv, "/data/m.mp4")
+
+
 # -- bad inputs ---------------------------------------------------------------------------
 
 def test_missing_garbage_truncated_and_videoless_files_fail_in_one_line(movie, tmp_path):
@@ -226,6 +329,7 @@ def test_round_trip_cache_hit_and_targeted_recompute(study):
     np.testing.assert_allclose(z.std(0), 1, atol=1e-4)
     assert s.video_float(slice(0, 2)).max() <= 1.0
     assert verify_store(report.store) == []
+    assert s.array("video/frames").attrs["colour"] == Colour("bt601", "limited", DEFAULT, DEFAULT).attrs()
     ds = s.to_xarray()
     assert ds["video_frames"].dims == ("tr", "frame", "height", "width", "channel")
 

@@ -21,6 +21,13 @@ segment of whole chunks, seeks once to a keyframe at or before its first TR and 
 forward. Only kept frames are converted and resized (swscale, one pass from YUV to
 RGB at the target size, e.g. ``AREA``), and frames are buffered one chunk at a time, so a
 task holds one chunk of output whatever the movie length.
+
+Colour (:mod:`giblet.features.colour`): each frame's YUV becomes full-range RGB by the matrix
+and range its stream flags (unflagged: BT.601, limited range). Chroma is interpolated to every
+output pixel (``SWS_FULL_CHR_H_INT``, ~0.03 ms more per kept 640x360 frame): without it
+swscale's packed-RGB output gives each pair of output pixels one chroma sample, which smears
+colour edges (errors up to ~250 grey levels in red and blue) and, on limited-range movies,
+comes out 1-2 grey levels dark.
 """
 from __future__ import annotations
 
@@ -33,9 +40,10 @@ import numpy as np
 
 from giblet import store
 from giblet.errors import InputError
+from giblet.features.colour import Colour, colour_of
 from giblet.features.media import open_stream
 
-VERSION = 1
+VERSION = 2  # 2: colour matrix/range from the stream's flags, full chroma interpolation
 # config name -> swscale algorithm (av.video.reformatter.Interpolation)
 INTERPOLATIONS = {"area": "AREA", "bilinear": "BILINEAR", "bicubic": "BICUBIC", "nearest": "POINT",
                   "lanczos": "LANCZOS"}
@@ -66,6 +74,7 @@ class MovieInfo:
     time_base: Fraction
     start_pts: int  # presentation time of the stream's first frame (t = 0)
     duration: Fraction  # seconds from t = 0 to the end of the last frame
+    colour: Colour  # what the header's colour flags call for (each frame is converted by its own)
 
 
 def _open(path: Path):
@@ -93,8 +102,10 @@ def probe_movie(path: str | Path) -> MovieInfo:
         if not fps or tb is None:
             raise InputError(f"video: {path} does not record a frame rate or time base; remux it "
                              f"(`ffmpeg -i {path.name} -c copy fixed.mp4`)")
-        return MovieInfo(str(path), stream.codec_context.name, stream.codec_context.width,
-                         stream.codec_context.height, Fraction(fps), Fraction(tb), int(start), duration)
+        cc = stream.codec_context
+        colour = colour_of(cc.colorspace, cc.color_range, cc.format, str(path))
+        return MovieInfo(str(path), cc.name, cc.width, cc.height, Fraction(fps), Fraction(tb), int(start), duration,
+                         colour)
 
 
 @dataclass(frozen=True)
@@ -265,14 +276,20 @@ def decode_segment(staging: str, names: dict, path: str, tr0: int, tr1: int, tr_
     ``names``: the run's array paths (:func:`array_names`). Also writes each TR's pixel
     moments. Returns counts (kept, padded, dropped frames).
     """
-    from av.video.reformatter import VideoReformatter
+    from av.video.reformatter import Interpolation, VideoReformatter
 
     grid = TrGrid(_exact(tr_s), _exact(onset_s), tr1, frame_skip, frames_per_tr)
     reformatter = VideoReformatter()  # one swscale context for every frame (per-frame contexts are slow)
-    algo = INTERPOLATIONS[interpolation]
+    # full chroma interpolation: see the module docstring
+    algo = Interpolation[INTERPOLATIONS[interpolation]] | Interpolation.FULL_CHR_H_INT
+    colours: dict = {}  # (colorspace, color_range, pix_fmt) -> reformat arguments; one entry per stream
 
     def convert(frame) -> np.ndarray:
-        return reformatter.reformat(frame, width, height, "rgb24", interpolation=algo, threads=1).to_ndarray()
+        key = (frame.colorspace, frame.color_range, frame.format.name)
+        if key not in colours:
+            colours[key] = colour_of(key[0], key[1], frame.format, path).reformat_args()
+        return reformatter.reformat(frame, width, height, "rgb24", interpolation=algo, threads=1,
+                                    **colours[key]).to_ndarray()
 
     out = _SegmentWriter(Path(staging), names, tr0, tr1, chunk_trs, frames_per_tr, convert)
     cur, seen, on_screen, last_t, n_decoded = tr0, 0, None, None, 0
