@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ MANIFEST = "manifest.json"
 META_DIR = ".giblet"
 ALIGN_KEY = "align"
 GROUP_META = "zarr.json"
+KILL_ENV = "GIBLET_KILL_IN_COMMIT"  # tests only: "STEP[:UNIT]" SIGKILLs the writer at that step of a commit
 
 # Dimension names are on-disk contract (xarray reads them).
 TR, VOXEL, IJK, X, Y, Z = "tr", "voxel", "ijk", "x", "y", "z"
@@ -270,19 +272,23 @@ class StoreWriter:
         old = self.manifest["units"].pop(key, None)
         self.manifest.pop(ALIGN_KEY, None)
         self.save_manifest()
+        _kill_point("dropped", key)
         for name in set((old or {}).get("arrays", {})) - set(arrays):
             remove_member(self.path, name)
         root = zarr.open_group(str(self.path), mode="a")
-        for name, dst in dests.items():
+        for i, (name, dst) in enumerate(dests.items()):
             parent = str(Path(name).parent)
             if parent != ".":
                 root.require_group(parent)
             if dst.exists() or dst.is_symlink():
                 remove_member(self.path, name)
             os.replace(staging / name, dst)
+            if i == 0:
+                _kill_point("moved", key)
         entry["completed"] = now_iso()
         self.manifest["units"][key] = entry
         self.save_manifest()
+        _kill_point("recorded", key)
         shutil.rmtree(staging, ignore_errors=True)
 
     def remove_unit(self, key: str) -> None:
@@ -322,6 +328,16 @@ class StoreWriter:
 
     def _array_names(self) -> list[str]:
         return [a for e in self.manifest["units"].values() for a in e.get("arrays", {})]
+
+
+def _kill_point(step: str, key: str) -> None:
+    """Tests only (``GIBLET_KILL_IN_COMMIT=STEP[:UNIT]``): die here, as a SIGKILL would, to prove
+    that every step of a commit leaves a store that is served complete or refused, and resumes."""
+    want = os.environ.get(KILL_ENV)
+    if want:
+        wstep, _, wkey = want.partition(":")
+        if wstep == step and wkey in ("", key):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class StoreLock:
