@@ -112,7 +112,7 @@ def kill_in_commit(template_config: Path, work: Path, steps=("dropped", "moved",
         except ProcessLookupError:
             pass
         assert code == -signal.SIGKILL, f"{step}: the writer was not killed in the commit (exit {code})"
-        served = _check_served(crash_dir / "study.zarr", None)
+        served = _check_served(crash_dir / "study.zarr", expected)  # chunking changed, values did not
         config.write_text(raw)  # back to the reference's parameters: the resumed run must equal it
         r = run_cli(config)
         assert r.returncode == 0, r.stderr
