@@ -63,6 +63,9 @@ class ZScorer:
         std[self.zero_variance_] = 0.0
         self.mean_ = self._mean.astype(np.float32)
         self.std_ = std.astype(np.float32)
+        # transform() uses the float64 statistics: with the float32-rounded mean, a voxel whose std
+        # is tiny next to its mean (1e-5 of it) would be z-scored off-centre by ~1e-3 of a std.
+        self._exact = (self._mean, std)
 
     @classmethod
     def from_stats(cls, mean: np.ndarray, std: np.ndarray) -> "ZScorer":
@@ -78,10 +81,12 @@ class ZScorer:
             raise GibletError("ZScorer: not fitted; call fit()/partial_fit() or ZScorer.from_stats()")
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        """``(x - mean) / std`` as float32; zero-variance features become 0."""
+        """``(x - mean) / std`` as float32 (float64 statistics when fitted here, the saved float32
+        ones after ``from_stats``); zero-variance features become 0."""
         self._check()
-        safe = np.where(self.zero_variance_, 1.0, self.std_.astype(np.float64))
-        z = (np.asarray(x, dtype=np.float64) - self.mean_) / safe
+        mean, std = getattr(self, "_exact", (self.mean_, self.std_))
+        safe = np.where(self.zero_variance_, 1.0, np.asarray(std, dtype=np.float64))
+        z = (np.asarray(x, dtype=np.float64) - mean) / safe
         z[..., self.zero_variance_] = 0.0
         return z.astype(np.float32)
 

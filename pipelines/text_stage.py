@@ -30,9 +30,16 @@ class TextStage(Stage):
         model = text.check_model_dir(ctx.cfg.input_path(p.model) if p.model else text.default_model_path())
         weights = ctx.file_fp(model)  # each file's hash cached by its stat
         sharing = [r.name for r in runs if r.shared_sheet]
-        return [self._run_unit(ctx, run, model, weights, sharing) for run in runs]
+        shared = {}
+        if sharing:  # one sheet for several runs: each run's rows, and a fingerprint of just those rows
+            path = ctx.cfg.input_path(ctx.cfg.annotations)
+            if not path.exists():
+                raise text.InputMissingError(f"text: annotation file {path} does not exist; fix annotations")
+            shared = text.shared_sheet_rows(path, p.start_column, p.end_column, list(p.columns), p.time_unit,
+                                            sharing, p.run_rows or None)
+        return [self._run_unit(ctx, run, model, weights, shared.get(run.name)) for run in runs]
 
-    def _run_unit(self, ctx: PlanContext, run, model: Path, weights: str, sharing: list[str]) -> Unit:
+    def _run_unit(self, ctx: PlanContext, run, model: Path, weights: str, shared: dict | None) -> Unit:
         cfg, p = ctx.cfg, ctx.cfg.text
         path = cfg.input_path(run.annotations)
         if not path.exists():
@@ -43,13 +50,9 @@ class TextStage(Stage):
         tr_offset = int(p.tr_offset.get(run.name, 0))
         if p.time_unit == "tr" and tr_offset:
             params["tr_offset"] = tr_offset
-        rows_of_run = None
-        if run.shared_sheet:  # which rows are this run's: an explicit range, or its segment of the sheet
-            ranges = p.run_rows or None
-            rows_of_run = {"run": run.name, "runs": sharing, "ranges": ranges}
-            params["rows"] = ranges[run.name] if ranges and run.name in ranges else \
-                {"segment": sharing.index(run.name), "of": len(sharing)}
-        inputs = {"annotations": ctx.file_fp(path), "model": weights}
+        row_range = tuple(shared["rows"]) if shared else None
+        # a shared sheet: the run's own rows are its input (editing another run's rows rebuilds nothing here)
+        inputs = {"annotations": shared["fingerprint"] if shared else ctx.file_fp(path), "model": weights}
         stimulus_end = None
         if run.movie:  # the grid's length; its duration, not its content, is the input
             stimulus_end = text.stimulus_duration(cfg.input_path(run.movie))
@@ -58,7 +61,7 @@ class TextStage(Stage):
 
         def prepare(unit: Unit, staging: Path) -> None:
             text.prepare_rows(staging, str(path), p.start_column, p.end_column, list(p.columns), p.time_unit,
-                              p.allow_unsorted, cfg.tr_s, run.onset_s, stimulus_end, rows_of_run, tr_offset)
+                              p.allow_unsorted, cfg.tr_s, run.onset_s, stimulus_end, row_range, tr_offset)
 
         def tasks(unit: Unit, staging: Path) -> list[Task]:
             return [Task("embed", text.build_text, dict(
@@ -67,7 +70,7 @@ class TextStage(Stage):
 
         def finalize(unit: Unit, staging: Path, results: dict) -> dict:
             return {**results["embed"], "model": str(model), "model_hash": weights, "stimulus_end_s": stimulus_end,
-                    "annotations": str(path)}
+                    "annotations": str(path), "shared_sheet_rows": list(row_range) if row_range else None}
 
         return Unit(f"text/{run.name}", self.name, self.version, params, inputs, tasks, list(names.values()),
                     prepare=prepare, finalize=finalize, label=f"text {run.name}", run=run.name)

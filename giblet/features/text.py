@@ -177,17 +177,17 @@ def read_rows(path: str | Path, start_column: str, end_column: str, columns: lis
 
 
 def run_segments(path: str | Path, start_column: str, end_column: str, columns: list[str],
-                 time_unit: str = "s") -> list[tuple[int, int]]:
+                 time_unit: str = "s", df=None) -> list[tuple[int, int]]:
     """The runs of a sheet that holds several: ``(first, last)`` 1-based data rows of each.
 
     A new run starts at a row whose start time lies before the previous row's (the clock
-    restarts, as in Sherlock's seconds columns at data row 483). Rows without times or text
-    and exact repeats of a row of the same run are not looked at. A trailing stretch made
-    only of exact copies of earlier runs' rows is a duplicated block, not a run: it is
-    left out (its rows belong to no run).
+    restarts, as in Sherlock's seconds columns at data row 483, where run 2 opens with the
+    same cartoon rows as run 1). Rows without times or text are not looked at. A stretch
+    made only of exact copies of earlier stretches' rows is a duplicated block, not a run:
+    it is left out (its rows belong to no run). ``df``: the table, if already read.
     """
     path = Path(path)
-    df = read_table(path)
+    df = read_table(path) if df is None else df
     start = _times(_column(df, start_column, path, "start_column"), start_column.strip(), path, time_unit)
     end = _times(_column(df, end_column, path, "end_column"), end_column.strip(), path, time_unit)
     texts = _texts(df, columns, path)
@@ -197,18 +197,56 @@ def run_segments(path: str | Path, start_column: str, end_column: str, columns: 
     for i in range(len(df)):
         if np.isnan(start[i]) or np.isnan(end[i]) or not texts[i]:
             continue
-        key = (start[i], end[i], texts[i])
-        if key in keys[-1]:
-            continue
         if prev is not None and start[i] < prev:
             segments[-1][1] = i - 1
             segments.append([i, len(df) - 1])
             keys.append(set())
-        keys[-1].add(key)
+        keys[-1].add((start[i], end[i], texts[i]))
         prev = start[i]
     runs = [seg for j, (seg, seg_keys) in enumerate(zip(segments, keys))
             if j == 0 or not seg_keys <= set().union(*keys[:j])]
     return [(a + 1, b + 1) for a, b in runs]
+
+
+def shared_sheet_rows(path: str | Path, start_column: str, end_column: str, columns: list[str], time_unit: str,
+                      runs: list[str], ranges: dict | None) -> dict[str, dict]:
+    """Each run's rows of a sheet shared by ``runs`` (in order): ``{run: {"rows": (first, last),
+    "fingerprint": hash of those rows' cells}}`` -- so a run's text is rebuilt only when *its*
+    rows change, not when rows of another run are edited or added.
+
+    Args:
+        ranges: explicit ``{run: "first-last"}`` (``text.run_rows``), else the sheet's
+            :func:`run_segments` in order.
+    """
+    from giblet.config import row_range
+    from giblet.fingerprint import hash_obj
+
+    path = Path(path)
+    df = read_table(path)
+    if ranges:
+        missing = [r for r in runs if r not in ranges]
+        if missing:
+            raise InputError(f"text: text.run_rows gives no rows for runs {missing} of the shared sheet {path}; add "
+                             f"text.run_rows.<run>=FIRST-LAST for each")
+        found = [row_range(ranges[r]) for r in runs]
+    else:
+        found = run_segments(path, start_column, end_column, columns, time_unit, df=df)
+        if len(found) != len(runs):
+            shown = ", ".join(f"{a}-{b}" for a, b in found)
+            raise InputError(f"text: {path} splits into {len(found)} run(s) where column {start_column.strip()!r} "
+                             f"goes back in time (data rows {shown}), but {len(runs)} run(s) share it "
+                             f"({', '.join(runs)}); give each run its rows (text.run_rows.<run>=FIRST-LAST) or its "
+                             f"own sheet (runs.<run>.annotations)")
+    cols = [_column(df, c, path, k) for c, k in ((start_column, "start_column"), (end_column, "end_column"))]
+    cols += [_column(df, c, path, "columns") for c in columns]
+    out = {}
+    for run, (a, b) in zip(runs, found):
+        if b > len(df):
+            raise InputError(f"text/{run}: {path} has {len(df)} data rows; text.run_rows asks for rows {a}-{b}: "
+                             f"fix text.run_rows")
+        cells = [[None if _is_empty(v) else str(v) for v in col.iloc[a - 1:b].tolist()] for col in cols]
+        out[run] = {"rows": (a, b), "fingerprint": hash_obj("rows", cells)}
+    return out
 
 
 def _keep(i: int, s: float, e: float, text: str, seen: set, counts: dict, path: Path, names: tuple,
@@ -268,40 +306,15 @@ def clip_to_grid(rows: Rows, tr_s: float, onset_s: float, stimulus_end_s: float 
 
 def prepare_rows(staging: str | Path, path: str, start_column: str, end_column: str, columns: list[str],
                  time_unit: str, allow_unsorted: bool, tr_s: float, onset_s: float,
-                 stimulus_end_s: float | None, rows_of_run: dict | None = None, tr_offset: int = 0) -> Rows:
-    """Driver side: read and check the file, fix the grid, save the rows for ``build_text``.
-
-    ``rows_of_run``: for a sheet shared by several runs, ``{"run": name, "runs": [names in
-    order], "ranges": {run: "first-last"} or None}``: this run's rows are its explicit range,
-    else the segment of :func:`run_segments` at its position among ``runs``.
-    """
-    row_range = None
-    if rows_of_run is not None:
-        row_range = _rows_of(path, start_column, end_column, columns, time_unit, **rows_of_run)
+                 stimulus_end_s: float | None, row_range: tuple[int, int] | None = None,
+                 tr_offset: int = 0) -> Rows:
+    """Driver side: read and check the file (the run's ``row_range`` of a shared sheet), fix
+    the grid, save the rows for ``build_text``."""
     rows = read_rows(path, start_column, end_column, columns, time_unit=time_unit, tr_s=tr_s,
                      allow_unsorted=allow_unsorted, row_range=row_range, tr_offset=tr_offset)
     rows = clip_to_grid(rows, tr_s, onset_s, stimulus_end_s, path)
     store.atomic_write_json(Path(staging) / ROWS_FILE, asdict(rows))
     return rows
-
-
-def _rows_of(path: str, start_column: str, end_column: str, columns: list[str], time_unit: str, run: str,
-             runs: list[str], ranges: dict | None) -> tuple[int, int]:
-    from giblet.config import row_range
-
-    if ranges:
-        if run not in ranges:
-            raise InputError(f"text/{run}: text.run_rows gives no rows for run {run!r} of the shared sheet {path}; "
-                             f"add text.run_rows.{run}=FIRST-LAST")
-        return row_range(ranges[run])
-    found = run_segments(path, start_column, end_column, columns, time_unit)
-    if len(found) != len(runs):
-        shown = ", ".join(f"{a}-{b}" for a, b in found)
-        raise InputError(f"text/{run}: {path} splits into {len(found)} run(s) where column {start_column.strip()!r} "
-                         f"goes back in time (data rows {shown}), but {len(runs)} run(s) share it "
-                         f"({', '.join(runs)}); give each run its rows (text.run_rows.<run>=FIRST-LAST) or its own "
-                         f"sheet (runs.<run>.annotations)")
-    return found[runs.index(run)]
 
 
 def stimulus_duration(path: str | Path) -> float:
