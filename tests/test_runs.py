@@ -253,3 +253,26 @@ def test_a_run_every_subject_lacks_is_an_error_a_missing_pair_is_not(study):
     raw["runs"]["run-2"]["fmri"] = {}
     study.write_text(yaml.safe_dump(raw))
     _one_line_error(cli("run", study, "--workers", "1", "--no-progress"), "run-2", "no subject")
+
+
+def test_the_real_sherlock_sheet_lands_in_the_right_runs_and_trs():
+    """Rows 1-482 are run 1, 483-1,000 run 2 (its seconds restart at 0); the TR each row
+    covers, read from the seconds columns, agrees with the sheet's own TR columns (which run
+    on across runs: run 2's TR 1 is the sheet's 947)."""
+    from giblet.features import text
+    from tests.conftest import REAL_XLSX
+
+    cols = ("Start Time (s)", "End Time (s)", ["Scene Details - A Level"])
+    rows = text.shared_sheet_rows(REAL_XLSX, *cols, "s", ["run-1", "run-2"], None)
+    assert rows["run-1"]["rows"] == (1, 482) and rows["run-2"]["rows"] == (483, 1000)
+    sheet = text.read_table(REAL_XLSX)
+    tr_cols = sheet["Start Time (TRs, 1.5s)"], sheet["End Time (TRs, 1.5s)"]
+    for run, offset, check in (("run-1", 0, (1, 480)), ("run-2", 946, (483, 1000))):
+        got = text.clip_to_grid(text.read_rows(REAL_XLSX, *cols, row_range=rows[run]["rows"]), TR, 0.0, None, "x")
+        row, tr, _ = text.coverage(np.array(got.start), np.array(got.end), TR, 0.0, got.n_trs)
+        for data_row in check:
+            covered = set(tr[row == got.sheet_row.index(data_row + 1)].tolist())
+            first, last = int(tr_cols[0][data_row - 1]) - offset - 1, int(tr_cols[1][data_row - 1]) - offset - 1
+            assert covered & set(range(first, last + 1)), (run, data_row, covered, first, last)
+            assert min(covered) >= first - 1 and max(covered) <= last + 1, (run, data_row, covered, first, last)
+    assert text.clip_to_grid(text.read_rows(REAL_XLSX, *cols, row_range=(483, 1000)), TR, 0, None, "x").n_trs == 1030
