@@ -156,12 +156,26 @@ def _check_audio(view) -> list[str]:
     return problems
 
 
+def store_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be verified at all -- not a giblet store, or one whose first run
+    never finished -- or None. Worded like ``giblet.open_store``'s errors."""
+    path = Path(path)
+    if not path.is_dir() or not (path / "zarr.json").is_file():
+        why = ("no such file or folder" if not path.exists() else "a file, not a folder" if not path.is_dir()
+               else "no zarr.json")
+        return f"{path}: not a giblet store ({why}); build one with `giblet-preprocess run CONFIG`"
+    if read_manifest(path) is None:
+        return f"{path}: no manifest.json: the store is incomplete (a run never finished); rerun it"
+    return None
+
+
 def verify_store(path: str | Path, invariants: bool = True) -> list[str]:
     """All problems found in the store at ``path`` (an empty list means it verified)."""
     path = Path(path)
+    problem = store_problem(path)
+    if problem:
+        return [problem]
     manifest = read_manifest(path)
-    if manifest is None:
-        return [f"{path}: no manifest.json: the store is incomplete (a run never finished); rerun it"]
     problems: list[str] = []
     for key, entry in sorted(manifest["units"].items()):
         for name, rec in entry.get("arrays", {}).items():
