@@ -111,10 +111,11 @@ class Cluster:
         try:
             return Client(self.scheduler, timeout=f"{timeout_s}s", security=self.security)
         except Exception as exc:
-            tls = " with the same TLS settings (tls://)" if self.scheduler.startswith("tls://") else ""
+            tls = ("; for tls://, pass --tls-ca-file and --tls-cert (or set Dask's distributed.comm.tls.* "
+                   "config) signed by the scheduler's CA" if self.scheduler.startswith("tls://") else "")
             raise BuildError(f"--scheduler {self.scheduler}: cannot connect ({describe(exc)}); start `dask "
-                             f"scheduler` and `dask worker {self.scheduler}`{tls}, or drop --scheduler to use a "
-                             f"LocalCluster") from exc
+                             f"scheduler` and `dask worker {self.scheduler}`, or drop --scheduler to use a "
+                             f"LocalCluster{tls}") from exc
 
     def _start_local(self):
         import dask

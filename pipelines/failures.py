@@ -71,7 +71,7 @@ def cause_advice(exc: BaseException, path: Optional[Path] = None) -> str:
     if code in NO_PERMISSION:
         target = getattr(exc, "filename", None) or path
         return f"fix the permissions of {target}; {RESUME}" if target else f"fix permissions; {RESUME}"
-    return f"{RESUME}; rerun with --debug for the traceback"
+    return f"{RESUME} (--debug shows the traceback)"
 
 
 def failure(exc: BaseException, what: str, path: Optional[Path] = None) -> BuildError:
@@ -90,7 +90,7 @@ def task_failure(exc: BaseException, unit: str, task: str, store: Path) -> BaseE
         return exc
     filename = getattr(exc, "filename", None) if isinstance(exc, OSError) else None
     if is_slow(exc):
-        what = f"{unit}: task {task} (waiting on the Dask scheduler)"
+        what = f"{unit}: task {task}"  # the advice says it is not the disk, whatever the path
     elif filename and _inside(filename, store) or getattr(exc, "errno", None) in DISK_FULL | READ_ONLY:
         what = f"{unit}: task {task} writing to {store}"
     elif filename:
