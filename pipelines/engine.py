@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from giblet.config import StudyConfig
-from giblet.errors import ConfigError, StoreError
+from giblet.errors import ConfigError, GibletError, StoreError
 from giblet.fingerprint import FileHashCache
 from giblet.store import ALIGN_KEY, META_DIR, StoreLock, StoreWriter, atomic_write_json
 from pipelines.align import align_record
@@ -202,6 +202,8 @@ def _run_units(todo: list[Unit], writer: StoreWriter, client, bar: Progress, log
                 key, task_id = owner[fut.key]
                 try:
                     result = fut.result()  # re-raises the task's own exception
+                except GibletError:
+                    raise  # already one line naming the input, the value and the fix
                 except Exception as exc:
                     raise task_failure(exc, key, task_id, writer.path) from exc
                 state = started[key]

@@ -82,12 +82,10 @@ def failure(exc: BaseException, what: str, path: Optional[Path] = None) -> Build
     return BuildError(f"{what} failed ({detail}); {cause_advice(exc, path)}")
 
 
-def task_failure(exc: BaseException, unit: str, task: str, store: Path) -> BaseException:
-    """The error to raise for task ``task`` of ``unit``: giblet's own errors unchanged, others
-    placed by phase -- a chunk write (a path in the store, or a disk errno), an input read
-    (another path), the task's compute (no path), or the scheduler (a dropped connection)."""
-    if isinstance(exc, GibletError):
-        return exc
+def task_failure(exc: BaseException, unit: str, task: str, store: Path) -> BuildError:
+    """The error for a non-giblet exception of task ``task`` of ``unit``, placed by phase: a
+    chunk write (a path in the store, or a disk errno), an input read (another path), or the
+    task's compute (no path); the cause says when it was the scheduler, not the task."""
     filename = getattr(exc, "filename", None) if isinstance(exc, OSError) else None
     if is_slow(exc):
         what = f"{unit}: task {task}"  # the advice says it is not the disk, whatever the path
