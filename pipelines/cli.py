@@ -29,12 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     where = run.add_mutually_exclusive_group()
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="an existing Dask scheduler, e.g. tcp://127.0.0.1:8786 or tls://HOST:8786")
-    where.add_argument("--scheduler-file", metavar="FILE", help="the JSON that `dask scheduler --scheduler-file` writes")
+    where.add_argument("--scheduler-file", metavar="FILE",
+                       help="the JSON that `dask scheduler --scheduler-file` writes")
     run.add_argument("--tls-ca-file", metavar="PEM", help="tls:// scheduler: the CA certificate")
     run.add_argument("--tls-cert", metavar="PEM", help="tls:// scheduler: this client's certificate")
     run.add_argument("--tls-key", metavar="PEM", help="tls:// scheduler: this client's key (if not in --tls-cert)")
     run.add_argument("--workers", type=int, metavar="N", help="LocalCluster worker processes (default: min(4, cores))")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     run.add_argument("--report", metavar="FILE", help="also write what ran, per-stage times and totals as JSON")
     run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     for name, text in (("status", "done / stale (why) / missing for each unit"),):

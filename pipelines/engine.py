@@ -179,11 +179,12 @@ def _run_units(todo: list[Unit], writer: StoreWriter, client, bar: Progress, log
 
         def finish(key: str) -> None:
             unit, state = pending[key], started[key]
-            with phase(f"{key}: committing to {writer.path}", writer.path):
+            with phase(f"{key}: finalizing in {state['staging']}", writer.path):
                 meta = unit.finalize(state["staging"], state["results"]) if unit.finalize else _merge(state["results"])
-                entry = unit.entry()
-                entry["meta"] = meta
-                entry["ran_on"] = sorted(state.get("ran_on", ()))  # worker addresses (provenance)
+            entry = unit.entry()
+            entry["meta"] = meta
+            entry["ran_on"] = sorted(state.get("ran_on", ()))  # worker addresses (provenance)
+            with phase(f"{key}: committing to {writer.path}", writer.path):
                 writer.commit(key, entry, state["staging"], unit.arrays)
             state["t1"] = time.time()
             bar.unit_done()

@@ -219,6 +219,36 @@ def test_progress_total_is_known_up_front_with_a_heartbeat(fmri_study, monkeypat
     assert (made[0].tasks_done, made[0].units_done, made[0].in_flight) == (4, 4, 0)
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_keeps_its_total_and_redraws_while_idle(monkeypatch):
+    import re
+    import time
+
+    monkeypatch.setattr(progress, "REDRAW_EVERY_S", 0.01)
+    term = _Terminal()
+    bar = progress.Progress(2, 5, stream=term)
+    bar.task_done(2, resumed=True)  # finished by a killed earlier run
+    bar.submitted(3)
+    drawn = len(term.getvalue())
+    deadline = time.monotonic() + 30
+    while len(term.getvalue()) == drawn and time.monotonic() < deadline:
+        time.sleep(0.01)  # nothing finishes: only the heartbeat can draw
+    assert len(term.getvalue()) > drawn
+    bar.log(lambda m: print(m, file=term), "fmri/mask: done in 1.0 s")
+    for _ in range(3):
+        bar.task_done()
+    bar.unit_done()
+    bar.unit_done()
+    bar.close()
+    out = term.getvalue()
+    assert set(re.findall(r"\| *\d+/(\d+) \[", out)) == {"5"}, out
+    assert "fmri/mask: done in 1.0 s\n" in out and "units 2/2, 0 in flight" in out
+
+
 def test_no_progress_prints_nothing(fmri_study, monkeypatch):
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.01)
     stream = _Log()
@@ -241,7 +271,8 @@ def _self_signed(folder):
     (folder / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
     ssl("x509", "-req", "-in", "req.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "cert.pem",
         "-days", "1", "-extfile", "ext.cnf")
-    return [f"--tls-ca-file={folder / 'ca.pem'}", f"--tls-cert={folder / 'cert.pem'}", f"--tls-key={folder / 'key.pem'}"]
+    return [f"--tls-ca-file={folder / 'ca.pem'}", f"--tls-cert={folder / 'cert.pem'}",
+            f"--tls-key={folder / 'key.pem'}"]
 
 
 @pytest.fixture
