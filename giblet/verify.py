@@ -238,18 +238,29 @@ def _check_invariants(view) -> list[str]:
     return problems
 
 
+def store_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be verified at all -- not a giblet store, or one whose first run
+    never finished -- or None. Worded like ``giblet.open_store``'s errors."""
+    path = Path(path)
+    if not path.is_dir() or not (path / "zarr.json").is_file():
+        why = ("no such file or folder" if not path.exists() else "a file, not a folder" if not path.is_dir()
+               else "no zarr.json")
+        return f"{path}: not a giblet store ({why}); build one with `giblet-preprocess run CONFIG`"
+    if read_manifest(path) is None:
+        return f"{path}: no manifest.json: the store is incomplete (a run never finished); rerun it"
+    return None
+
+
 def verify_store(path: str | Path, invariants: bool = True) -> list[str]:
     """All problems found in the store at ``path`` (an empty list means it verified)."""
     path = Path(path)
-    if not (path / GROUP_META).is_file() or not (path / "manifest.json").is_file():
-        if not path.is_dir() or not ((path / GROUP_META).is_file() or (path / ".giblet").is_dir()):
-            return [f"{path}: not a giblet store (no zarr.json and manifest.json); give the output folder of "
-                    f"`giblet-preprocess run CONFIG`"]
-        return [f"{path}: no manifest.json: the store is incomplete (a run never finished); rerun it"]
     try:
+        problem = store_problem(path)
         manifest = read_manifest(path)
-    except StoreError as exc:
+    except StoreError as exc:  # an edited, foreign or other-format manifest
         return [str(exc)]
+    if problem:
+        return [problem]
     problems: list[str] = []
     for key, entry in sorted(manifest["units"].items()):
         for name, rec in entry.get("arrays", {}).items():

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from giblet.errors import GibletError
+from giblet.errors import GibletError, StoreError
 from pipelines.errors import one_line_errors
 
 PROG = "giblet-preprocess"
@@ -26,9 +26,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="giblet-demo", help="folder for --demo (default: ./giblet-demo)")
     run.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
     run.add_argument("--force", action="store_true", help="recompute even if up to date")
-    run.add_argument("--scheduler", metavar="ADDRESS", help="an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="an existing Dask scheduler, e.g. tcp://127.0.0.1:8786 or tls://HOST:8786")
+    where.add_argument("--scheduler-file", metavar="FILE",
+                       help="the JSON that `dask scheduler --scheduler-file` writes")
+    run.add_argument("--tls-ca-file", metavar="PEM", help="tls:// scheduler: the CA certificate")
+    run.add_argument("--tls-cert", metavar="PEM", help="tls:// scheduler: this client's certificate")
+    run.add_argument("--tls-key", metavar="PEM", help="tls:// scheduler: this client's key (if not in --tls-cert)")
     run.add_argument("--workers", type=int, metavar="N", help="LocalCluster worker processes (default: min(4, cores))")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     run.add_argument("--report", metavar="FILE", help="also write what ran, per-stage times and totals as JSON")
     run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     for name, text in (("status", "done / stale (why) / missing for each unit"),):
@@ -58,6 +65,7 @@ def _demo_config(out: Path) -> Path:
 
 def cmd_run(args) -> int:
     from giblet.config import load_config
+    from pipelines.cluster import scheduler_address, tls_security
     from pipelines.engine import run
 
     if args.demo:
@@ -69,8 +77,10 @@ def cmd_run(args) -> int:
     else:
         config = Path(args.config)
     cfg = load_config(config, args.overrides)
-    report = run(cfg, only=args.only, force=args.force, scheduler=args.scheduler, workers=args.workers,
-                 progress=not args.no_progress)
+    scheduler = scheduler_address(args.scheduler, args.scheduler_file)
+    security = tls_security(scheduler, args.tls_ca_file, args.tls_cert, args.tls_key)
+    report = run(cfg, only=args.only, force=args.force, scheduler=scheduler, workers=args.workers,
+                 progress=not args.no_progress, security=security)
     print(f"{len(report.ran)} unit(s) built, {len(report.skipped)} up to date in {report.seconds:.1f} s",
           file=sys.stderr)
     for line in report.stage_lines():
@@ -97,8 +107,11 @@ def cmd_status(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from giblet.verify import verify_store
+    from giblet.verify import store_problem, verify_store
 
+    problem = store_problem(args.store)  # not a store, or never finished: one line, nothing else checked
+    if problem:
+        raise StoreError(problem)
     problems = verify_store(args.store)
     for p in problems:
         print(p)

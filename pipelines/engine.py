@@ -1,19 +1,23 @@
 """The Dask engine: plan units, skip cached ones, run the rest on a cluster, commit, align.
 
-Units run as soon as their dependencies are committed (``fmri/sub-*`` after ``fmri/mask``;
-stimulus stages in parallel with fMRI). Each finished task leaves a marker in its unit's
+Units run as soon as their dependencies are committed (an fMRI unit after the mask and its
+run's stimulus units, which decide how many of its TRs are served; ``pipelines.units``). Each finished task leaves a marker in its unit's
 staging folder, so a killed run resumes at task granularity; each finished unit is
 committed (arrays moved in, manifest updated) on the driver, one at a time.
+
+A failure is reported by where it happened (``pipelines.failures``: cluster start, a task's
+input read, compute or chunk write, the commit, the scheduler) and why (disk, permissions,
+a slow machine, a dead worker); a failure to close the cluster after the last commit is a
+warning, not an error.
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,6 +26,9 @@ from giblet.errors import ConfigError, GibletError, StoreError
 from giblet.fingerprint import FileHashCache
 from giblet.store import ALIGN_KEY, META_DIR, StoreLock, StoreWriter, atomic_write_json, read_manifest
 from pipelines.align import align_record
+from pipelines.cluster import Cluster
+from pipelines.failures import describe, phase, task_failure
+from pipelines.progress import Progress
 from pipelines.stages import STAGE_NAMES, build_plan, is_current
 from pipelines.units import PlanContext, Unit
 
@@ -52,30 +59,46 @@ def plan_for(cfg: StudyConfig, only: Optional[list[str]] = None) -> tuple[PlanCo
             raise ConfigError(f"--only {' '.join(bad)}: unknown stage; choose from {', '.join(STAGE_NAMES)}")
     store = cfg.output_path
     files = FileHashCache(store / META_DIR / "file-hashes.json" if store.exists() else None)
-    manifest = read_manifest(store) if store.is_dir() else None
+    manifest = read_manifest(store) if store.is_dir() else None  # refuses an edited manifest before any work
     ctx = PlanContext(cfg=cfg, store=store, files=files, manifest_units=(manifest or {}).get("units", {}))
     return ctx, build_plan(ctx, only)
 
 
 def run(cfg: StudyConfig, *, only: Optional[list[str]] = None, force: bool = False,
         scheduler: Optional[str] = None, workers: Optional[int] = None,
-        log: Callable[[str], None] = lambda m: print(m, file=sys.stderr), progress: bool = True) -> RunReport:
-    """Build or update the store described by ``cfg``; returns what ran and what was skipped."""
+        log: Callable[[str], None] = lambda m: print(m, file=sys.stderr), progress: bool = True,
+        security=None) -> RunReport:
+    """Build or update the store described by ``cfg``; returns what ran and what was skipped.
+
+    ``scheduler``: an existing Dask scheduler (``tcp://`` or ``tls://``; ``security``: its
+    ``distributed.Security``), else a LocalCluster of ``workers`` processes is started."""
     t_start = time.perf_counter()
     ctx, units = plan_for(cfg, only)
+    _require_units(cfg, units, only)
     report = RunReport(store=ctx.store)
-    try:
-        _run_locked(cfg, ctx, units, report, only, force, scheduler, workers, log, progress)
-    except OSError as exc:
-        if isinstance(exc, GibletError):
-            raise
-        raise StoreError(f"{ctx.store}: write failed ({exc.strerror or exc}); completed units are untouched: "
-                         f"free space (or fix permissions) and rerun to resume") from exc
+    # Driver-side writes outside a unit (store creation, lock, manifest, align): a disk
+    # error names the store; a timeout is never blamed on the disk (pipelines.failures).
+    with phase(f"{ctx.store}: writing the store", ctx.store, catch=(OSError,)):
+        _run_locked(cfg, ctx, units, report, only, force, Cluster(scheduler, workers, security, log), log, progress)
     report.seconds = time.perf_counter() - t_start
     return report
 
 
-def _run_locked(cfg, ctx, units, report, only, force, scheduler, workers, log, progress) -> None:
+def _require_units(cfg: StudyConfig, units: list[Unit], only: Optional[list[str]]) -> None:
+    """Refuse a plan with nothing in it, before the output folder is created (a config with no
+    input at all is already refused when loaded)."""
+    if units:
+        return
+    where = cfg.config_path or "config"
+    keys = ", ".join(f"runs.<run>.{f.name}" for f in fields(cfg.inputs))
+    if only:
+        raise ConfigError(f"{where}: --only {' '.join(only)}: the config has no inputs for these stages "
+                          f"({keys}); add them, or drop --only")
+    raise ConfigError(f"{where}: no inputs to build ({keys} are all empty); add at least one, e.g. "
+                      f"`inputs: {{fmri: {{sub-01: bold/sub-01.nii.gz}}}}`")
+
+
+def _run_locked(cfg, ctx, units, report, only, force, cluster, log, progress) -> None:
     writer = StoreWriter(ctx.store)
     writer.create()
     with StoreLock(ctx.store):
@@ -93,7 +116,7 @@ def _run_locked(cfg, ctx, units, report, only, force, scheduler, workers, log, p
         report.removed = stale_keys
         if todo:
             log(f"{len(todo)} unit(s) to build, {len(report.skipped)} up to date")
-            report.stages, current = _execute(todo, writer, scheduler, workers, log, progress, force)
+            report.stages, current = _execute(todo, writer, cluster, log, progress, force)
             report.ran = [u.key for u in todo if u.key not in current]
             report.skipped += current
         align = align_record(cfg, units, writer.manifest, only)
@@ -104,40 +127,41 @@ def _run_locked(cfg, ctx, units, report, only, force, scheduler, workers, log, p
             log(f"all {len(report.skipped)} unit(s) up to date" + (" (stages: " + ", ".join(only) + ")" if only else ""))
 
 
-def _client(scheduler: Optional[str], workers: Optional[int]):
-    from distributed import Client, LocalCluster
-
-    logging.getLogger("distributed").setLevel(logging.ERROR)
-    if scheduler:
-        try:
-            return Client(scheduler, timeout="20s"), None
-        except (OSError, TimeoutError) as exc:
-            raise StoreError(f"--scheduler {scheduler}: cannot connect ({exc}); start `dask scheduler` "
-                             f"and `dask worker {scheduler}`, or drop --scheduler to use a LocalCluster") from None
-    n = workers or max(1, min(4, os.cpu_count() or 1))
-    # Task errors reach the user once, as giblet's one-line message: keep worker logs quiet.
-    # dashboard_address=None does not disable the HTTP server (dask/distributed#8136): bind it
-    # to a free loopback port so parallel runs never collide on 8787.
-    cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-                           dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL)
-    return Client(cluster), cluster
-
-
-def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, progress,
+def _execute(todo: list[Unit], writer: StoreWriter, cluster: Cluster, log, progress,
              force: bool = False) -> tuple[dict[str, dict], list[str]]:
     """Run the units' tasks on the cluster, committing each unit when its tasks are done.
 
     Returns per-stage timings (from the scheduler's task stream: worker-side compute times)
-    and the units found up to date once their dependencies were committed (bind)."""
+    and the units found up to date once their dependencies were committed (bind).
+
+    The cluster is closed before returning. A failure to close it once every unit is
+    committed is a warning: the store is complete, and a rerun would find nothing to do."""
+    # Every task is counted before the first one starts, so the progress total never moves.
+    bar = Progress(len(todo), sum(u.task_count() for u in todo), enabled=progress)
+    try:
+        client = cluster.start()
+        try:
+            stages, current = _run_units(todo, writer, client, bar, log, force)
+        finally:
+            bar.close()
+    except BaseException:
+        cluster.close()  # the first failure is the one to report
+        raise
+    problem = cluster.close()
+    if problem is not None:
+        log(f"warning: closing the Dask cluster failed ({describe(problem)}) after every unit was committed; "
+            f"the store is complete, nothing to redo")
+    return stages, current
+
+
+def _run_units(todo: list[Unit], writer: StoreWriter, client, bar: Progress, log,
+               force: bool) -> tuple[dict[str, dict], list[str]]:
     from distributed import as_completed, get_task_stream
-    from tqdm import tqdm
 
     pending = {u.key: u for u in todo}
-    skipped_after_bind: list[str] = []
+    current: list[str] = []  # found up to date once bound
     waiting_on = {u.key: [d for d in u.deps if d in pending] for u in todo}
     started: dict[str, dict] = {}  # unit key -> {"staging", "left": set(task ids), "results", "t0", "t1"}
-    client, cluster = _client(scheduler, workers)
-    bar = tqdm(total=0, desc="giblet", unit="task", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     futures = as_completed()
     owner = {}  # dask key -> (unit key, task id)
     try:
@@ -150,76 +174,78 @@ def _execute(todo: list[Unit], writer: StoreWriter, scheduler, workers, log, pro
             if unit.bind is not None:  # its dependencies are committed now: its last parameters are known
                 unit.bind_from(writer.manifest["units"])
                 if not force and is_current(unit, writer.manifest["units"]):
-                    skipped_after_bind.append(key)
-                    log(f"{key}: up to date")
+                    current.append(key)
                     started[key] = {"t0": time.time(), "skipped": True}
-                    _release(key)
+                    bar.task_done(unit.task_count(), resumed=True)
+                    bar.unit_done()
+                    bar.log(log, f"{key}: up to date")
+                    release(key)
                     return
-            staging, results, tasks = _open_staging(writer, unit)
+            with phase(f"{key}: preparing its staging folder in {writer.path}", writer.path):
+                staging, results, tasks = _open_staging(writer, unit)
             todo_tasks = [t for t in tasks if t.id not in results]
             started[key] = {"staging": staging, "results": results, "left": {t.id for t in todo_tasks},
                             "t0": time.time()}  # wall clock: comparable with the workers' task stream
-            bar.total += len(tasks)
-            bar.update(len(tasks) - len(todo_tasks))
+            bar.task_done(len(tasks) - len(todo_tasks), resumed=True)
             for task in todo_tasks:
                 fut = client.submit(task.fn, **task.kwargs, pure=False, key=f"{key}:{task.id}-{os.urandom(4).hex()}")
                 owner[fut.key] = (key, task.id)
                 futures.add(fut)
+            bar.submitted(len(todo_tasks))
             if not todo_tasks:
                 finish(key)
 
         def finish(key: str) -> None:
             unit, state = pending[key], started[key]
-            meta = unit.finalize(unit, state["staging"], state["results"]) if unit.finalize else _merge(state["results"])
+            with phase(f"{key}: finalizing in {state['staging']}", writer.path):
+                meta = unit.finalize(unit, state["staging"], state["results"]) if unit.finalize \
+                    else _merge(state["results"])
             entry = unit.entry()
             entry["meta"] = meta
             entry["ran_on"] = sorted(state.get("ran_on", ()))  # worker addresses (provenance)
-            try:
+            with phase(f"{key}: committing to {writer.path}", writer.path):
                 writer.commit(key, entry, state["staging"], unit.arrays)
-            except OSError as exc:
-                raise StoreError(f"{key}: committing to {writer.path} failed ({exc.strerror or exc}); free space "
-                                 f"(or fix permissions) and rerun to resume") from exc
             state["t1"] = time.time()
-            log(f"{key}: done in {state['t1'] - state['t0']:.1f} s")
-            _release(key)
+            bar.unit_done()
+            bar.log(log, f"{key}: done in {state['t1'] - state['t0']:.1f} s")
+            release(key)
 
-        def _release(key: str) -> None:
+        def release(key: str) -> None:
             del waiting_on[key]
             for deps in waiting_on.values():
                 if key in deps:
                     deps.remove(key)
 
-        with get_task_stream(client) as stream:
+        # Outermost phase: the scheduler itself (a dropped connection while submitting or
+        # waiting); the task and commit phases inside are more precise and win.
+        with phase("the Dask scheduler connection", writer.path, catch=(OSError,)), \
+                get_task_stream(client) as stream:
             start_ready()
             for fut in futures:
                 key, task_id = owner[fut.key]
                 try:
                     result = fut.result()  # re-raises the task's own exception
-                except OSError as exc:
-                    if isinstance(exc, GibletError):
-                        raise
-                    raise StoreError(f"{key}: writing to {writer.path} failed ({exc.strerror or exc}); completed "
-                                     f"units are untouched: free space (or fix permissions) and rerun to resume") from exc
+                except GibletError:
+                    raise  # already one line naming the input, the value and the fix
+                except Exception as exc:
+                    raise task_failure(exc, key, task_id, writer.path) from exc
                 state = started[key]
                 state.setdefault("ran_on", set()).update(*client.who_has([fut]).values())
-                atomic_write_json(state["staging"] / ".tasks" / f"{task_id}.json", result)
+                with phase(f"{key}: recording task {task_id} in {state['staging']}", writer.path):
+                    atomic_write_json(state["staging"] / ".tasks" / f"{task_id}.json", result)
                 state["results"][task_id] = result
                 state["left"].discard(task_id)
-                bar.update(1)
+                bar.task_done()
                 if not state["left"]:
                     finish(key)
                     start_ready()
         if waiting_on:
             raise StoreError(f"units never became ready: {', '.join(waiting_on)} (a dependency cycle?)")
         ran = {k: v for k, v in started.items() if not v.get("skipped")}
-        return _stage_times(todo, ran, stream.data, owner), skipped_after_bind
+        return _stage_times(todo, ran, stream.data, owner), current
     finally:
-        bar.close()
         for fut in list(futures.futures):
             fut.cancel()
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 def _stage_times(units: list[Unit], started: dict[str, dict], task_stream: list[dict],

@@ -50,6 +50,7 @@ class Unit:
     bind: Optional[Callable[[dict], dict]] = None  # manifest units -> params known once deps are committed
     label: str = ""  # human description for progress lines
     run: Optional[str] = None  # the run the unit belongs to (None: the whole study, e.g. the mask)
+    n_tasks: int = 1  # how many tasks an unbound unit will have (the progress total is fixed up front)
     bound: Optional[dict] = None  # what bind returned
 
     @property
@@ -73,6 +74,10 @@ class Unit:
 
     def tasks(self, staging: Path) -> list[Task]:
         return self.make_tasks(self, staging)
+
+    def task_count(self) -> int:
+        """Tasks the unit will run (before its staging folder exists, and before it is bound)."""
+        return len(self.tasks(Path("."))) if self.ready else self.n_tasks
 
     def entry(self) -> dict:
         """The manifest record of this unit (before arrays and results are added)."""

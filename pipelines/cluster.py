@@ -1,0 +1,158 @@
+"""The Dask cluster a build runs on: a LocalCluster on loopback, or an existing scheduler.
+
+Timeouts are sized for a slow, loaded machine (a 2-core VM at load 10+ takes tens of
+seconds to start a worker process), the LocalCluster start is retried once (nothing has
+been submitted yet, so a retry is safe), and ``close()`` never raises: the engine decides
+whether a failed close matters (it does not once every unit is committed).
+
+Security: a LocalCluster listens on 127.0.0.1 without authentication (see docs/cli.md,
+*Dask security*). An existing scheduler can be ``tls://``: its credentials come from the
+``--tls-*`` options or from Dask's own configuration (``distributed.comm.tls.*``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+from giblet.errors import ConfigError
+from pipelines.failures import BuildError, describe, failure
+
+# Floors, in seconds, for Dask's own timeouts while giblet's cluster lives; a larger value
+# set by the user (dask config or DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT) is kept.
+LOADED_TIMEOUTS_S = {"distributed.comm.timeouts.connect": 120, "distributed.comm.timeouts.tcp": 120}
+SCHEDULER_CONNECT_S = 30  # an existing scheduler: a wrong address should fail in seconds, not minutes
+CLOSE_TIMEOUT_S = 120
+
+
+def scheduler_address(scheduler: Optional[str], scheduler_file: Optional[str]) -> Optional[str]:
+    """The address given by ``--scheduler`` or read from ``--scheduler-file`` (the JSON that
+    ``dask scheduler --scheduler-file FILE`` writes)."""
+    if not scheduler_file:
+        return scheduler
+    path = Path(scheduler_file)
+    try:
+        return json.loads(path.read_text())["address"]
+    except FileNotFoundError:
+        raise ConfigError(f"--scheduler-file {path}: not found; start `dask scheduler --scheduler-file "
+                          f"{path}` first (on a shared filesystem)") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--scheduler-file {path}: not a Dask scheduler file ({describe(exc)}); expected "
+                          f"the JSON with an \"address\" that `dask scheduler --scheduler-file` writes") from None
+
+
+def tls_security(address: Optional[str], ca_file: Optional[str], cert: Optional[str], key: Optional[str]):
+    """A ``distributed.Security`` for a ``tls://`` scheduler from the ``--tls-*`` options, or None
+    (Dask then reads ``distributed.comm.tls.*`` from its config, the environment included)."""
+    given = {"--tls-ca-file": ca_file, "--tls-cert": cert, "--tls-key": key}
+    if not any(given.values()):
+        return None
+    if not address:
+        raise ConfigError("--tls-ca-file/--tls-cert/--tls-key: only for an existing scheduler; add "
+                          "--scheduler tls://HOST:PORT or --scheduler-file FILE")
+    if not address.startswith("tls://"):
+        raise ConfigError(f"--scheduler {address}: TLS options were given but the address is not tls://; "
+                          f"use the scheduler's tls:// address")
+    if not (ca_file and cert):
+        raise ConfigError("--tls-ca-file and --tls-cert are both needed (Dask's TLS is mutual: the CA "
+                          "checks the scheduler, the certificate identifies this client); --tls-key is "
+                          "optional when the key is appended to the certificate")
+    for option, value in given.items():
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{option} {value}: file not found; pass a PEM file")
+    from distributed.security import Security
+
+    return Security(tls_ca_file=ca_file, tls_client_cert=cert, tls_client_key=key, require_encryption=True)
+
+
+class Cluster:
+    """A Dask client and, without ``scheduler``, the LocalCluster it owns.
+
+    Args:
+        scheduler: an existing scheduler's address (``tcp://`` or ``tls://``), or None.
+        workers: LocalCluster worker processes (default ``min(4, cores)``).
+        security: a ``distributed.Security`` for a ``tls://`` scheduler (``tls_security``).
+        log: where retry notes go (stderr lines).
+    """
+
+    def __init__(self, scheduler: Optional[str] = None, workers: Optional[int] = None, security=None,
+                 log: Callable[[str], None] = lambda m: None):
+        self.scheduler, self.security, self.log = scheduler, security, log
+        self.workers = workers or max(1, min(4, os.cpu_count() or 1))
+        self.client = self.local = None
+        self._config = None
+
+    def start(self):
+        """Connect (or start a LocalCluster and connect); returns the ``distributed.Client``."""
+        import dask
+        import distributed  # noqa: F401  (loads the distributed.* defaults into dask.config)
+        from dask.utils import parse_timedelta
+
+        logging.getLogger("distributed").setLevel(logging.ERROR)
+        user_connect_s = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s")
+        raised = {k: f"{floor}s" for k, floor in LOADED_TIMEOUTS_S.items()
+                  if parse_timedelta(dask.config.get(k), "s") < floor}
+        self._config = dask.config.set(raised)  # LocalCluster workers inherit it when spawned
+        try:
+            if self.scheduler:
+                self.client = self._connect(max(SCHEDULER_CONNECT_S, user_connect_s))
+            else:
+                self.client = self._start_local()
+        except BaseException:
+            self.close()
+            raise
+        return self.client
+
+    def _connect(self, timeout_s: float):
+        from distributed import Client
+
+        try:
+            return Client(self.scheduler, timeout=f"{timeout_s}s", security=self.security)
+        except Exception as exc:
+            tls = ("; for tls://, pass --tls-ca-file and --tls-cert (or set Dask's distributed.comm.tls.* "
+                   "config) signed by the scheduler's CA" if self.scheduler.startswith("tls://") else "")
+            raise BuildError(f"--scheduler {self.scheduler}: cannot connect ({describe(exc)}); start `dask "
+                             f"scheduler` and `dask worker {self.scheduler}`, or drop --scheduler to use a "
+                             f"LocalCluster{tls}") from exc
+
+    def _start_local(self):
+        import dask
+        from distributed import Client, LocalCluster
+
+        what = f"starting a LocalCluster of {self.workers} worker(s)"
+        for attempt in (1, 2):
+            try:
+                # Task errors reach the user once, as giblet's one-line message: keep worker logs
+                # quiet. dashboard_address=None does not disable the HTTP server
+                # (dask/distributed#8136): bind it to a free loopback port so parallel runs never
+                # collide on 8787.
+                self.local = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
+                                          host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                                          silence_logs=logging.CRITICAL)
+                return Client(self.local, timeout=dask.config.get("distributed.comm.timeouts.connect"))
+            except Exception as exc:
+                self._close_parts()
+                if attempt == 2:
+                    raise failure(exc, what) from exc
+                self.log(f"{what} failed ({describe(exc)}); retrying once")
+
+    def close(self) -> Optional[BaseException]:
+        """Close the client, then the LocalCluster; returns the first error instead of raising."""
+        problem = self._close_parts()
+        if self._config is not None:
+            self._config.__exit__(None, None, None)
+            self._config = None
+        return problem
+
+    def _close_parts(self) -> Optional[BaseException]:
+        problem = None
+        for part in (self.client, self.local):
+            if part is not None:
+                try:
+                    part.close(timeout=CLOSE_TIMEOUT_S)
+                except Exception as exc:  # a timeout under load, a scheduler already gone
+                    problem = problem or exc
+        self.client = self.local = None
+        return problem
