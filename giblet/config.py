@@ -284,8 +284,8 @@ def _check_runs(cfg: StudyConfig, check) -> None:
         check(False, "inputs: give either the one-run `inputs` block or a `runs` block, not both; move the "
                      "inputs into runs.<name>")
     runs = cfg.study_runs
-    check(bool(runs), "runs: the config names no input (no `runs` block and an empty `inputs` block); add "
-                      "runs.<name>.fmri / .movie / .annotations (or inputs.fmri / inputs.movie)")
+    check(bool(runs), "no inputs to build (no `runs` block and an empty `inputs` block); add "
+                      "runs.<run>.fmri / .movie / .annotations (or inputs.fmri / inputs.movie)")
     bad = [r for r in runs if not _NAME.fullmatch(r)]
     check(not bad, f"runs: run names {bad} must be letters, digits, '-', '_' or '.' (they become store paths), "
                    f"e.g. run-1")
