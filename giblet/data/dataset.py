@@ -86,6 +86,9 @@ class GibletDataset(Dataset):
     - ``subject`` (index into ``self.subjects``), ``tr`` (TR in the store) and ``index``
       (sample id): ``() int64``.
 
+    A store without fMRI subjects has no samples, even for stimulus-only ``modalities``:
+    it raises ``ModalityMissingError`` rather than serving a dataset of length 0.
+
     Args:
         store_path: a store built by ``giblet-preprocess run``.
         split: ``"train"``, ``"val"`` or ``"all"`` (the store's contiguous TR ranges).
@@ -139,6 +142,11 @@ class GibletDataset(Dataset):
 
     # -- set-up ----------------------------------------------------------------------------
     def _pick_subjects(self, view, subjects) -> list[str]:
+        if not view.subjects:  # samples are (subject, TR) pairs: without subjects there are none, whatever is served
+            stored = [m for m in STIMULUS_ARRAYS if view.has(m)] or ["nothing else"]
+            raise ModalityMissingError(f"{view.path}: the store has no fMRI subjects (it holds {', '.join(stored)}), "
+                                       f"and GibletDataset serves (subject, TR) samples; add inputs.fmri to the "
+                                       f"preprocessing config and rerun giblet-preprocess")
         if subjects is None:
             return list(view.subjects)
         unknown = [s for s in subjects if s not in view.subjects]
