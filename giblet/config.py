@@ -371,9 +371,9 @@ class _Context:
         if (spec.get("path") == "or_name" and not p.is_absolute() and not value.startswith((".", "~"))
                 and not (base / p).exists()):
             return value  # a name (a repo id, "random"), not a path
-        if p.is_absolute() or (self.keep_relative and not src):
-            return value
-        return str((base / p).resolve())
+        if self.keep_relative and not src:
+            return value  # the schema resolves it against config_path's folder (and records it as written)
+        return str(p if p.is_absolute() else (base / p).resolve())
 
 
 def _type_name(tp: Any) -> str:

@@ -310,7 +310,9 @@ def test_weights_only_starts_a_new_schedule_from_the_old_weights(study, finished
     assert main(common + ["model.d_model=16"]) == 1  # weights fit only a model of their shape
     assert "its weights fit another model (model.d_model: checkpoint 32, now 16)" in capsys.readouterr().err
     assert main(common + ["optim.lr=1.0e-12"]) == 0  # one step that cannot move the weights
-    assert f"resume=weights_only: model weights from step 2 of {run / 'checkpoint.pt'}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"giblet-train: run folder {run}: checkpoint {run / 'checkpoint.pt'}, log {run / 'log.jsonl'}" in out
+    assert f"resume=weights_only: model weights from step 2 of {run / 'checkpoint.pt'}" in out
     new = torch.load(run / "checkpoint.pt", weights_only=True)
     assert new["step"] == new["total_steps"] == 1 and new["run"]["data"]["batch_size"] == 8
     for name, value in old["model"].items():  # the old weights ...
