@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     run.add_argument("--report", metavar="FILE", help="also write what ran, per-stage times and totals as JSON")
     run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    run.set_defaults(usage_error=run.error)  # `run` without CONFIG or --demo: exit 2 like any usage error
     for name, text in (("status", "done / stale (why) / missing for each unit"),):
         s = sub.add_parser(name, help=text)
         s.add_argument("config")
@@ -72,8 +73,6 @@ def cmd_run(args) -> int:
         if args.config:  # `run --demo KEY=VALUE`: the first override lands in `config`
             args.overrides.insert(0, args.config)
         config = _demo_config(Path(args.out))
-    elif not args.config:
-        raise SystemExit(f"{PROG} run: error: CONFIG is required (or use --demo)")
     else:
         config = Path(args.config)
     cfg = load_config(config, args.overrides)
@@ -137,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides += extra
+    if args.command == "run" and not args.demo and not args.config:
+        args.usage_error("CONFIG is required (or use --demo)")
     commands = {"run": cmd_run, "status": cmd_status, "verify": cmd_verify, "stats": cmd_stats}
     return one_line_errors(PROG, lambda: commands[args.command](args), debug=args.debug,
                            interrupted="rerun the same command to resume")

@@ -10,7 +10,10 @@ or several (NCCL on GPU, gloo on CPU; ranks come from torchrun's RANK/WORLD_SIZE
     torchrun --nproc_per_node 2 -m pipelines.train configs/train/gpu.yaml store=/data/sherlock.zarr
 
 A run folder (``out``) holds ``log.jsonl`` and ``checkpoint.pt``; rerunning the same
-command resumes from the checkpoint (``resume=false`` refuses to overwrite instead).
+command resumes from the checkpoint, or says the run is finished. A rerun with settings
+that change the sample order or schedule is refused (``resume=weights_only`` starts a new
+schedule from the checkpoint's weights; ``resume=false`` refuses to overwrite any checkpoint).
+The config's schema and checks are ``giblet.training.config``.
 ``python -m stats.diagnose RUN/log.jsonl`` turns the log into a verdict and plots.
 """
 from __future__ import annotations
@@ -21,7 +24,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -29,100 +31,23 @@ from typing import Optional
 import numpy as np
 import torch
 
-from giblet.config import _build, _set_override, read_yaml, resolve
 from giblet.data import GibletDataset, GibletLoader
 from giblet.errors import ConfigError
-from giblet.models.autoencoder import (AutoencoderConfig, GibletAutoencoder, ModelSpec, check_model,
-                                       count_parameters, finish_batch, prepare_batch)
+from giblet.models.autoencoder import (GibletAutoencoder, ModelSpec, count_parameters, finish_batch,
+                                       prepare_batch)
 from giblet.reader import open_store
 from giblet.training import checkpoint as ckpt
 from giblet.training import distributed as D
-from giblet.training.diagnostics import (LogConfig, Meter, RunLog, StepProfiler, check_log, enforce_scale_check,
-                                         format_scale_check, scale_check)
-from giblet.training.losses import COMPONENTS, LossConfig, VoxelCorrelation, check_losses, compute_losses
-from giblet.training.schedule import (OptimConfig, ScheduleConfig, build_optimizer, build_scheduler, check_schedule,
-                                      check_warmup, param_groups, resolve_schedule)
+from giblet.training.config import (TrainConfig, load_train_config, run_identity, shape_identity,
+                                    store_fingerprint)
+from giblet.training.diagnostics import (Meter, RunLog, StepProfiler, enforce_scale_check, format_scale_check,
+                                         scale_check)
+from giblet.training.losses import COMPONENTS, VoxelCorrelation, check_losses, compute_losses
+from giblet.training.schedule import build_optimizer, build_scheduler, check_warmup, param_groups, resolve_schedule
 from pipelines.errors import one_line_errors
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 KILL_ENV = "GIBLET_TRAIN_KILL_AT_STEP"  # tests only: SIGKILL this process right after that optimizer step
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    subjects: Optional[list[str]] = None  # default: every subject in the store
-    runs: Optional[list[str]] = None  # default: every run in the store (the split decides which TRs train)
-    window: int = 8  # stimulus context: window + 1 TRs ending at target - lag (causal)
-    lag: int = 0
-    hrf: bool = False  # the dataset's HRF convolution of text (the model has its own HRF filter)
-    batch_size: int = 32  # per rank, per micro-step
-    num_workers: int = 0
-    mix_chunks: int = 2
-    lanes: int = 4
-    val_batch_size: int = 64
-    audio_vocab: int = 1024  # codebook size, when audio/codes does not record it
-    drop_last: Optional[bool] = None  # skip each epoch's last partial batch (a few samples, new ones every
-    #   epoch); None: true with compile=true (one batch shape: no second graph at every epoch's end)
-    pool_video: bool = True  # average-pool frames to model.video_pool in the loader workers, once per
-    #   decoded chunk (90x160 -> 18x32: 6x fewer bytes per batch to the device); false: ship uint8 frames
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    store: str = ""  # a store built by giblet-preprocess
-    out: str = "runs/train"  # run folder: log.jsonl, checkpoint.pt
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
-    resume: bool = True  # continue from out/checkpoint.pt when it exists
-    threads: Optional[int] = None  # torch CPU threads per process (None: torch's default; torchrun sets 1)
-    compile: bool = False  # torch.compile the model (fewer kernel launches on GPU; first steps compile)
-    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs: no launch
-    #   cost per kernel) | max-autotune-no-cudagraphs
-    data: DataConfig = field(default_factory=DataConfig)
-    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    ddp: D.DDPConfig = field(default_factory=D.DDPConfig)
-    config_path: Optional[str] = None  # filled by load_train_config
-
-
-def load_train_config(path: str | Path, overrides: list[str] | tuple = ()) -> TrainConfig:
-    """YAML + ``key=value`` overrides -> validated ``TrainConfig`` (every problem reported at once).
-    Paths in the YAML are relative to its folder; paths given as overrides, to the working directory."""
-    path = Path(path)
-    raw = read_yaml(path, "pass a YAML such as configs/train/demo.yaml", what="train config")
-    problems: list[str] = []
-    for k in ("store", "out"):
-        if raw.get(k):
-            raw[k] = str(resolve(path.resolve().parent, raw[k]))
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key.strip() in ("store", "out") and value:
-            item = f"{key}={Path(value).expanduser().resolve()}"
-        _set_override(raw, item, problems)
-    cfg = _build(TrainConfig, raw, "", problems)
-    if not problems:
-        if not cfg.store:
-            problems.append("store: no store given; set store=PATH (a store built by giblet-preprocess)")
-        check_model(cfg.model, problems)
-        check_losses(cfg.loss, problems=problems)
-        check_schedule(cfg.schedule, cfg.optim, problems)
-        check_log(cfg.log, problems)
-        for name in ("window", "lag"):
-            if getattr(cfg.data, name) < 0:
-                problems.append(f"data.{name}: must be >= 0 TRs, got {getattr(cfg.data, name)}")
-        if cfg.compile_mode not in COMPILE_MODES:
-            problems.append(f"compile_mode: {cfg.compile_mode!r}; choose one of {', '.join(COMPILE_MODES)}")
-        elif cfg.compile_mode == "reduce-overhead" and cfg.optim.accum_steps > 1:
-            # a CUDA graph's next replay reuses the memory of its outputs, the gradients included
-            problems.append(f"compile_mode=reduce-overhead with optim.accum_steps={cfg.optim.accum_steps}: CUDA "
-                            "graphs reuse each micro-step's gradient memory; accumulate with compile_mode=default")
-    if problems:
-        raise ConfigError(f"{path}: {len(problems)} problem(s): " + "; ".join(problems))
-    return dataclasses.replace(cfg, config_path=str(path.resolve()))
+__all__ = ["train", "main", "load_train_config", "model_spec", "validate"]
 
 
 def model_spec(ds: GibletDataset, cfg: TrainConfig, view=None) -> ModelSpec:
@@ -186,10 +111,20 @@ def train(cfg: TrainConfig) -> dict:
     rt = D.setup(cfg.device, cfg.precision)
     main = rt.is_main
     say = print if main else (lambda *a, **k: None)
+    run_dir, view = Path(cfg.out), open_store(cfg.store)
+    log_path = run_dir / "log.jsonl"
+    run = run_identity(cfg, rt.world.world_size, store_fingerprint(view))
+    ckpt_path = ckpt.checkpoint_path(run_dir)
+    state = ckpt.resume_state(run_dir, cfg.resume, run)  # changed settings are refused before any dataset is built
+    if state is not None and cfg.resume is True and state["step"] >= state["total_steps"]:
+        say(f"giblet-train: the run in {run_dir} is finished (step {state['step']} of {state['total_steps']}); "
+            f"nothing to do (checkpoint {ckpt_path}, log {log_path}). To train further, choose another out= or set "
+            f"resume=weights_only with a longer schedule")
+        return {"steps": int(state["step"]), "finished": True}
+    say(f"giblet-train: run folder {run_dir}: checkpoint {ckpt_path}, log {log_path}")
     D.seed_everything(cfg.seed, rt.world.rank)
     dcfg = cfg.data
     ds_kw = dict(subjects=dcfg.subjects, runs=dcfg.runs, window=dcfg.window, lag=dcfg.lag, hrf=dcfg.hrf)
-    view = open_store(cfg.store)
     if view.has_modality("video"):  # read and hand over only the frames the model sees, pooled as it pools them
         ds_kw["frames"] = cfg.model.video_frames
         if dcfg.pool_video:
@@ -203,9 +138,8 @@ def train(cfg: TrainConfig) -> dict:
     finish = partial(finish_batch, denormalize=train_ds.denormalize if raw else None)
     val_collate = partial(prepare_batch, video_frames=cfg.model.video_frames,
                           denormalize=val_ds.denormalize if raw else None)
-    drop_last = cfg.compile if dcfg.drop_last is None else dcfg.drop_last
     loader = GibletLoader(train_ds, batch_size=dcfg.batch_size, num_workers=dcfg.num_workers, seed=cfg.seed,
-                          drop_last=drop_last, mix_chunks=dcfg.mix_chunks, lanes=dcfg.lanes, world=rt.world,
+                          drop_last=cfg.drop_last, mix_chunks=dcfg.mix_chunks, lanes=dcfg.lanes, world=rt.world,
                           transform=finish, pin_memory=rt.device.type == "cuda",
                           generator=torch.Generator().manual_seed(cfg.seed))
     # ^ its own generator: a DataLoader draws a worker seed when iterated, and drawing it from the
@@ -218,27 +152,27 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.optim.zero:
         optim_name = f"ZeRO-1 over {rt.world.world_size} rank(s), flat buffers: {optim_name}"
     scheduler = build_scheduler(optimizer, sched)
-    fingerprint = {"store": str(Path(cfg.store).resolve()), "n_voxels": spec.n_voxels,
-                   "modalities": list(spec.modalities), "window": spec.window, "lag": spec.lag,
-                   "model": dataclasses.asdict(cfg.model), "world_size": rt.world.world_size,
-                   "zero": cfg.optim.zero}
-    step, state = 0, ckpt.load_checkpoint(cfg.out) if cfg.resume else None
-    if not cfg.resume and ckpt.checkpoint_path(cfg.out).exists():
-        raise ConfigError(f"{ckpt.checkpoint_path(cfg.out)} exists and resume=false; choose another out= folder")
+    shape = shape_identity(spec, cfg.model)
+    step, weights_from = 0, None
     if state is not None:
-        ckpt.check_compatible(state, fingerprint)
+        ckpt.check_shape(state, shape, ckpt_path)
         model.load_state_dict(state["model"])
-        par.load_optimizer_state(optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["loader"])
-        step = int(state["step"])
-        D.set_rng_state(state["rng"][rt.world.rank])
+        if cfg.resume is True:
+            par.load_optimizer_state(optimizer, state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            loader.load_state_dict(state["loader"])
+            step = int(state["step"])
+            D.set_rng_state(state["rng"][rt.world.rank])
+        else:  # weights_only: fresh optimizer, schedule, loader and RNG streams
+            previous = _set_aside(log_path) if main else None
+            weights_from = {"checkpoint": str(ckpt_path), "step": int(state["step"]),
+                            "previous_log": str(previous) if previous else None}
         del state  # the mmap'd tensors were copied into the model and optimizer
     model = eager = par.model  # DDP-wrapped (several ranks, no ZeRO) or the bare model
     if cfg.compile:  # validation runs eager: eval mode and its batch size would each compile another graph
         model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     graphed = cfg.compile and cfg.compile_mode == "reduce-overhead"  # CUDA graphs (on GPU only)
-    log = RunLog(Path(cfg.out) / "log.jsonl" if main else None, cfg.log.tensorboard)
+    log = RunLog(log_path if main else None, cfg.log.tensorboard)
     n_params = count_parameters(model)
     say(f"giblet-train: {rt.world.world_size} process(es) on {rt.device}, autocast {rt.amp_dtype}, "
         f"{n_params / 1e6:.3g} M parameters, optimizer {optim_name}")
@@ -252,10 +186,14 @@ def train(cfg: TrainConfig) -> dict:
         say(f"resumed at step {step} (epoch {loader.epoch}, {loader.position} samples in)")
         log.write("resume", step=step, epoch=loader.epoch, position=loader.position)
     else:
+        if weights_from:
+            say(f"resume=weights_only: model weights from step {weights_from['step']} of {ckpt_path}, a new schedule "
+                f"from step 0 (previous log: {weights_from['previous_log']})")
         log.write("config", config=dataclasses.asdict(cfg), n_params=n_params, optimizer=optim_name,
                   autocast=str(rt.amp_dtype), device=str(rt.device), world_size=rt.world.world_size,
                   env=D.env_summary(), schedule=dataclasses.asdict(sched), schedule_warning=warn,
-                  n_voxels=spec.n_voxels, modalities=list(spec.modalities), peak_lr=cfg.optim.lr)
+                  n_voxels=spec.n_voxels, modalities=list(spec.modalities), peak_lr=cfg.optim.lr,
+                  weights_from=weights_from)
 
     def batches():
         while True:  # GibletLoader resumes mid-epoch and moves to the next epoch by itself
@@ -276,7 +214,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # ---- the step loop -------------------------------------------------------------------------
     meter, kill_at = Meter(), int(os.environ.get(KILL_ENV, 0))
-    profiler = StepProfiler(Path(cfg.out), rt.world.rank, step + cfg.log.profile_start, cfg.log.profile_steps,
+    profiler = StepProfiler(run_dir, rt.world.rank, step + cfg.log.profile_start, cfg.log.profile_steps,
                             rt.device)
     t_start, val = time.perf_counter(), {}
     model.train()
@@ -337,9 +275,10 @@ def train(cfg: TrainConfig) -> dict:
             rngs = D.gather_objects(D.rng_state())  # every rank's, so each resumes its own dropout stream
             optim_state = par.optimizer_state(optimizer)  # ZeRO: every rank's shard, on rank 0
             if main:
-                ckpt.save_checkpoint(cfg.out, {"model": D.unwrap(model).state_dict(), "step": step,
-                                               "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                                               "loader": loader.state_dict(), "rng": rngs, "fingerprint": fingerprint})
+                ckpt.save_checkpoint(run_dir, {"model": D.unwrap(model).state_dict(), "step": step,
+                                           "total_steps": sched.total_steps, "optimizer": optim_state,
+                                           "scheduler": scheduler.state_dict(), "loader": loader.state_dict(),
+                                           "rng": rngs, "run": run, "shape": shape})
             D.barrier()
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -350,6 +289,17 @@ def train(cfg: TrainConfig) -> dict:
     log.close()
     D.cleanup()
     return summary
+
+
+def _set_aside(log_path: Path) -> Optional[Path]:
+    """Rename a previous run's log to the first free ``log.N.jsonl`` (a new schedule starts its own)."""
+    if not log_path.exists():
+        return None
+    n = 1
+    while (target := log_path.with_name(f"log.{n}.jsonl")).exists():
+        n += 1
+    log_path.rename(target)
+    return target
 
 
 def main(argv: list[str] | None = None) -> int:

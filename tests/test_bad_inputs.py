@@ -135,7 +135,8 @@ def test_bad_text_model_dir(study, models, case):
     ("videoo.width=10", "did you mean 'video'"),
     ("video.width=wide", "video.width: expected int, got 'wide'"),
     ("fmri.mask_strategy=fancy", "must be epi, background or file"),
-    ("output=../../../elsewhere.zarr", "escapes the config folder"),
+    # an override's path is relative to the working directory; '..' may not climb out of it either
+    ("output=../../../elsewhere.zarr", "output: '../../../elsewhere.zarr' escapes the working directory via '..'"),
     ("audio.bandwidth=-3", "audio.bandwidth"),
 ])
 def test_bad_config_values(study, override, needle):

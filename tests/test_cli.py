@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -181,3 +182,22 @@ def test_verify_names_a_flipped_byte(fmri_study):
     chunk.write_bytes(bytes(data))
     r = cli("verify", store)
     assert r.returncode == 1 and "fmri/sub-02/bold: chunk c/1/0 checksum mismatch" in r.stdout
+
+
+def test_run_without_a_config_is_a_usage_error():
+    r = cli("run")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert r.stderr.startswith("usage: giblet-preprocess run") and "CONFIG is required (or use --demo)" in r.stderr
+
+
+def test_override_paths_are_relative_to_the_working_directory_in_both_commands(fmri_study, tmp_path):
+    shell = tmp_path / "shell"
+    shell.mkdir()
+    st = subprocess.run(CLI + ["status", str(fmri_study), "output=here.zarr"], capture_output=True, text=True,
+                        cwd=shell, timeout=300)
+    assert st.returncode == 0, st.stderr
+    assert st.stdout.splitlines()[0] == f"store {shell / 'here.zarr'}"  # not next to the YAML
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "train" / "tiny.yaml"
+    tr = subprocess.run([sys.executable, "-m", "pipelines.train", str(tiny), "store=missing.zarr", "out=run"],
+                        capture_output=True, text=True, cwd=shell, timeout=300)
+    assert tr.returncode == 1 and tr.stderr.startswith(f"giblet-train: error: {shell / 'missing.zarr'}: "), tr.stderr

@@ -269,7 +269,8 @@ def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path):
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 7, "rng": [D.rng_state()],
-             "loader": {"epoch": 1, "position": 32, "seed": 0, "order": {"chunks": [16, 16]}}}
+             "loader": {"epoch": 1, "position": 32, "seed": 0, "order": {"chunks": [16, 16]}}, "total_steps": 9,
+             "scheduler": {}, "run": {"data": {"batch_size": 16}}, "shape": {"n_voxels": 10}}
     ckpt.save_checkpoint(tmp_path, state)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary left behind
     back = ckpt.load_checkpoint(tmp_path)
@@ -282,7 +283,54 @@ def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path):
     with pytest.raises(ConfigError, match="cannot be loaded"):
         ckpt.load_checkpoint(tmp_path)
     with pytest.raises(ConfigError, match="n_voxels: checkpoint 10, now 12"):
-        ckpt.check_compatible({"fingerprint": {"n_voxels": 10}}, {"n_voxels": 12})
+        ckpt.check_shape(back, {"n_voxels": 12})
+    with pytest.raises(ConfigError, match="data.batch_size: checkpoint 16, now 8.*resume=weights_only"):
+        ckpt.check_run(back, {"data": {"batch_size": 8}})
+
+
+class _Payload:
+    """Pickles as a call that creates a file: loading it must never run that call."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("case", ["tensor", "no_keys", "wrong_type", "pickle", "malicious"])
+def test_a_bad_checkpoint_file_is_refused_in_one_line_naming_it(tmp_path, case):
+    import pickle
+
+    path, marker = tmp_path / "checkpoint.pt", tmp_path / "pwned"
+    full = {"format": ckpt.FORMAT, "model": {}, "step": 1, "total_steps": 2, "optimizer": {}, "scheduler": {},
+            "loader": {}, "rng": [], "run": {}, "shape": {}}
+    if case == "tensor":
+        torch.save(torch.zeros(3), path)
+        needle = "not a giblet checkpoint: it holds a Tensor, not a dict of run state"
+    elif case == "no_keys":
+        torch.save({"weights": torch.zeros(2)}, path)
+        needle = "not a giblet checkpoint: it lacks format, model, step, total_steps"
+    elif case == "wrong_type":
+        torch.save({**full, "step": "7", "rng": {}}, path)
+        needle = "step is a str, not a int; rng is a dict, not a list"
+    elif case == "pickle":  # a plain pickle, not a torch file
+        path.write_bytes(pickle.dumps({"model": {}}))
+        needle = "cannot be loaded as a giblet checkpoint"
+    else:
+        torch.save({**full, "model": _Payload(marker)}, path)
+        needle = "refused: it holds Python objects other than tensors"
+    with pytest.raises(ConfigError) as info:
+        ckpt.load_checkpoint(tmp_path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: ") and needle in msg and "\n" not in msg, msg
+    assert "out=" in msg
+    if case == "malicious":
+        assert "posix.system" in msg or "os.system" in msg, msg  # what was refused, torch's one line of it
+        assert "weights_only=False" not in msg  # never advise loading an untrusted file unsafely
+    assert not marker.exists()  # nothing in the file ran
 
 
 def test_rng_state_round_trip():

@@ -246,3 +246,116 @@ def test_compile_under_two_ranks_trains_the_same_function(study, tmp_path):
     for step, rec in runs["eager"].items():
         assert runs["compiled"][step]["loss"] == pytest.approx(rec["loss"], rel=1e-4), step
     assert runs["eager"][9]["loss"] != runs["eager"][1]["loss"]  # it trained
+
+
+# -- what defines a run: refused changes, finished reruns, weights_only --------------------------------
+FINISHED = ("schedule.max_steps=2", "log.val_every=2", "log.ckpt_every=2")
+
+
+@pytest.fixture(scope="module")
+def finished_run(study, tmp_path_factory) -> Path:
+    """A tiny run trained to its end: 2 optimizer steps of batch 16, one checkpoint."""
+    from pipelines.train import load_train_config, train
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(load_train_config(TINY, [f"store={study[0]}", f"out={out}", *FINISHED]))
+    return out
+
+
+@pytest.fixture
+def no_dataset(monkeypatch):
+    """Any dataset built from here on fails the test: the answer must come before that work."""
+    import pipelines.train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dataset was built")
+
+    monkeypatch.setattr(pipelines.train, "GibletDataset", refuse)
+
+
+def test_rerun_of_a_finished_run_says_so_and_trains_nothing(study, finished_run, no_dataset, capsys):
+    from pipelines.train import main
+
+    log = (finished_run / "log.jsonl").read_bytes()
+    assert main([str(TINY), f"store={study[0]}", f"out={finished_run}", *FINISHED]) == 0
+    out = capsys.readouterr().out
+    assert f"giblet-train: the run in {finished_run} is finished (step 2 of 2); nothing to do" in out
+    assert f"checkpoint {finished_run / 'checkpoint.pt'}, log {finished_run / 'log.jsonl'}" in out
+    assert (finished_run / "log.jsonl").read_bytes() == log  # no step ran, nothing was logged
+
+
+def test_resume_with_changed_order_or_schedule_is_refused_with_the_fix(study, finished_run, no_dataset, capsys):
+    from pipelines.train import main
+
+    common = [str(TINY), f"store={study[0]}", f"out={finished_run}", *FINISHED]
+    for change, diff in (("data.batch_size=8", "data.batch_size: checkpoint 16, now 8"),
+                         ("schedule.max_steps=4", "schedule.max_steps: checkpoint 2, now 4"),
+                         ("optim.lr=1.0e-2", "optim.lr: checkpoint 0.003, now 0.01")):
+        assert main(common + [change]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith(f"giblet-train: error: {finished_run / 'checkpoint.pt'}: "), err
+        assert diff in err and "choose another out= for a new run" in err and "resume=weights_only" in err, err
+
+
+def test_weights_only_starts_a_new_schedule_from_the_old_weights(study, finished_run, tmp_path, capsys):
+    import shutil
+
+    from pipelines.train import main
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    old = torch.load(run / "checkpoint.pt", weights_only=True)
+    common = [str(TINY), f"store={study[0]}", f"out={run}", "resume=weights_only", "data.batch_size=8",
+              "schedule.max_steps=1", "log.val_every=1", "log.ckpt_every=1"]
+    assert main(common + ["model.d_model=16"]) == 1  # weights fit only a model of their shape
+    assert "its weights fit another model (model.d_model: checkpoint 32, now 16)" in capsys.readouterr().err
+    assert main(common + ["optim.lr=1.0e-12"]) == 0  # one step that cannot move the weights
+    out = capsys.readouterr().out
+    assert f"giblet-train: run folder {run}: checkpoint {run / 'checkpoint.pt'}, log {run / 'log.jsonl'}" in out
+    assert f"resume=weights_only: model weights from step 2 of {run / 'checkpoint.pt'}" in out
+    new = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert new["step"] == new["total_steps"] == 1 and new["run"]["data"]["batch_size"] == 8
+    for name, value in old["model"].items():  # the old weights ...
+        torch.testing.assert_close(new["model"][name], value, rtol=0, atol=1e-9)
+    assert [float(s["step"]) for s in old["optimizer"]["state"].values()][0] == 2
+    assert {float(s["step"]) for s in new["optimizer"]["state"].values()} == {1.0}  # ... a fresh optimizer
+    assert sorted(records(run / "log.jsonl", "train")) == [1]
+    config = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()][0]
+    assert config["kind"] == "config" and config["weights_from"]["step"] == 2
+    assert sorted(records(run / "log.1.jsonl", "train")) == [1, 2]  # the previous run's log, set aside
+
+
+@pytest.fixture(scope="module")
+def stimulus_store(study, tmp_path_factory) -> Path:
+    """The study's store with its fMRI units removed, as a config without ``inputs.fmri`` leaves it."""
+    import shutil
+
+    import zarr
+
+    from giblet import store as gstore
+
+    path = tmp_path_factory.mktemp("no_fmri") / "stimulus.zarr"
+    shutil.copytree(study[0], path)
+    writer = gstore.StoreWriter(path)
+    record = dict(writer.manifest["align"])
+    for key in [k for k in writer.manifest["units"] if k.startswith("fmri/")]:
+        writer.remove_unit(key)
+    record["units"] = {k: e["fingerprint"] for k, e in writer.manifest["units"].items()}
+    writer.write_align(record, dict(zarr.open_group(str(path), mode="r").attrs["giblet"]))
+    return path
+
+
+def test_a_store_without_fmri_fails_in_one_line_naming_it(stimulus_store, tmp_path, capsys):
+    from giblet.data import GibletDataset
+    from giblet.errors import ModalityMissingError
+    from pipelines.train import main
+
+    for modalities in (None, ["video"]):  # stimulus only: (subject, TR) samples still need subjects
+        with pytest.raises(ModalityMissingError, match="the store has no fMRI subjects") as info:
+            GibletDataset(stimulus_store, modalities=modalities)
+        assert str(info.value).startswith(f"{stimulus_store}: ")
+    assert main([str(TINY), f"store={stimulus_store}", f"out={tmp_path / 'run'}"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"giblet-train: error: {stimulus_store}: the store has no fMRI "
+                                              f"subjects"), err
+    assert "add inputs.fmri to the preprocessing config" in err
