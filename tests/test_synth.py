@@ -166,10 +166,11 @@ def test_one_sheet_restarts_its_seconds_and_continues_its_tr_numbers(runs_study)
     assert np.nanmax(end_tr[:k]) <= 40 and np.nanmin(first_tr[k:]) == 41 and np.nanmax(end_tr[k:]) <= 70
     text = sheet["Scene Details - A Level "]
     assert (start[0], text[0]) == (start[k], text[k])  # the shared opening, repeated as in the real file
-    for rows in (slice(0, k), slice(k, None)):
+    for rows, seconds in ((slice(0, k), 40 * 1.5 + 3), (slice(k, None), 30 * 1.5 + 3)):
         part = sheet.iloc[rows]
-        assert part.duplicated().sum() >= 1 or part.drop(columns="Segment Number").duplicated().sum() >= 1
-        assert part["Start Time (TRs, 1.5s)"].isna().any()  # the row past the movie end: no TR numbers
+        assert part.drop(columns="Segment Number").duplicated().sum() >= 1  # a repeated row
+        past = part[part["Start Time (s) "] >= seconds]  # a row past the movie's end, without TR numbers
+        assert len(past) == 1 and past["Start Time (TRs, 1.5s)"].isna().all()
     assert sheet["Segment Number"].tolist() == list(range(1, len(sheet) + 1))
 
 
