@@ -5,7 +5,7 @@ from ``--report``), the peak RSS of the whole process tree (the command, its Das
 and with ``--external`` the scheduler and workers this script starts: sampled every 50 ms),
 the store's size on disk per array, and the median time of ``--noop`` reruns (nothing to do).
 
-Usage (the Sherlock-shaped study of ``python -m giblet.synth ROOT --preset sherlock``)::
+Usage (the one-run Sherlock-shaped study of ``python -m giblet.synth ROOT --preset sherlock --runs 1``)::
 
     python benchmarks/bench_e2e.py ROOT/study.yaml --json e2e_local.json
     python benchmarks/bench_e2e.py ROOT/study.yaml --external --output ext.zarr --json e2e_ext.json \\

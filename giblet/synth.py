@@ -1,80 +1,79 @@
 """Generated studies with a planted, known stimulus -> fMRI dependence.
 
-``make_study(root, ...)`` writes, under ``root``: ``bold/sub-XX.nii.gz`` (int16 with
-scanner-like scaling, raw units: a brain-shaped baseline of ~600-1400 plus drift, noise
-and the planted response), ``movie.mp4`` (H.264 video + stereo AAC 44.1 kHz, written with
-PyAV), ``annotations.xlsx`` (the real Sherlock column layout, trailing spaces included),
-``truth.npz`` (the planted latents and weights; numpy only, no pickle) and a YAML config.
+``make_study(root, ...)`` writes a study under ``root`` and its YAML config. One run
+(``n_trs`` an int) keeps the one-run shorthand config (``onset_s`` + ``inputs:``) and
+layout: ``bold/sub-XX.nii.gz``, ``movie.mp4``, ``annotations.xlsx``. Several runs
+(``n_trs`` a sequence of per-run TR counts) write the ``runs:`` config, runs named
+``run-1``, ``run-2``, ...: ``bold/sub-XX_run-Y.nii.gz``, ``stimuli/run-Y.mp4`` and one
+``annotations.xlsx`` for all runs (Sherlock's layout) or ``annotations/run-Y.xlsx``.
+Both write ``truth.npz`` (numpy only, no pickle). BOLD is int16 with scanner-like
+scaling, in raw units: a brain-shaped baseline of ~600-1400 plus drift, noise and the
+planted response; movies are H.264 + stereo AAC 44.1 kHz (PyAV).
 
-The stimulus is a sequence of *scenes* (whole seconds long). Each scene has a colour, a
-tone and a text label; the latent features ``z(t)`` (per TR) are the scene's colour
-(3), tone loudness (1) and a label score (1). Each voxel's response is
-``weights[v] . (glover_hrf * z)(t)`` -- causal, peaking ~5 s after the stimulus -- so the
-best achievable prediction of each voxel is known (``truth.npz: expected_r``).
+The planted response (stimulus in :mod:`giblet.synth_stimulus`): each run's scene latents
+``z(t)`` are convolved with the Glover HRF of :mod:`giblet.hrf` (causal, peak ~5 s after
+the stimulus) and standardized over the run's nominal TRs, giving the regressors
+``x(t)``; voxel ``v`` of subject ``s`` reads ``amplitude * weights[s, v] . x(t)``, with
+``weights[s] = sqrt(shared) * W_shared + sqrt(1 - shared) * W_s`` (each ``N(0, 1/N_LATENT)``):
+subjects share a component, and ``shared`` sets how much (issue #19).
 
-Every frame also carries its own index as a 12-bit code of large black/white blocks in a
-top strip (:func:`decode_frame_index`), readable after resizing and lossy coding.
+As unkind as reality, by default when there are several runs (one run keeps the kind
+shape: every subject complete, the same weights, noise and intensity): subjects differ in
+weights, baseline intensity and noise level; some (subject, run) pairs have no scan; scans
+run a few TRs past their movie's end (to be trimmed) or stop a few TRs early; runs differ
+in length and scenes but open with the same ~12 s (Sherlock's cartoon); the one annotation
+sheet restarts its seconds at each run and continues its TR numbers. See :func:`make_study`.
+
+``truth.npz`` keys (``S`` subjects, ``R`` runs, ``K = N_LATENT``):
+
+- ``subjects (S,)``, ``runs (R,)`` names; ``tr_s``; ``n_trs (R,)``: the runs' nominal
+  TR counts (the sheet's TR numbering); ``stimulus_trs (R,)``: whole TRs each movie covers;
+  ``scan_trs (S, R)``: each scan's TR count (0: missing); ``missing (S, R)`` bool.
+- ``latents_<run> (T, K)``: scene features per TR (0 after the movie's end; ``T`` covers
+  the movie and the run's longest scan); ``latents_hrf_<run> (T, K)``: their HRF
+  convolution; ``regressors_<run> (T, K)``: the planted ``x(t)``;
+  ``scene_start_<run>``, ``scene_end_<run>``, ``scene_label_<run>``. One-run studies also
+  keep the unsuffixed ``latents``, ``latents_hrf``, ``scene_*`` keys.
+- ``weights (S, x, y, z, K)``, ``weights_shared (x, y, z, K)`` float32; ``shared``;
+  ``amplitude``; ``noise (S,)`` (noise std, fraction of baseline); ``intensity (S,)``.
+- ``inside (x, y, z)`` bool; ``expected_r (S, x, y, z)``: per subject and voxel, the
+  correlation between the planted response and the drift-free BOLD over the subject's TRs
+  within its movies (scans trimmed at the movie's end), in expectation over the noise:
+  ``sd / sqrt(sd**2 + noise[s]**2)``, ``sd**2 = amplitude**2 * w' C w`` with ``C`` the
+  covariance of ``x`` over those TRs; 0 outside the brain.
 """
 from __future__ import annotations
 
-from fractions import Fraction
+import shutil
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import yaml
 
-LABELS = [
-    "Sherlock examines a body on the floor of a dark flat.",
-    "John walks through the park with a cane, looking tired.",
-    "Mrs. Hudson brings tea into the cluttered sitting room.",
-    "A black car waits outside as rain falls on the street.",
-    "Lestrade briefs reporters at a crowded press conference.",
-    "A cab drives through London at night with its lights on.",
-]
-N_LATENT = 5  # r, g, b, loudness, label score
-INDEX_BITS = 12
-SHERLOCK_COLUMNS = [
-    "Segment Number", "Start Time (s) ", "End Time (s) ", "Start Time (TRs, 1.5s)", "End Time (TRs, 1.5s)",
-    "Scene Segments", "Scene Details - A Level ", "Space-In/Outdoor", "Name - All", "Name - Focus",
-    "Name - Speaking", "Location", "Camera Angle", "Music Presence ", "Words on Screen ",
-    "Arousal - Rater 1", "Valence - Rater 1", "Arousal - Rater 2", "Valence - Rater 2",
-    "Arousal - Rater 3", "Valence - Rater 3", "Arousal - Rater 4", "Valence - Rater 4",
-]
+from giblet.errors import ConfigError
+from giblet.hrf import hrf_convolve
+from giblet.synth_stimulus import (INDEX_BITS, LABELS, N_LATENT, SHERLOCK_COLUMNS,  # noqa: F401  (public names)
+                                   decode_frame_index, frame_code_blocks, latents, scenes, write_annotations,
+                                   write_movie, write_run_annotations)
+
+# make_study's realism options left at None: the kind one-run shape, or reality's untidiness.
+ONE_RUN_DEFAULTS = {"shared": 1.0, "subject_spread": 0.0, "scan_jitter": 0, "opening_s": 0.0, "missing_fraction": 0.0}
+MULTI_RUN_DEFAULTS = {"shared": 0.5, "subject_spread": 0.15, "scan_jitter": 3, "opening_s": 12.0,
+                      "missing_fraction": 0.1}
 
 
-def scenes(duration_s: float, rng: np.random.Generator) -> list[dict]:
-    """Scenes of 3-8 whole seconds covering ``[0, duration_s)``."""
-    out, t = [], 0
-    while t < duration_s:
-        length = int(rng.integers(3, 9))
-        label = int(rng.integers(len(LABELS)))
-        out.append({"start": t, "end": t + length, "label": label,
-                    "color": rng.uniform(0.15, 0.85, size=3), "tone_hz": float(rng.choice([220, 330, 440, 550])),
-                    "loudness": float(rng.uniform(0.1, 0.9))})
-        t += length
-    return out
+def _rng(seed: int, *key: int) -> np.random.Generator:
+    """One generator per purpose (a run's scenes, a subject, a scan, ...), so no file depends
+    on the worker count or the number of subjects. The first run draws as one-run studies
+    always have (``seed``: scenes, brain, weights, sheet; ``[seed, s + 1]``: subject s's
+    scan; ``[seed, 0]``: the movie), so their files only change where the model did."""
+    return np.random.default_rng([seed, *key] if key else seed)
 
 
-def latents(scene_list: list[dict], n: int, tr_s: float, onset_s: float = 0.0) -> np.ndarray:
-    """``(tr, N_LATENT)`` scene features averaged over each TR window."""
-    label_score = np.linspace(-1, 1, len(LABELS))
-    step = tr_s / 10.0
-    z = np.zeros((n, N_LATENT))
-    for t in range(n):
-        times = onset_s + t * tr_s + step * (np.arange(10) + 0.5)
-        for s in times:
-            sc = next((c for c in scene_list if c["start"] <= s < c["end"]), scene_list[-1])
-            z[t] += np.r_[sc["color"], sc["loudness"], label_score[sc["label"]]] / 10.0
-    return z
-
-
-def hrf_convolve(z: np.ndarray, tr_s: float) -> np.ndarray:
-    """Causal convolution of ``(tr, k)`` features with nilearn's Glover HRF."""
-    from nilearn.glm.first_level import glover_hrf
-
-    kernel = glover_hrf(t_r=tr_s, oversampling=1, time_length=32.0)
-    kernel = kernel / kernel.sum()
-    return np.stack([np.convolve(z[:, k], kernel)[: len(z)] for k in range(z.shape[1])], axis=1)
+# _rng keys of the newer draws: tags no subject number reaches (numpy's SeedSequence reads
+# [a, b] and [a, b, 0] alike, so every tag keeps one key length and avoids trailing zeros).
+_SCENES, _OPENING, _LAYOUT, _SUBJECT = 1_000_001, 1_000_002, 1_000_003, 1_000_004
 
 
 def brain(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -100,144 +99,42 @@ def write_bold(path: Path, data: np.ndarray, affine: np.ndarray, tr_s: float) ->
     nib.save(img, str(path))
 
 
-def make_bold(shape, n_trs, tr_s, z_hrf, weights, inside, base, rng, amplitude=0.03, noise=0.01,
-              block: int = 64) -> np.ndarray:
-    """``(x, y, z, tr)`` float32 raw BOLD: baseline * (1 + drift + amplitude * response) + noise.
+def make_bold(shape, n_trs, tr_s, regressors, weights, inside, base, rng, amplitude=0.03, noise=0.01,
+              drift: float = 0.02, block: int = 64) -> np.ndarray:
+    """``(x, y, z, tr)`` float32 raw BOLD: ``base * (1 + drift + amplitude * weights . x + noise * e)``.
 
-    Built in blocks of TRs so a Sherlock-sized subject (61x73x61x946) needs one float32
-    copy of the run, not several float64 ones.
+    Args:
+        regressors: ``(>= n_trs, N_LATENT)`` the planted regressors ``x`` (standardized).
+        weights: ``(x, y, z, N_LATENT)``; zero outside ``inside``.
+        noise: std of the white noise ``e`` as a fraction of ``base``.
+        drift: largest linear drift over the scan (fraction of ``base``), plus a slow cosine
+            of up to half of it; drawn per voxel.
+
+    Built in blocks of TRs so a Sherlock-sized scan (61x73x61x1030) needs one float32 copy,
+    not several float64 ones.
     """
     t = np.arange(n_trs) / max(n_trs - 1, 1)
-    lin = rng.uniform(-0.02, 0.02, size=shape).astype(np.float32)
-    cos = rng.uniform(0, 0.01, size=shape).astype(np.float32)
-    zc = (z_hrf[:n_trs] - z_hrf[:n_trs].mean(0)) / (z_hrf[:n_trs].std(0) + 1e-9)
+    lin = rng.uniform(-drift, drift, size=shape).astype(np.float32)
+    cos = rng.uniform(0, drift / 2, size=shape).astype(np.float32)
+    x = np.asarray(regressors[:n_trs], dtype=np.float32)
     w = (weights * inside[..., None]).astype(np.float32)
     base32 = base.astype(np.float32)
-    out = np.empty(shape + (n_trs,), dtype=np.float32)
+    out = np.empty(tuple(shape) + (n_trs,), dtype=np.float32)
     for t0 in range(0, n_trs, block):
         tb = slice(t0, min(n_trs, t0 + block))
-        response = np.tensordot(w, zc[tb].T.astype(np.float32), axes=([3], [0]))  # (x, y, z, b)
-        drift = lin[..., None] * t[tb].astype(np.float32) + cos[..., None] * np.cos(2 * np.pi * t[tb]).astype(np.float32)
-        sig = base32[..., None] * (1.0 + drift + amplitude * response)
+        response = np.tensordot(w, x[tb].T, axes=([3], [0]))  # (x, y, z, b)
+        slow = lin[..., None] * t[tb].astype(np.float32) + cos[..., None] * np.cos(2 * np.pi * t[tb]).astype(np.float32)
+        sig = base32[..., None] * (1.0 + slow + amplitude * response)
         sig += rng.standard_normal(size=sig.shape, dtype=np.float32) * (noise * base32[..., None])
         out[..., tb] = sig
     return out
 
 
-def frame_code_blocks(index: int, width: int, strip: int) -> list[tuple[int, int, int]]:
-    """(x0, x1, value) blocks of the frame-index code along the top strip."""
-    block = width // INDEX_BITS
-    return [(b * block, (b + 1) * block, 255 * ((index >> b) & 1)) for b in range(INDEX_BITS)]
-
-
-def decode_frame_index(frame: np.ndarray) -> int:
-    """Read the frame index back from an (h, w, 3) uint8 frame of any size."""
-    h, w = frame.shape[:2]
-    strip = max(1, h // 6)
-    block = w / INDEX_BITS
-    value = 0
-    for b in range(INDEX_BITS):
-        x0, x1 = int(b * block + block * 0.3), int((b + 1) * block - block * 0.3)
-        patch = frame[1: strip - 1 if strip > 2 else strip, max(x0, 0): max(x1, x0 + 1)]
-        if patch.mean() > 127:
-            value |= 1 << b
-    return value
-
-
-def write_movie(path: Path, scene_list: list[dict], duration_s: float, size=(192, 108), fps: int = 25,
-                audio_rate: int = 44100, rng: np.random.Generator | None = None, audio: bool = True) -> None:
-    """H.264 video (+ stereo AAC track) of the scenes; each frame carries its index."""
-    import av
-
-    rng = rng or np.random.default_rng(0)
-    w, h = size
-    strip = h // 6
-    n_frames = int(round(duration_s * fps))
-    with av.open(str(path), "w") as out:
-        vs = out.add_stream("libx264", rate=fps)
-        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
-        vs.options = {"preset": "veryfast", "crf": "18", "g": str(2 * fps)}
-        astream = None
-        if audio:
-            astream = out.add_stream("aac", rate=audio_rate)
-            astream.layout = "stereo"
-        n_audio = int(round(duration_s * audio_rate))
-        a_pos, a_chunk = 0, 1024
-        yy = np.linspace(0, 1, h)[:, None, None]
-        scene, background = None, None  # one image per scene, then the frame code on a copy
-        for i in range(n_frames):
-            t = i / fps
-            sc = next((c for c in scene_list if c["start"] <= t < c["end"]), scene_list[-1])
-            if sc is not scene:
-                shade = np.clip(sc["color"] * 255 * (0.8 + 0.4 * yy), 0, 255)  # (h, 1, 3)
-                scene, background = sc, np.broadcast_to(shade, (h, w, 3)).astype(np.uint8)
-            frame = background.copy()
-            frame[:strip] = 0
-            for x0, x1, v in frame_code_blocks(i, w, strip):
-                frame[:strip, x0:x1] = v
-            vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            vf.pts = i
-            for pkt in vs.encode(vf):
-                out.mux(pkt)
-            while astream is not None and a_pos < min(n_audio, int((i + 1) / fps * audio_rate)):
-                n = min(a_chunk, n_audio - a_pos)
-                tt = (a_pos + np.arange(n)) / audio_rate
-                samples = np.empty((2, n), dtype=np.float32)
-                sc_a = next((c for c in scene_list if c["start"] <= tt[0] < c["end"]), scene_list[-1])
-                tone = sc_a["loudness"] * 0.5 * np.sin(2 * np.pi * sc_a["tone_hz"] * tt)
-                samples[0] = tone + rng.normal(0, 0.01, n)
-                samples[1] = 0.8 * tone + rng.normal(0, 0.01, n)
-                af = av.AudioFrame.from_ndarray(samples, format="fltp", layout="stereo")
-                af.sample_rate = audio_rate
-                af.pts = a_pos
-                af.time_base = Fraction(1, audio_rate)
-                for pkt in astream.encode(af):
-                    out.mux(pkt)
-                a_pos += n
-        for stream in [vs] + ([astream] if astream is not None else []):
-            for pkt in stream.encode(None):
-                out.mux(pkt)
-
-
-def write_annotations(path: Path, scene_list: list[dict], duration_s: float, tr_s: float,
-                      rng: np.random.Generator, gap: tuple[int, int] | None = None) -> None:
-    """Scene rows in the real Sherlock layout: header spaces, empty cells, a duplicated
-    block of rows (as in the real file), a row past the movie end and an optional gap."""
-    import pandas as pd
-
-    rows = []
-    for i, sc in enumerate(scene_list):
-        if gap and gap[0] <= sc["start"] < gap[1]:
-            continue  # an unannotated stretch -> has_text False there
-        end = min(sc["end"], int(np.floor(duration_s)))
-        if end <= sc["start"]:
-            continue
-        rows.append({
-            "Segment Number": len(rows) + 1, "Start Time (s) ": sc["start"], "End Time (s) ": end,
-            "Start Time (TRs, 1.5s)": float(np.floor(sc["start"] / tr_s) + 1),
-            "End Time (TRs, 1.5s)": float(np.ceil(end / tr_s)),
-            "Scene Segments": f"{i + 1}. Scene" if i % 4 == 0 else None,
-            "Scene Details - A Level ": LABELS[sc["label"]],
-            "Space-In/Outdoor": "Indoor" if sc["label"] % 2 == 0 else "Outdoor",
-            "Name - All": ["Sherlock", "John", "Mrs. Hudson", None, "Lestrade", None][sc["label"]],
-            "Name - Focus": None, "Name - Speaking": None,
-            "Location": ["Flat", "Park", "Baker Street", "Street", "Scotland Yard", "London"][sc["label"]],
-            "Camera Angle": "Medium", "Music Presence ": "Yes" if sc["loudness"] > 0.5 else "No",
-            "Words on Screen ": None,
-            **{f"Arousal - Rater {r}": int(rng.integers(1, 6)) for r in range(1, 5)},
-            **{f"Valence - Rater {r}": "+" for r in range(1, 5)},
-        })
-    n_dup = max(1, len(rows) // 4)
-    rows += [dict(r) for r in rows[:n_dup]]  # the real file repeats a block of rows
-    past = int(np.ceil(duration_s)) + 5
-    rows.append({**rows[0], "Segment Number": len(rows) + 1, "Start Time (s) ": past, "End Time (s) ": past + 4,
-                 "Scene Details - A Level ": "Credits roll after the episode ends."})
-    pd.DataFrame(rows, columns=SHERLOCK_COLUMNS).to_excel(path, index=False)
-
-
-def _write_subject(path, shape, n_trs, tr_s, z_hrf, weights, inside, base, seed, amplitude, noise, affine) -> None:
-    rng = np.random.default_rng(seed)
-    write_bold(path, make_bold(shape, n_trs, tr_s, z_hrf, weights, inside, base, rng, amplitude, noise), affine, tr_s)
+def _write_scan(path, shape, n_trs, tr_s, regressors, weights, inside, base, key, amplitude, noise, drift,
+                affine) -> None:
+    data = make_bold(shape, n_trs, tr_s, regressors, weights, inside, base, np.random.default_rng(key), amplitude,
+                     noise, drift)
+    write_bold(path, data, affine, tr_s)
 
 
 def _run_jobs(jobs: list, workers: int, progress: bool) -> None:
@@ -260,123 +157,382 @@ def _run_jobs(jobs: list, workers: int, progress: bool) -> None:
     bar.close()
 
 
-def make_study(root: str | Path, *, n_subjects: int = 3, n_trs: int = 60, shape: tuple = (20, 24, 16),
+def _key(seed: int, first: int, run: int) -> list[int]:
+    """A movie's (``first`` 0) or subject's scan seed: run 1 keeps the one-run key."""
+    return [seed, first] if run == 0 else [seed, first, run]
+
+
+# -- the study's plan: runs, subjects, scans ----------------------------------------------------------
+def _options(counts: list[int], several: bool, **given) -> dict:
+    """The realism options, None ones from the one-run or the multi-run defaults."""
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"make_study: n_trs={counts}: give a TR count >= 1, or one per run")
+    defaults = MULTI_RUN_DEFAULTS if several else ONE_RUN_DEFAULTS
+    opt = {key: defaults[key] if value is None else value for key, value in given.items()}
+    if not 0.0 <= opt["shared"] <= 1.0:
+        raise ConfigError(f"make_study: shared={opt['shared']!r} is outside [0, 1]; 1 gives every subject the "
+                          f"same weights, 0 independent ones")
+    return opt
+
+
+def _plan_runs(n_trs: Sequence[int], tr_s: float, extra_s: float, opening_s: float, seed: int,
+               rng: np.random.Generator) -> list[dict]:
+    """Per run: its name, scenes (the shared opening first; run 1's from ``rng``), duration
+    and TR counts."""
+    opening = scenes(opening_s, _rng(seed, _OPENING)) if opening_s > 0 else []
+    runs = []
+    for r, n in enumerate(n_trs):
+        duration = n * tr_s + extra_s
+        scene_list = scenes(duration, rng if r == 0 else _rng(seed, _SCENES, r), opening=opening)
+        gap_start = scene_list[len(scene_list) // 2]["start"]
+        runs.append({"name": f"run-{r + 1}", "n_trs": int(n), "duration_s": duration, "scenes": scene_list,
+                     "n_cover": int(duration // tr_s), "gap": (gap_start, gap_start + 1)})
+    return runs
+
+
+def _pick_missing(subjects: list[str], runs: list[str], fraction: float, rng: np.random.Generator) -> set:
+    """About ``fraction`` of the (subject, run) pairs, never a first run nor sub-01's: every
+    subject keeps a run and every run keeps a subject."""
+    pairs = [(s, r) for s in subjects[1:] for r in runs[1:]]
+    n = min(len(pairs), max(1, round(fraction * len(subjects) * len(runs)))) if pairs and fraction > 0 else 0
+    return {pairs[i] for i in rng.permutation(len(pairs))[:n]}
+
+
+def _check_missing(missing: set, subjects: list[str], runs: list[str]) -> None:
+    for s, r in sorted(missing):
+        if s not in subjects or r not in runs:
+            raise ConfigError(f"make_study: missing pair ({s!r}, {r!r}) names no subject of {subjects[0]}.."
+                              f"{subjects[-1]} or no run of {runs}; use names like ('sub-02', 'run-2')")
+    for r in runs:
+        if all((s, r) in missing for s in subjects):
+            raise ConfigError(f"make_study: every subject is missing {r}; a run needs at least one scan, "
+                              f"so leave one of its pairs out of `missing`")
+
+
+def _scan_lengths(runs: list[dict], subjects: list[str], missing: set, jitter: int, overrides: Mapping,
+                  rng: np.random.Generator) -> np.ndarray:
+    """``(S, R) int`` scan TR counts (0: missing). With ``jitter``, the present pairs take
+    turns (in a seeded order) to run 1..jitter TRs past their movie's last whole TR, to stop
+    1..jitter TRs short of the run's nominal count, or to match it (twice as often)."""
+    out = np.zeros((len(subjects), len(runs)), dtype=np.int64)
+    present = [(i, j) for j, run in enumerate(runs) for i, s in enumerate(subjects) if (s, run["name"]) not in missing]
+    kinds = ("long", "short", "exact", "exact") if jitter > 0 else ("exact",)
+    for turn, p in enumerate(rng.permutation(len(present))):
+        i, j = present[p]
+        k = int(rng.integers(1, jitter + 1)) if jitter > 0 else 0
+        lengths = {"long": runs[j]["n_cover"] + k, "short": max(1, runs[j]["n_trs"] - k), "exact": runs[j]["n_trs"]}
+        out[i, j] = lengths[kinds[turn % len(kinds)]]
+    for (s, r), n in overrides.items():
+        names = [run["name"] for run in runs]
+        if s not in subjects or r not in names or (s, r) in missing or int(n) < 1:
+            raise ConfigError(f"make_study: scan_trs[({s!r}, {r!r})] = {n!r}: name a present (subject, run) pair "
+                              f"and a TR count >= 1")
+        out[subjects.index(s), names.index(r)] = int(n)
+    return out
+
+
+def _regressors(run: dict, n: int, tr_s: float) -> None:
+    """Add the run's latents, their HRF convolution and the planted regressors (``n`` TRs)."""
+    z = latents(run["scenes"], n, tr_s, end_s=run["duration_s"])
+    z_hrf = hrf_convolve(z, tr_s).astype(np.float64)
+    seen = z_hrf[: run["n_trs"]]  # standardized over the nominal TRs, the same for every subject
+    run.update(latents=z, latents_hrf=z_hrf, regressors=(z_hrf - seen.mean(0)) / (seen.std(0) + 1e-9))
+
+
+def expected_r(weights: np.ndarray, inside: np.ndarray, regressors: np.ndarray, amplitude: float,
+               noise: float) -> np.ndarray:
+    """``(x, y, z) float32`` expected correlation of each voxel's planted response with its
+    drift-free BOLD, over the TRs of ``regressors`` (``(tr, K)``, the subject's TRs)."""
+    cov = np.cov(regressors, rowvar=False, bias=True)
+    sd = amplitude * np.sqrt(np.maximum(np.einsum("...k,kl,...l->...", weights, cov, weights), 0.0))
+    return np.where(inside, sd / np.sqrt(sd**2 + noise**2), 0.0).astype(np.float32)
+
+
+def make_study(root: str | Path, *, n_subjects: int = 3, n_trs: int | Sequence[int] = 60, shape: tuple = (20, 24, 16),
                tr_s: float = 1.5, seed: int = 0, movie: bool = True, audio_track: bool = True,
                annotations: bool = True, movie_size: tuple = (192, 108), fps: int = 25, extra_s: float = 3.0,
                amplitude: float = 0.03, noise: float = 0.01, config_path: str | Path | None = None,
                output: str = "study.zarr", stages: dict | None = None, annotations_file: str | Path | None = None,
-               workers: int = 1, progress: bool = False) -> Path:
+               workers: int = 1, progress: bool = False, shared: float | None = None,
+               subject_spread: float | None = None, missing: Sequence[tuple[str, str]] | None = None,
+               scan_jitter: int | None = None, scan_trs: Mapping[tuple[str, str], int] | None = None,
+               opening_s: float | None = None, per_run_annotations: bool = False, drift: float = 0.02,
+               split: dict | None = None) -> Path:
     """Write a synthetic study under ``root`` and return the path of its YAML config.
 
+    The realism options default to None: the kind one-run shape when ``n_trs`` is an int,
+    ``MULTI_RUN_DEFAULTS`` when it is a sequence. Everything is drawn from ``seed``.
+
     Args:
-        n_trs: TRs per subject; the stimulus lasts ``n_trs * tr_s + extra_s`` seconds, so
-            alignment must trim it (never warp it).
+        n_trs: an int: one run of that many TRs, today's shorthand config and layout; a
+            sequence: several runs (``run-1``, ...) of those nominal TR counts, the ``runs:``
+            config. Each movie lasts ``n_trs * tr_s + extra_s`` seconds, so alignment must
+            trim it (never warp it).
         shape: ``(x, y, z)`` voxel grid of the BOLD images.
         amplitude, noise: planted response and noise as fractions of the baseline.
         config_path: where to write the YAML (default ``root/study.yaml``).
         stages: extra stage blocks for the config, e.g. ``{"audio": {"model": "random"}}``.
-        annotations_file: a real annotation spreadsheet to copy in instead of generating one
-            (e.g. the Sherlock file; its text then does not drive the planted response).
-        workers: processes writing subjects (and the movie) at once. Each subject draws from
-            its own generator (``seed``, subject number), so the files do not depend on it.
+        annotations_file: a real annotation spreadsheet to copy in (as the one sheet) instead
+            of generating one (e.g. the Sherlock file; its text then does not drive the
+            planted response).
+        workers: processes writing scans and movies at once (files do not depend on it).
         progress: a tqdm bar over the files written.
+        shared: in [0, 1], the weights' shared share of variance (1: every subject the same
+            weights; default 1 one run, 0.5 several).
+        subject_spread: subjects' baseline intensity and noise level are scaled by
+            ``U(1 - spread, 1 + spread)`` each (default 0 one run, 0.15 several).
+        missing: ``(subject, run)`` pairs with no scan, e.g. ``[("sub-03", "run-2")]``; left
+            out of the config. Default: none for one run; for several, ~10 % of the pairs,
+            never a first run nor ``sub-01``'s.
+        scan_jitter: scans run up to this many TRs past their movie's last whole TR or stop
+            up to this many short of the nominal count (default 0 one run, 3 several).
+        scan_trs: exact TR counts for some ``(subject, run)`` pairs, over the jitter.
+        opening_s: the same opening scenes (~this many seconds) start every run (default 0
+            one run, 12 several).
+        per_run_annotations: several runs: one sheet per run (``annotations/run-Y.xlsx``)
+            instead of one sheet for all runs.
+        drift: largest linear drift of a voxel over a scan (fraction of its baseline).
+        split: a ``split`` block for the config, e.g. ``{"val_runs": ["run-2"]}``.
     """
+    several = not isinstance(n_trs, (int, np.integer))
+    counts = [int(n) for n in n_trs] if several else [int(n_trs)]
+    opt = _options(counts, several, shared=shared, subject_spread=subject_spread, scan_jitter=scan_jitter,
+                   opening_s=opening_s, missing_fraction=None)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    duration = n_trs * tr_s + extra_s
-    scene_list = scenes(duration, rng)
-    n_stim = int(np.ceil(duration / tr_s))
-    z = latents(scene_list, n_stim, tr_s)
-    z_hrf = hrf_convolve(z, tr_s)
+    subjects = [f"sub-{s + 1:02d}" for s in range(n_subjects)]
+    rng = _rng(seed)
+    runs = _plan_runs(counts, tr_s, extra_s, opt["opening_s"], seed, rng)
+    names = [run["name"] for run in runs]
+    layout_rng = _rng(seed, _LAYOUT)
+    if missing is None:
+        missing = _pick_missing(subjects, names, opt["missing_fraction"], layout_rng)
+    missing = {tuple(p) for p in missing}
+    _check_missing(missing, subjects, names)
+    scans = _scan_lengths(runs, subjects, missing, int(opt["scan_jitter"]), scan_trs or {}, layout_rng)
+    for j, run in enumerate(runs):
+        _regressors(run, max(int(np.ceil(run["duration_s"] / tr_s)), int(scans[:, j].max())), tr_s)
     inside, base = brain(shape, rng)
-    weights = rng.normal(0, 1, size=shape + (N_LATENT,)) / np.sqrt(N_LATENT)
+    w_shared = rng.normal(0, 1, size=tuple(shape) + (N_LATENT,)) / np.sqrt(N_LATENT)
+    people = [_subject(w_shared, opt["shared"], opt["subject_spread"], noise, _rng(seed, _SUBJECT, s + 1))
+              for s in range(n_subjects)]
+
+    files = _file_names(root, subjects, names, several, per_run_annotations)
     affine = np.diag([3.0, 3.0, 3.0, 1.0])
     affine[:3, 3] = -1.5 * np.array(shape)
-    config_path = Path(config_path) if config_path else root / "study.yaml"
-    cfg_dir = config_path.parent.resolve()
-
-    def rel(p: Path) -> str:
-        try:
-            return str(p.resolve().relative_to(cfg_dir))
-        except ValueError:
-            return str(p.resolve())
-
-    jobs = [(_write_subject, (root / "bold" / f"sub-{s + 1:02d}.nii.gz", shape, n_trs, tr_s, z_hrf, weights, inside,
-                              base, [seed, s + 1], amplitude, noise, affine)) for s in range(n_subjects)]
-    if movie:
-        jobs.insert(0, (write_movie, (root / "movie.mp4", scene_list, duration, movie_size, fps, 44100,
-                                      np.random.default_rng([seed, 0]), audio_track)))
+    jobs = [(write_movie, (files["movie"][run["name"]], run["scenes"], run["duration_s"], movie_size, fps, 44100,
+                           np.random.default_rng(_key(seed, 0, j)), audio_track))
+            for j, run in enumerate(runs) if movie]
+    jobs += [(_write_scan, (files["bold"][s, run["name"]], tuple(shape), int(scans[i, j]), tr_s, run["regressors"],
+                            people[i]["weights"], inside, base * people[i]["intensity"], _key(seed, i + 1, j),
+                            amplitude, people[i]["noise"], drift, affine))
+             for j, run in enumerate(runs) for i, s in enumerate(subjects) if scans[i, j] > 0]
     _run_jobs(jobs, workers, progress)
-    inputs: dict = {"fmri": {f"sub-{s + 1:02d}": rel(root / "bold" / f"sub-{s + 1:02d}.nii.gz")
-                             for s in range(n_subjects)}}
-    if movie:
-        inputs["movie"] = rel(root / "movie.mp4")
-    if annotations_file is not None:
-        import shutil
-
-        shutil.copyfile(annotations_file, root / "annotations.xlsx")
-        inputs["annotations"] = rel(root / "annotations.xlsx")
-    elif annotations:
-        gap_start = scene_list[len(scene_list) // 2]["start"]
-        write_annotations(root / "annotations.xlsx", scene_list, duration, tr_s, rng, gap=(gap_start, gap_start + 1))
-        inputs["annotations"] = rel(root / "annotations.xlsx")
-    sig = amplitude * np.sqrt((weights**2).sum(-1))  # response std (fraction of baseline), latents unit-variance
-    expected_r = np.where(inside, sig / np.sqrt(sig**2 + noise**2), 0.0)
-    np.savez(root / "truth.npz", latents=z, latents_hrf=z_hrf, weights=weights.astype(np.float32),
-             inside=inside, expected_r=expected_r.astype(np.float32), tr_s=tr_s, n_trs=n_trs,
-             scene_start=np.array([c["start"] for c in scene_list]), scene_end=np.array([c["end"] for c in scene_list]),
-             scene_label=np.array([c["label"] for c in scene_list]))
-    config = {"output": output, "tr_s": tr_s, "onset_s": 0.0, "inputs": inputs}
+    sheets = _write_sheets(files, runs, tr_s, several, annotations, annotations_file, rng)
+    _write_truth(root / "truth.npz", subjects, runs, scans, people, w_shared, opt["shared"], inside, amplitude, tr_s,
+                 several)
+    config_path = Path(config_path) if config_path else root / "study.yaml"
+    config = _config(output, tr_s, runs, subjects, scans, files, sheets, movie, several, config_path.parent.resolve())
+    if split is not None:
+        config["split"] = dict(split)
     config.update(stages or {})
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     return config_path
 
 
-# -- Sherlock's shape ---------------------------------------------------------------------------
-# Chen et al. 2017: 17 subjects, 3 mm MNI grid 61x73x61, 946 TRs of 1.5 s in the first run, a
-# ~23.8-minute 640x360 25 fps movie (Sherlock episode 1, first segment) with stereo 44.1 kHz audio.
-SHERLOCK = {"n_trs": 946, "shape": (61, 73, 61), "tr_s": 1.5, "movie_size": (640, 360), "fps": 25, "extra_s": 9.0}
+def _subject(w_shared: np.ndarray, shared: float, spread: float, noise: float, rng: np.random.Generator) -> dict:
+    """One subject's weights (shared + individual part), baseline intensity and noise level."""
+    intensity = float(rng.uniform(1 - spread, 1 + spread))
+    level = float(noise * rng.uniform(1 - spread, 1 + spread))
+    own = rng.normal(0, 1, size=w_shared.shape) / np.sqrt(N_LATENT)
+    weights = (np.sqrt(shared) * w_shared + np.sqrt(1 - shared) * own).astype(np.float32)
+    return {"weights": weights, "intensity": intensity, "noise": level}
+
+
+def _file_names(root: Path, subjects: list[str], runs: list[str], several: bool, per_run_annotations: bool) -> dict:
+    if not several:
+        return {"bold": {(s, runs[0]): root / "bold" / f"{s}.nii.gz" for s in subjects},
+                "movie": {runs[0]: root / "movie.mp4"}, "sheet": root / "annotations.xlsx", "sheets": {}}
+    return {"bold": {(s, r): root / "bold" / f"{s}_{r}.nii.gz" for s in subjects for r in runs},
+            "movie": {r: root / "stimuli" / f"{r}.mp4" for r in runs}, "sheet": root / "annotations.xlsx",
+            "sheets": {r: root / "annotations" / f"{r}.xlsx" for r in runs} if per_run_annotations else {}}
+
+
+def _write_sheets(files: dict, runs: list[dict], tr_s: float, several: bool, annotations: bool,
+                  annotations_file, rng: np.random.Generator) -> str:
+    """Write the annotation sheet(s); returns "one", "per_run" or "" (none)."""
+    if annotations_file is not None:
+        shutil.copyfile(annotations_file, files["sheet"])
+        return "one"
+    if not annotations:
+        return ""
+    if not several:
+        run = runs[0]
+        write_annotations(files["sheet"], run["scenes"], run["duration_s"], tr_s, rng, gap=run["gap"],
+                          n_trs=run["n_trs"])
+        return "one"
+    if files["sheets"]:
+        for run in runs:
+            write_annotations(files["sheets"][run["name"]], run["scenes"], run["duration_s"], tr_s, rng,
+                              gap=run["gap"], n_trs=run["n_trs"])
+        return "per_run"
+    write_run_annotations(files["sheet"], runs, tr_s, rng)
+    return "one"
+
+
+def _write_truth(path: Path, subjects: list[str], runs: list[dict], scans: np.ndarray, people: list[dict],
+                 w_shared: np.ndarray, shared: float, inside: np.ndarray, amplitude: float, tr_s: float,
+                 several: bool) -> None:
+    """``truth.npz`` (keys in the module docstring)."""
+    kept = np.minimum(scans, [run["n_cover"] for run in runs])  # what alignment keeps of each scan
+    expected = np.zeros((len(subjects),) + inside.shape, dtype=np.float32)
+    for i, person in enumerate(people):
+        x = [run["regressors"][: kept[i, j]] for j, run in enumerate(runs) if kept[i, j] > 0]
+        if x:
+            expected[i] = expected_r(person["weights"], inside, np.concatenate(x), amplitude, person["noise"])
+    arrays = {"subjects": np.array(subjects), "runs": np.array([run["name"] for run in runs]), "tr_s": tr_s,
+              "n_trs": np.array([run["n_trs"] for run in runs]),
+              "stimulus_trs": np.array([run["n_cover"] for run in runs]),
+              "scan_trs": scans, "missing": scans == 0, "weights": np.stack([p["weights"] for p in people]),
+              "weights_shared": w_shared.astype(np.float32), "shared": shared, "amplitude": amplitude,
+              "noise": np.array([p["noise"] for p in people]), "intensity": np.array([p["intensity"] for p in people]),
+              "inside": inside, "expected_r": expected}
+    for run in runs:
+        per_run = {"latents": run["latents"], "latents_hrf": run["latents_hrf"], "regressors": run["regressors"],
+                   "scene_start": np.array([c["start"] for c in run["scenes"]]),
+                   "scene_end": np.array([c["end"] for c in run["scenes"]]),
+                   "scene_label": np.array([c["label"] for c in run["scenes"]])}
+        arrays.update({f"{k}_{run['name']}": v for k, v in per_run.items()})
+        if not several:
+            arrays.update(per_run)
+    np.savez(path, **arrays)
+
+
+def _config(output: str, tr_s: float, runs: list[dict], subjects: list[str], scans: np.ndarray, files: dict,
+            sheets: str, movie: bool, several: bool, cfg_dir: Path) -> dict:
+    """The YAML config: the one-run shorthand (``onset_s`` + ``inputs``) or ``runs:``; paths
+    relative to ``cfg_dir`` where they lie under it."""
+    def rel(p: Path) -> str:
+        try:
+            return str(p.resolve().relative_to(cfg_dir))
+        except ValueError:
+            return str(p.resolve())
+
+    def fmri(j: int) -> dict:
+        return {s: rel(files["bold"][s, runs[j]["name"]]) for i, s in enumerate(subjects) if scans[i, j] > 0}
+
+    if not several:
+        inputs: dict = {"fmri": fmri(0)}
+        if movie:
+            inputs["movie"] = rel(files["movie"][runs[0]["name"]])
+        if sheets:
+            inputs["annotations"] = rel(files["sheet"])
+        return {"output": output, "tr_s": tr_s, "onset_s": 0.0, "inputs": inputs}
+    config: dict = {"output": output, "tr_s": tr_s}
+    if sheets == "one":
+        config["annotations"] = rel(files["sheet"])
+    config["runs"] = {}
+    for j, run in enumerate(runs):
+        entry: dict = {"movie": rel(files["movie"][run["name"]])} if movie else {}
+        entry["onset_s"] = 0.0
+        if sheets == "per_run":
+            entry["annotations"] = rel(files["sheets"][run["name"]])
+        entry["fmri"] = fmri(j)
+        config["runs"][run["name"]] = entry
+    return config
+
+
+# -- presets: each printed config builds as printed ----------------------------------------------------
+# The demo (`giblet-preprocess run --demo`, `python -m giblet.synth --preset demo`): two runs of
+# unequal length, the last subject without run 2, small movies, the random-weight audio model.
+DEMO = {"n_trs": (80, 64), "shape": (20, 24, 16), "movie_size": (160, 90), "fps": 10}
+DEMO_STAGES = {"audio": {"model": "random"}}
+
+# Chen et al. 2017: 17 subjects, 3 mm MNI grid 61x73x61, two runs of 946 and 1,030 TRs of 1.5 s,
+# each a ~24-minute 640x360 25 fps movie (Sherlock episode 1) with stereo 44.1 kHz audio.
+SHERLOCK = {"n_trs": (946, 1030), "shape": (61, 73, 61), "tr_s": 1.5, "movie_size": (640, 360), "fps": 25,
+            "extra_s": 9.0}
 SHERLOCK_STAGES = {
     "fmri": {"mask_strategy": "epi", "detrend": True, "high_pass": 0.01},
     "video": {"width": 160, "height": 90, "frame_skip": 4},
     # No EnCodec weights can be downloaded here: a random model of the 24 kHz architecture, recorded
     # as such in the store (same compute as the real weights). Point model: at a saved copy to use them.
     "audio": {"model": "random", "bandwidth": 3.0, "device": "auto"},
-    # The Sherlock sheet's TR columns (1-based, inclusive), as configs/preprocess/sherlock.yaml reads them.
+    # One run: the Sherlock sheet's TR columns (1-based, inclusive), as configs/preprocess/sherlock.yaml
+    # reads them (its seconds restart at run 2's first row).
     "text": {"columns": ["Scene Details - A Level"], "start_column": "Start Time (TRs, 1.5s)",
              "end_column": "End Time (TRs, 1.5s)", "time_unit": "tr"},
 }
+# Several runs: the seconds columns, which restart at 0 at each run's first row (where the pipeline
+# splits the one sheet into runs).
+SECONDS_TEXT = {"columns": ["Scene Details - A Level"], "start_column": "Start Time (s)",
+                "end_column": "End Time (s)", "time_unit": "s"}
 
 
-def sherlock_study(root: str | Path, *, n_subjects: int = 17, annotations_file: str | Path | None = None,
-                   workers: int = 2, seed: int = 0, progress: bool = True, output: str = "sherlock.zarr") -> Path:
-    """A study of Sherlock's real shape (``SHERLOCK``) with the planted response of
-    :func:`make_study`; ``annotations_file``: the real spreadsheet (else one in its layout).
-    About 0.5 GB of gzip NIfTI per subject and ~1 min of one core each to write."""
-    return make_study(root, n_subjects=n_subjects, seed=seed, stages=SHERLOCK_STAGES, output=output,
-                      annotations_file=annotations_file, workers=workers, progress=progress, **SHERLOCK)
+def _preset_trs(trs: tuple, runs: int | None, preset: str) -> int | tuple:
+    runs = len(trs) if runs is None else runs
+    if not 1 <= runs <= len(trs):
+        raise ConfigError(f"{preset} preset: runs={runs}; it has runs 1..{len(trs)} ({trs} TRs); pick one of those")
+    return trs[0] if runs == 1 else trs[:runs]
+
+
+def demo_study(root: str | Path, *, n_subjects: int = 3, runs: int | None = None, config_path: str | Path | None = None,
+               output: str = "demo.zarr", annotations_file: str | Path | None = None, workers: int = 1, seed: int = 0,
+               progress: bool = False) -> Path:
+    """The demo study, defined once (``DEMO``): 2 runs of 80 and 64 TRs (``runs=1``: the
+    first only, the one-run shorthand), the last subject without run 2, run 2 held out for
+    validation, 160x90 10 fps movies, ``audio.model: random``; a few seconds to write."""
+    n_trs = _preset_trs(DEMO["n_trs"], runs, "demo")
+    several = not isinstance(n_trs, int)
+    stages = dict(DEMO_STAGES)
+    if annotations_file is not None:  # a real sheet holding several runs: read its clock per run
+        stages["text"] = dict(SECONDS_TEXT) if several else dict(SHERLOCK_STAGES["text"])
+    extra = {"missing": [(f"sub-{n_subjects:02d}", "run-2")] if n_subjects > 1 else [],
+             "split": {"val_runs": ["run-2"]}} if several else {}
+    return make_study(root, n_subjects=n_subjects, seed=seed, config_path=config_path, output=output, stages=stages,
+                      annotations_file=annotations_file, workers=workers, progress=progress,
+                      **{**DEMO, "n_trs": n_trs}, **extra)
+
+
+def sherlock_study(root: str | Path, *, n_subjects: int = 17, runs: int | None = None,
+                   annotations_file: str | Path | None = None, workers: int = 2, seed: int = 0,
+                   progress: bool = True, output: str = "sherlock.zarr") -> Path:
+    """A study of Sherlock's real shape (``SHERLOCK``: two runs; ``runs=1``: the first only,
+    the one-run shorthand) with the planted response of :func:`make_study` and its
+    multi-run realism; ``annotations_file``: the real spreadsheet (else one in its layout).
+    About 0.5 GB of gzip NIfTI per scan and ~1 min of one core each to write."""
+    n_trs = _preset_trs(SHERLOCK["n_trs"], runs, "sherlock")
+    stages = dict(SHERLOCK_STAGES) if isinstance(n_trs, int) else {**SHERLOCK_STAGES, "text": dict(SECONDS_TEXT)}
+    return make_study(root, n_subjects=n_subjects, seed=seed, stages=stages, output=output,
+                      annotations_file=annotations_file, workers=workers, progress=progress,
+                      **{**SHERLOCK, "n_trs": n_trs})
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m giblet.synth", description="Write a synthetic study; print its config.")
+    ap = argparse.ArgumentParser(prog="python -m giblet.synth",
+                                 description="Write a synthetic study; print its config.")
     ap.add_argument("root", help="folder to write the study into")
     ap.add_argument("--preset", choices=["sherlock", "demo"], default="demo",
-                    help="sherlock: 61x73x61 x 946 TRs, 23.8-min 640x360 movie; demo: the small --demo study")
+                    help="sherlock: 61x73x61, runs of 946 + 1,030 TRs, 640x360 movies; demo: the --demo study")
     ap.add_argument("--subjects", type=int, default=None, help="subjects (default: 17 sherlock, 3 demo)")
+    ap.add_argument("--runs", type=int, default=None,
+                    help="the preset's first N runs (default: all, 2; 1: the one-run shape)")
     ap.add_argument("--annotations", default=None, help="a real annotation spreadsheet to copy in")
     ap.add_argument("--workers", type=int, default=2, help="processes writing files at once")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if args.preset == "sherlock":
-        config = sherlock_study(args.root, n_subjects=args.subjects or 17, annotations_file=args.annotations,
-                                workers=args.workers, seed=args.seed)
-    else:
-        config = make_study(args.root, n_subjects=args.subjects or 3, annotations_file=args.annotations,
-                            workers=args.workers, seed=args.seed, progress=True)
+    try:
+        if args.preset == "sherlock":
+            config = sherlock_study(args.root, n_subjects=args.subjects or 17, runs=args.runs,
+                                    annotations_file=args.annotations, workers=args.workers, seed=args.seed)
+        else:
+            config = demo_study(args.root, n_subjects=args.subjects or 3, runs=args.runs,
+                                annotations_file=args.annotations, workers=args.workers, seed=args.seed, progress=True)
+    except ConfigError as e:
+        ap.error(str(e))
     print(config)
     return 0
 

@@ -54,14 +54,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _demo_config(out: Path) -> Path:
-    from giblet.synth import make_study
+    from giblet.synth import demo_study
 
     config = out / "demo.yaml"
     if config.exists():  # inputs already generated: reuse them (the rerun is a cache hit)
         return config
     print(f"generating a synthetic study in {out / 'inputs'} ...", file=sys.stderr)
-    return make_study(out / "inputs", n_subjects=3, n_trs=80, config_path=config, output="demo.zarr",
-                      stages={"audio": {"model": "random"}})
+    return demo_study(out / "inputs", config_path=config)  # the one demo, as `python -m giblet.synth --preset demo`
 
 
 def cmd_run(args) -> int:

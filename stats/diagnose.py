@@ -62,12 +62,16 @@ def read_log(path: str | Path) -> dict:
 
 
 def achievable_r(truth_path: str | Path, store_path: str | Path) -> float:
-    """Mean of ``truth.npz: expected_r`` over the store's mask voxels (the planted ceiling)."""
+    """Mean of ``truth.npz: expected_r`` over the store's mask voxels (the planted ceiling),
+    and over the subjects with a scan when it is per subject (``(subject, x, y, z)``)."""
     from giblet.reader import open_store
 
-    expected = np.load(truth_path)["expected_r"]
+    truth = np.load(truth_path)
+    expected = truth["expected_r"]
+    if expected.ndim == 4:
+        expected = expected[~truth["missing"].all(axis=1)] if "missing" in truth.files else expected
     ijk = open_store(store_path).voxels
-    return float(expected[tuple(ijk.T)].mean())
+    return float(expected[(Ellipsis, *ijk.T)].mean())
 
 
 def diagnose(log: dict, best_r: Optional[float] = None) -> Report:

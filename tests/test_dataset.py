@@ -37,7 +37,7 @@ def build(config, **kw):
 @pytest.fixture(scope="session")
 def built_store(tmp_path_factory) -> Path:
     """A real store from the engine: 3 subjects x N_TRS TRs, plus every registered stimulus stage."""
-    from pipelines.registry import stages
+    from pipelines.stages import STAGES
 
     registered = set(stages())
     root = tmp_path_factory.mktemp("ds_built")
@@ -402,7 +402,7 @@ def test_torchrun_two_ranks_cover_the_epoch_exactly(stim_store, tmp_path):
 
 
 def test_store_from_every_registered_stage(built_store):
-    from pipelines.registry import stages
+    from pipelines.stages import STAGES
 
     s = giblet.open_store(built_store)
     ds = GibletDataset(built_store, split="all", window=1)

@@ -17,7 +17,7 @@ from giblet.features import text
 from giblet.fingerprint import FileHashCache, hash_tree
 from giblet.verify import _check_text, verify_store
 from pipelines import engine
-from pipelines.registry import PlanContext
+from pipelines.units import PlanContext
 from pipelines.status import status_lines
 from pipelines.text_stage import model_hash
 from tests.conftest import REAL_XLSX

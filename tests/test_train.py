@@ -33,7 +33,7 @@ N_TRS = 100
 @pytest.fixture(scope="session")
 def study(tmp_path_factory) -> tuple[Path, Path]:
     """``(store, truth.npz)``: 3 subjects x 100 TRs with every registered stimulus stage."""
-    from pipelines.registry import stages
+    from pipelines.stages import STAGES
 
     registered = set(stages())
     root = tmp_path_factory.mktemp("train_study")

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from giblet.data.context import frame_indices
 from giblet.data.frames import pool_frames
 from giblet.errors import ConfigError
+from giblet.hrf import hrf_kernel  # the one Glover kernel (dataset, model, synth); re-exported by giblet.models
 
 TEMPORAL_INITS = ("hrf", "uniform")
 
@@ -119,31 +120,6 @@ class ModelSpec:
     @property
     def modalities(self) -> tuple[str, ...]:
         return tuple(m for m in ("video", "audio", "text") if getattr(self, m) is not None)
-
-
-def hrf_kernel(tr_s: float, length_s: float = 32.0) -> np.ndarray:
-    """The Glover HRF once per TR from lag 0, unit sum: the numbers of ``giblet.data.hrf_kernel``.
-
-    Written out in numpy rather than imported from nilearn because ``nilearn.glm`` takes
-    ~5 s to import in every rank (and GPU images often lack nilearn); a test checks it
-    equals ``giblet.data.hrf_kernel`` (nilearn's ``glover_hrf``, sampled every TR).
-
-    Returns:
-        ``(round(length_s / tr_s) + ...,) float64`` -- as long as ``giblet.data.hrf_kernel``'s.
-    """
-    over = 50  # nilearn's default oversampling; every 50th sample lands on a TR
-    dt = tr_s / over
-    t = np.linspace(0, length_s, int(np.rint(length_s / dt)))
-
-    def gamma_pdf(x, shape, scale):  # scipy.stats.gamma.pdf(x, shape, loc=dt, scale=scale)
-        y = (x - dt) / scale
-        safe = np.where(y > 0, y, 1.0)
-        return np.where(y > 0, np.exp((shape - 1) * np.log(safe) - safe - math.lgamma(shape)) / scale, 0.0)
-
-    # glover_hrf: delay 6 s, undershoot 12 s, dispersions 0.9, undershoot ratio 0.48
-    fine = gamma_pdf(t, 6 / 0.9, 0.9) - 0.48 * gamma_pdf(t, 12 / 0.9, 0.9)
-    kernel = fine[::over]
-    return kernel / kernel.sum()
 
 
 def select_frames(frames: torch.Tensor, n: int) -> torch.Tensor:
