@@ -26,9 +26,9 @@ def raw_masked(path, mask):
 
 def test_round_trip_denormalize_equals_raw_and_verify(fmri_study):
     report = build(fmri_study)
-    assert sorted(report.ran) == ["fmri/mask", "fmri/sub-01", "fmri/sub-02", "fmri/sub-03"]
+    assert sorted(report.ran) == ["fmri/mask", "fmri/sub-01/run-1", "fmri/sub-02/run-1", "fmri/sub-03/run-1"]
     s = giblet.open_store(report.store)
-    assert s.subjects == ["sub-01", "sub-02", "sub-03"] and s.n_trs == 30
+    assert s.subjects == ["sub-01", "sub-02", "sub-03"] and s.runs == ["run-1"] and s.n_trs() == 30
     mask = s.mask
     assert mask.dtype == bool and 0 < mask.sum() < mask.size
     assert (s.voxels == np.argwhere(mask)).all() and s.n_voxels == mask.sum()
@@ -62,11 +62,29 @@ def test_real_nipy_bold_round_trip(tmp_path):
         assert np.max(np.abs(back - raw) / np.abs(raw)) < 1e-5
     assert verify_store(report.store) == []
 
+    # detrend + high-pass on: the saved mean is still the raw voxel mean (the filtered signal is
+    # not zero-mean; it is re-centred), and denormalize returns nilearn's cleaned signal on that mean
+    from nilearn.signal import clean as nl_clean
+
+    s = giblet.open_store(build(cfg, "fmri.detrend=true", "fmri.high_pass=0.02").store)
+    mean, std = s.fmri_stats("sub-01")
+    np.testing.assert_allclose(mean, raw.mean(0), rtol=1e-6)
+    cleaned = nl_clean(raw, detrend=True, high_pass=0.02, t_r=2.0, standardize=None, standardize_confounds=False)
+    expect = cleaned - cleaned.mean(0) + raw.mean(0)
+    np.testing.assert_allclose(s.denormalize("sub-01", s.fmri("sub-01")), expect, rtol=0, atol=1e-3 * raw.mean())
+    np.testing.assert_allclose(std, expect.std(0), rtol=1e-4)
+    assert verify_store(s.path) == []
+    # the header says TR 2.0 s: a config that says 1.5 is refused, unless told to trust the config
+    with pytest.raises(InputError, match="header says TR = 2 s.*tr_s = 1.5.*trust_config_tr"):
+        build(cfg, "tr_s=1.5")
+    s = giblet.open_store(build(cfg, "tr_s=1.5", "fmri.trust_config_tr=true").store)
+    assert s.unit_meta("fmri/sub-01/run-1")["runs"]["run-1"]["header_tr_s"] == 2.0 and s.tr_s == 1.5
+
 
 def test_epi_mask_on_tiny_real_image_fails_with_fix(tmp_path):
     shutil.copy(REAL_BOLD, tmp_path / "a.nii.gz")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"inputs": {"fmri": {"sub-01": "a.nii.gz"}}}))
+    cfg.write_text(yaml.safe_dump({"tr_s": 2.0, "inputs": {"fmri": {"sub-01": "a.nii.gz"}}}))
     with pytest.raises(InputError, match="mask_strategy=background"):
         build(cfg)
 
@@ -75,23 +93,24 @@ def test_cache_hits_and_minimal_recompute(fmri_study, monkeypatch):
     build(fmri_study)
     assert build(fmri_study).ran == []
     # a parameter of the subject units: subjects recompute, the mask does not
-    assert sorted(build(fmri_study, "fmri.detrend=true").ran) == ["fmri/sub-01", "fmri/sub-02", "fmri/sub-03"]
+    assert sorted(build(fmri_study, "fmri.detrend=true").ran) == ["fmri/sub-01/run-1", "fmri/sub-02/run-1",
+                                                                  "fmri/sub-03/run-1"]
     # one subject's file content changes: only that subject
     path = fmri_study.parent / "bold/sub-03.nii.gz"
     img = nib.load(str(path))
     nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj) * 1.01, img.affine, img.header), str(path))
-    assert build(fmri_study, "fmri.detrend=true").ran == ["fmri/sub-03"]
+    assert build(fmri_study, "fmri.detrend=true").ran == ["fmri/sub-03/run-1"]
     # adding a subject computes only that subject (the mask comes from the reference subject)
     shutil.copy(fmri_study.parent / "bold/sub-01.nii.gz", fmri_study.parent / "bold/sub-04.nii.gz")
     raw = yaml.safe_load(fmri_study.read_text())
     raw["inputs"]["fmri"]["sub-04"] = "bold/sub-04.nii.gz"
     fmri_study.write_text(yaml.safe_dump(raw))
-    assert build(fmri_study, "fmri.detrend=true").ran == ["fmri/sub-04"]
+    assert build(fmri_study, "fmri.detrend=true").ran == ["fmri/sub-04/run-1"]
     # removing it drops its arrays; nothing else recomputes
     del raw["inputs"]["fmri"]["sub-04"]
     fmri_study.write_text(yaml.safe_dump(raw))
     report = build(fmri_study, "fmri.detrend=true")
-    assert report.ran == [] and report.removed == ["fmri/sub-04"]
+    assert report.ran == [] and report.removed == ["fmri/sub-04/run-1"]
     assert giblet.open_store(report.store).subjects == ["sub-01", "sub-02", "sub-03"]
     # a new stage code version recomputes that stage
     from pipelines.fmri_stage import FmriStage
@@ -118,10 +137,12 @@ def test_clean_equals_nilearn_signal_clean(detrend, high_pass):
     rng = np.random.default_rng(3)
     t = np.arange(300)[:, None]
     x = (1000 + 0.2 * t * rng.normal(size=70) + 5 * np.sin(t / 40.0) + rng.normal(0, 3, size=(300, 70)))
-    expect = nl_clean(x, detrend=detrend, high_pass=high_pass, t_r=1.5 if high_pass else None,
-                      standardize=None, standardize_confounds=False) + x.mean(axis=0)
+    cleaned = nl_clean(x, detrend=detrend, high_pass=high_pass, t_r=1.5 if high_pass else None,
+                       standardize=None, standardize_confounds=False)
+    expect = cleaned - cleaned.mean(axis=0) + x.mean(axis=0)  # nilearn's signal, on the raw voxel mean
     got = clean(x.astype(np.float32), detrend, high_pass, 1.5, block=32)  # three blocks, the last one short
     np.testing.assert_allclose(got, expect, rtol=0, atol=2e-3)  # float32 storage of ~1000-unit values
+    np.testing.assert_allclose(got.mean(0, dtype=np.float64), x.mean(0), rtol=1e-6)  # the raw mean, exactly
 
 
 def test_detrend_removes_planted_drift(fmri_study):
@@ -144,7 +165,7 @@ def test_zero_variance_voxels_counted_and_finite(fmri_study):
     assert std[col] == 0 and mean[col] == pytest.approx(900.0)
     z = s.fmri("sub-02")
     assert np.isfinite(z).all() and (z[:, col] == 0).all()
-    assert s.unit_meta("fmri/sub-02")["n_zero_variance"] == 1
+    assert s.unit_meta("fmri/sub-02/run-1")["runs"]["run-1"]["n_zero_variance"] == 1
     assert s.denormalize("sub-02", z)[:, col] == pytest.approx(900.0)
     with pytest.raises(InputError, match="zero variance over tr.*fmri.zero_variance=zero"):
         build(fmri_study, "fmri.zero_variance=error")
@@ -156,9 +177,12 @@ def test_subjects_of_different_length_are_trimmed_not_warped(fmri_study):
     short = np.asanyarray(img.dataobj)[..., :25]
     nib.save(nib.Nifti1Image(short, img.affine), str(path))
     s = giblet.open_store(build(fmri_study).store)
-    assert s.n_trs == 25 and s.align["n_trs_by_unit"]["fmri/sub-01"] == 30
-    assert s.fmri("sub-01").shape[0] == 25 and s.array("fmri/sub-01/bold").shape[0] == 30
-    assert s.split == {"train": (0, 20), "val": (20, 25)}
+    # each subject serves its own TRs (no stimulus here to cut them), z-scored over exactly those
+    assert s.n_trs() == 30 and s.n_trs("run-1", "sub-03") == 25 and s.n_trs("run-1", "sub-01") == 30
+    assert s.fmri("sub-01").shape[0] == 30 and s.fmri("sub-03").shape[0] == 25
+    np.testing.assert_allclose(s.fmri("sub-03").mean(0), 0, atol=1e-4)
+    assert s.split == {"train": {"run-1": (0, 24)}, "val": {"run-1": (24, 30)}, "test": {}}
+    assert s.split_trs("val", "run-1", "sub-03") == (24, 25)
 
 
 def test_incomplete_store_is_never_served(fmri_study):
