@@ -158,15 +158,16 @@ def test_waveform_downmix_resample_and_onset(tmp_path):
 
 def test_round_trip_cache_hit_and_bandwidth_recomputes_only_audio(study, encodec, encodec_dir):
     report = build(study)
-    assert sorted(report.ran) == ["audio", "fmri/mask", "fmri/sub-01"]
+    assert sorted(report.ran) == ["audio/run-1", "fmri/mask", "fmri/sub-01/run-1"]
     s = giblet.open_store(report.store)
-    meta = s.unit_meta("audio")
+    meta = s.unit_meta("audio/run-1")
     wave, _ = audio.read_waveform(str(study.parent / "movie.mp4"), "movie", 24000, 0.0)
     n_trs = audio.count_trs(len(wave), 320, 1.5, 75.0)
-    assert n_trs == 8 and meta["n_trs"] == 8 and s.align["n_trs_by_unit"]["audio"] == 8 and s.n_trs == 6
+    assert n_trs == 8 and meta["n_trs"] == 8 and s.align["runs"]["run-1"]["n_trs_by_unit"]["audio/run-1"] == 8
+    assert s.n_trs() == 6  # the run's grid is cut to the 6 TRs its fMRI serves
     assert meta["n_tasks"] == 3 and meta["n_samples"] == len(wave)  # 10 TRs allotted from the header: 3 tasks
     assert meta["model"] == str(encodec_dir.resolve()) and meta["model_hash"] == hash_tree(encodec_dir)
-    stored = s.array("audio/codes")
+    stored = s.array("stimuli/run-1/audio/codes")
     assert stored.shape == (8, 4, 112) and stored.dtype == np.int16 and stored.chunks == (2, 4, 112)
     assert stored.attrs["code_frames_per_tr"] == 112 and stored.attrs["bandwidth_kbps"] == 3.0
     assert stored.attrs["model_hash"] == hash_tree(encodec_dir) and "floor(i * tr_s * 75)" in stored.attrs["tr_rule"]
@@ -179,14 +180,14 @@ def test_round_trip_cache_hit_and_bandwidth_recomputes_only_audio(study, encodec
 
     fmri_fps = {k: e["fingerprint"] for k, e in s.manifest["units"].items() if k.startswith("fmri/")}
     again = build(study)
-    assert again.ran == [] and sorted(again.skipped) == ["audio", "fmri/mask", "fmri/sub-01"]
+    assert again.ran == [] and sorted(again.skipped) == ["audio/run-1", "fmri/mask", "fmri/sub-01/run-1"]
     assert build(study, "audio.device=cpu").ran == []  # where it runs is not what it stores
     six = build(study, "audio.bandwidth=6.0")
-    assert six.ran == ["audio"]
+    assert six.ran == ["audio/run-1"]
     s = giblet.open_store(six.store)
     assert {k: e["fingerprint"] for k, e in s.manifest["units"].items() if k.startswith("fmri/")} == fmri_fps
-    codes6 = s.array("audio/codes")[...]
-    assert codes6.shape == (8, 8, 112) and s.unit_meta("audio")["n_codebooks"] == 8
+    codes6 = s.array("stimuli/run-1/audio/codes")[...]
+    assert codes6.shape == (8, 8, 112) and s.unit_meta("audio/run-1")["n_codebooks"] == 8
     assert (codes6[:, :4] == codes3).mean() >= AGREEMENT  # residual VQ: 3 kbps = the first 4 of 8 codebooks
     assert verify_store(six.store) == []
 
@@ -195,11 +196,11 @@ def test_round_trip_cache_hit_and_bandwidth_recomputes_only_audio(study, encodec
 
     from giblet.verify import _check_audio
 
-    writable = zarr.open_array(str(six.store / "audio/codes"), mode="r+")
+    writable = zarr.open_array(str(six.store / "stimuli/run-1/audio/codes"), mode="r+")
     writable[3, 1, 5] = 1024
-    assert any("outside [0, 1024)" in p for p in _check_audio(giblet.open_store(six.store)))
+    assert any("outside [0, 1024)" in p for p in _check_audio(giblet.open_store(six.store), "run-1"))
     writable.attrs["bandwidth_kbps"] = 3.0
-    assert any("expected int16 (tr, 4, 112)" in p for p in _check_audio(giblet.open_store(six.store)))
+    assert any("expected int16 (tr, 4, 112)" in p for p in _check_audio(giblet.open_store(six.store), "run-1"))
 
 
 # -- bad inputs: one-line errors at plan time, before any compute -------------------------------
@@ -261,8 +262,10 @@ def test_missing_track_unreadable_and_missing_files(study, tmp_path):
 def test_config_checks():
     from giblet.config import parse_config
 
+    inputs = {"inputs": {"movie": "movie.mp4"}}  # a config needs something to build; files are checked at plan time
+
     with pytest.raises(ConfigError, match="3 problem.*bandwidth: must be > 0.*segment_s: must be in.*context_s"):
-        parse_config({"audio": {"bandwidth": 0, "segment_s": 0, "context_s": -1}})
+        parse_config({**inputs, "audio": {"bandwidth": 0, "segment_s": 0, "context_s": -1}})
     with pytest.raises(ConfigError, match="audio.device: must be auto, cpu or cuda"):
-        parse_config({"audio": {"device": "tpu"}})
-    assert yaml.safe_dump(parse_config({"audio": {"model": "random"}}).audio.__dict__)
+        parse_config({**inputs, "audio": {"device": "tpu"}})
+    assert yaml.safe_dump(parse_config({**inputs, "audio": {"model": "random"}}).audio.__dict__)

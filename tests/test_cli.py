@@ -37,7 +37,7 @@ def test_run_status_verify_stats(fmri_study, tmp_path):
     assert store.endswith("study.zarr")
     report = json.loads((tmp_path / "report.json").read_text())  # per-stage times from the task stream
     fmri = report["stages"]["fmri"]
-    assert sorted(report["ran"]) == ["fmri/mask", "fmri/sub-01", "fmri/sub-02", "fmri/sub-03"]
+    assert sorted(report["ran"]) == ["fmri/mask", "fmri/sub-01/run-1", "fmri/sub-02/run-1", "fmri/sub-03/run-1"]
     assert fmri["units"] == 4 and fmri["tasks"] == 4 and len(fmri["workers"]) == 1
     assert 0 < fmri["task_s"] and 0 < fmri["wall_s"] <= report["seconds"]
     assert "fmri: 4 unit(s), 4 task(s)" in r.stderr
@@ -45,12 +45,12 @@ def test_run_status_verify_stats(fmri_study, tmp_path):
     assert r2.returncode == 0 and "all 4 unit(s) up to date" in r2.stderr
     st = cli("status", fmri_study, "fmri.high_pass=0.02")
     assert st.returncode == 0
-    assert "fmri/mask    done" in st.stdout
-    assert "fmri/sub-01  stale (parameter high_pass: 'default' -> 0.02; parameter tr_s" in st.stdout
+    assert "fmri/mask          done" in st.stdout
+    assert "fmri/sub-01/run-1  stale (parameter high_pass: 'default' -> 0.02; parameter tr_s" in st.stdout
     v = cli("verify", store)
     assert v.returncode == 0 and v.stdout.strip().endswith(": ok")
     stats = cli("stats", store)
-    assert stats.returncode == 0 and "fmri/sub-01 raw mean" in stats.stdout
+    assert stats.returncode == 0 and "fmri/sub-01/run-1 raw mean" in stats.stdout
 
 
 def _one_line_error(r, *needles):
@@ -73,51 +73,83 @@ def _save(path, data, affine):
     nib.save(nib.Nifti1Image(data, affine), str(path))
 
 
-BAD = ["missing", "not_nifti", "3d", "5d", "one_tr", "grid", "affine", "nan", "truncated", "all_zero"]
+BAD = ["missing", "not_nifti", "3d", "5d", "one_tr", "grid", "affine", "nan", "truncated", "all_zero", "complex",
+       "rgb", "huge_header", "header_tr", "header_tr_ms"]
 
 
-@pytest.mark.parametrize("case", BAD)
-def test_bad_bold_inputs_fail_in_one_line_and_keep_completed_arrays(fmri_study, case):
-    assert cli("run", fmri_study, "--workers", "1").returncode == 0
-    store = fmri_study.parent / "study.zarr"
-    before = store_arrays(store)
-    manifest_before = json.loads((store / "manifest.json").read_text())["units"]["fmri/sub-01"]
-    bold = fmri_study.parent / "bold"
+@pytest.fixture(scope="module")
+def built_fmri(tmp_path_factory, fmri_study_template):
+    """The fMRI-only study, built once for every bad-input case (each case works on a copy)."""
+    root = tmp_path_factory.mktemp("built_fmri")
+    shutil.copytree(fmri_study_template.parent, root / "s")
+    config = root / "s" / fmri_study_template.name
+    assert cli("run", config, "--workers", "1").returncode == 0
+    return config
+
+
+def _bad_bold(case, bold, bad):
+    """Write the bad input of ``case`` to ``bad`` from sub-01's run; returns the message's needles."""
     img = nib.load(str(bold / "sub-01.nii.gz"))
     data, aff = np.asanyarray(img.dataobj).astype(np.float32), img.affine
-    bad = bold / "bad.nii.gz"
     needles = {"missing": ["does not exist"], "not_nifti": ["not a readable NIfTI"],
                "3d": ["expected 4D"], "5d": ["expected 4D"], "one_tr": ["1 TR(s)"],
                "grid": ["grid (9, 12, 8) differs"], "affine": ["affine differs"], "nan": ["NaN/inf", "TR 3"],
-               "truncated": ["truncated or corrupt"], "all_zero": ["constant over time"]}[case]
+               "truncated": ["truncated or corrupt"], "all_zero": ["constant over the served TRs"],
+               "complex": ["complex", "real numbers"], "rgb": ["RGB", "real numbers"],
+               "huge_header": ["header declares", "the file holds"],
+               "header_tr": ["header says TR = 2 s", "tr_s = 1.5", "trust_config_tr"],
+               "header_tr_ms": ["header says TR = 2 s (2000 msec)", "tr_s = 1.5"]}[case]
     if case == "not_nifti":
         bad.write_bytes(b"this is not an image")
-    elif case == "3d":
-        _save(bad, data[..., 0], aff)
-    elif case == "5d":
-        _save(bad, data[..., None], aff)
-    elif case == "one_tr":
-        _save(bad, data[..., :1], aff)
-    elif case == "grid":
-        _save(bad, data[:9], aff)
-    elif case == "affine":
-        _save(bad, data, aff * np.diag([2, 1, 1, 1]))
-    elif case == "nan":
-        data[4, 5, 3, 3] = np.nan
-        _save(bad, data, aff)
+    elif case in ("3d", "5d", "one_tr", "grid", "affine", "nan", "all_zero"):
+        data = {"3d": data[..., 0], "5d": data[..., None], "one_tr": data[..., :1], "grid": data[:9]}.get(case, data)
+        if case == "nan":
+            data[4, 5, 3, 3] = np.nan
+        _save(bad, np.zeros_like(data) if case == "all_zero" else data,
+              aff * np.diag([2, 1, 1, 1]) if case == "affine" else aff)
     elif case == "truncated":
         raw = gzip.compress(gzip.decompress((bold / "sub-02.nii.gz").read_bytes()))
         bad.write_bytes(raw[: len(raw) // 2])
-    elif case == "all_zero":
-        _save(bad, np.zeros_like(data), aff)
-    _set_subject(fmri_study, "sub-09", bad)
-    r = cli("run", fmri_study, "--workers", "1")
+    elif case == "complex":
+        _save(bad, data.astype(np.complex64) * (1 + 1j), aff)
+    elif case == "rgb":
+        rgb = np.zeros(data.shape, dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+        nib.save(nib.Nifti1Image(rgb, aff), str(bad))
+    elif case == "huge_header":  # a header that declares far more TRs than the file holds
+        out = nib.Nifti1Image(data, aff)
+        out.header.set_xyzt_units("mm", "sec")
+        out.header.set_zooms((3.0, 3.0, 3.0, 1.5))
+        nib.save(out, str(bad))
+        raw = bytearray(gzip.decompress(bad.read_bytes()))
+        dims = np.frombuffer(bytes(raw[40:56]), dtype="<i2").copy()  # NIfTI-1 dim[0..7], int16
+        dims[4] = 32767  # 32,767 TRs (a NIfTI-2 header can say 10**9: the same lie, the same check)
+        raw[40:56] = dims.tobytes()
+        bad.write_bytes(gzip.compress(bytes(raw)))
+    elif case in ("header_tr", "header_tr_ms"):
+        out = nib.Nifti1Image(data, aff)
+        out.header.set_xyzt_units("mm", "sec" if case == "header_tr" else "msec")
+        out.header.set_zooms((3.0, 3.0, 3.0, 2.0 if case == "header_tr" else 2000.0))
+        nib.save(out, str(bad))
+    return needles
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_bold_inputs_fail_in_one_line_and_keep_completed_arrays(built_fmri, tmp_path, case):
+    shutil.copytree(built_fmri.parent, tmp_path / "s")
+    study = tmp_path / "s" / built_fmri.name
+    store = study.parent / "study.zarr"
+    before = store_arrays(store)
+    manifest_before = json.loads((store / "manifest.json").read_text())["units"]["fmri/sub-01/run-1"]
+    bold = study.parent / "bold"
+    needles = _bad_bold(case, bold, bold / "bad.nii.gz")
+    _set_subject(study, "sub-09", bold / "bad.nii.gz")
+    r = cli("run", study, "--workers", "1")
     _one_line_error(r, *needles, *(["sub-09"]))
     after = store_arrays(store)
     assert before.keys() <= after.keys()
     for name, arr in before.items():
         np.testing.assert_array_equal(after[name], arr)
-    assert json.loads((store / "manifest.json").read_text())["units"]["fmri/sub-01"] == manifest_before
+    assert json.loads((store / "manifest.json").read_text())["units"]["fmri/sub-01/run-1"] == manifest_before
 
 
 def test_usage_and_config_errors_exit_codes(tmp_path, fmri_study):
@@ -148,7 +180,7 @@ def test_kill_anywhere_then_resume_gives_identical_arrays(fmri_study_template, t
             try:  # whatever open_store serves must be complete and correct
                 s = giblet.open_store(killed / "study.zarr")
                 for subject in s.subjects:
-                    np.testing.assert_array_equal(s.fmri(subject), expected[f"fmri/{subject}/bold"])
+                    np.testing.assert_array_equal(s.fmri(subject), expected[f"fmri/{subject}/run-1/bold"])
             except giblet.StoreError:
                 pass
     r = cli("run", killed / "study.yaml", "--workers", "1")
@@ -176,12 +208,12 @@ def test_second_concurrent_run_is_refused_naming_the_holder(fmri_study):
 def test_verify_names_a_flipped_byte(fmri_study):
     assert cli("run", fmri_study, "--workers", "1").returncode == 0
     store = fmri_study.parent / "study.zarr"
-    chunk = store / "fmri/sub-02/bold/c/1/0"
+    chunk = store / "fmri/sub-02/run-1/bold/c/1/0"
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x01
     chunk.write_bytes(bytes(data))
     r = cli("verify", store)
-    assert r.returncode == 1 and "fmri/sub-02/bold: chunk c/1/0 checksum mismatch" in r.stdout
+    assert r.returncode == 1 and "fmri/sub-02/run-1/bold: chunk c/1/0 checksum mismatch" in r.stdout
 
 
 def test_run_without_a_config_is_a_usage_error():

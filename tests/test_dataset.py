@@ -19,14 +19,18 @@ from torch.utils.data import DataLoader
 
 import giblet
 from giblet import store as gstore
-from giblet.config import load_config
+from giblet.config import load_config, parse_config
 from giblet.data import GibletDataset, GibletLoader, World, hrf_convolve, hrf_kernel
 from giblet.errors import ConfigError, ModalityMissingError
+from giblet.fingerprint import hash_obj
 from giblet.synth import make_study
 from pipelines import engine
+from pipelines.align import align_record
+from pipelines.stages import STAGE_NAMES
 
 N_TRS = 48
 EXTRA = 4  # stimulus arrays are stored longer than n_trs: only [:n_trs] may be served
+RUN = "run-1"  # the one run of an `inputs:` config
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,9 +41,7 @@ def build(config, **kw):
 @pytest.fixture(scope="session")
 def built_store(tmp_path_factory) -> Path:
     """A real store from the engine: 3 subjects x N_TRS TRs, plus every registered stimulus stage."""
-    from pipelines.stages import STAGES
-
-    registered = set(stages())
+    registered = set(STAGE_NAMES)
     root = tmp_path_factory.mktemp("ds_built")
     config = make_study(root, n_subjects=3, n_trs=N_TRS, shape=(10, 12, 8), movie=bool({"video", "audio"} & registered),
                         annotations="text" in registered, seed=4, fps=10,
@@ -53,60 +55,83 @@ def fmri_store(built_store, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ds_fmri") / "fmri.zarr"
     shutil.copytree(built_store, path)
     writer = gstore.StoreWriter(path)
-    record = dict(writer.manifest["align"])
     for key in [k for k in writer.manifest["units"] if not k.startswith("fmri/")]:
         writer.remove_unit(key)
-    record["units"] = {k: e["fingerprint"] for k, e in writer.manifest["units"].items()}
-    writer.write_align(record, dict(zarr.open_group(str(path), mode="r").attrs["giblet"]))
+    realign(path)
     return path
 
 
-def add_stimulus(path: Path, units: dict[str, dict[str, tuple]]) -> None:
-    """Commit stimulus units ({unit: {array: (data, chunks, dims)}}) and re-align, as a stage would."""
+def realign(path: Path) -> None:
+    """Write the align record of a store whose units were committed or removed by hand, with
+    the engine's own align step (``pipelines.align``) and the config the store was built from."""
     writer = gstore.StoreWriter(path)
-    record = dict(writer.manifest["align"])  # commit() drops it: the store is incomplete until re-aligned
+    cfg = parse_config(zarr.open_group(str(path), mode="r").attrs["giblet"]["config"])
+    # No stage is run here: like the stages an `--only` run leaves alone, every stored unit counts.
+    align = align_record(cfg, [], writer.manifest, only=["no stage"])
+    writer.write_align(align["record"], align["attrs"])
+
+
+def add_stimulus(path: Path, units: dict[str, dict[str, tuple]]) -> None:
+    """Commit stimulus units ({unit: {array: (data, chunks, dims, attrs)}}) and re-align, as a stage would."""
+    writer = gstore.StoreWriter(path)
     for key, arrays in units.items():
-        fp = f"test-{key}".ljust(16, "0")[:16]
+        fp = hash_obj("test", key)
         staging = writer.staging_dir(key, fp)
         staging.mkdir(parents=True)
-        for name, (data, chunks, dims) in arrays.items():
-            gstore.create_array(staging, name, data.shape, str(data.dtype), chunks, dims)[...] = data
-        entry = {"stage": key, "version": 1, "fingerprint": fp, "params": {}, "inputs": {}, "deps": [],
-                 "meta": {"n_trs": N_TRS + EXTRA}}
+        for name, (data, chunks, dims, attrs) in arrays.items():
+            gstore.create_array(staging, name, data.shape, str(data.dtype), chunks, dims, attrs)[...] = data
+        modality, run = key.split("/")
+        entry = {"stage": modality, "version": 1, "fingerprint": fp, "params": {}, "inputs": {}, "deps": [],
+                 "meta": {"n_trs": N_TRS + EXTRA}, "run": run}
         writer.commit(key, entry, staging, list(arrays))
-    record["units"] = {k: e["fingerprint"] for k, e in writer.manifest["units"].items()}
-    writer.write_align(record, dict(zarr.open_group(str(path), mode="r").attrs["giblet"]))
+    realign(path)  # commit() dropped the align record: the store is incomplete until re-aligned
 
 
 def stimulus_units(rng, n=N_TRS + EXTRA, video=(2, 4, 6), text_dim=8, text=None, frames=None, video_chunk=16):
+    """One run's stimulus units of the documented schema: {unit: {array: (data, chunks, dims, attrs)}}."""
     f, h, w = video
     if frames is None:  # every pixel of TR t holds t (mod 251): the TR is readable from any sample
         tr_of = (np.arange(n) % 251).astype(np.uint8)[:, None, None, None, None]
         frames = np.broadcast_to(tr_of, (n, f, h, w, 3)).copy()
+    flat = frames.reshape(n, -1, 3).astype(np.int64)
+    moments = np.stack([flat.sum(1), (flat ** 2).sum(1)], axis=1)  # per TR: [sum, sum of squares] per channel
     text = rng.normal(0.5, 2.0, size=(n, text_dim)).astype(np.float32) if text is None else text
     has_text = np.ones(n, dtype=bool)
     has_text[10:13] = False
     text[~has_text] = 0.0
+    video, audio, words = (gstore.stimulus_prefix(RUN, m) for m in ("video", "audio", "text"))
     return {
-        "video": {"video/frames": (frames, (video_chunk,) + frames.shape[1:],
-                                   ("tr", "frame", "height", "width", "channel")),
-                  "video/mean": (np.array([0.2, 0.3, 0.4], np.float32), (3,), ("channel",)),
-                  "video/std": (np.array([0.1, 0.2, 0.25], np.float32), (3,), ("channel",))},
-        "audio": {"audio/codes": (rng.integers(0, 1024, size=(n, 4, 7)).astype(np.int16), (64, 4, 7),
-                                  ("tr", "codebook", "code_frame"))},
-        "text": {"text/embeddings": (text, (32, text_dim), ("tr", "embedding")),
-                 "text/has_text": (has_text, (32,), ("tr",)),
-                 "text/mean": (text.mean(0), (text_dim,), ("embedding",)),
-                 "text/std": (text.std(0), (text_dim,), ("embedding",))},
+        f"video/{RUN}": {
+            f"{video}/frames": (frames, (video_chunk,) + frames.shape[1:],
+                                ("tr", "frame", "height", "width", "channel"), {}),
+            f"{video}/padded": (np.zeros((n, f), bool), (video_chunk, f), ("tr", "frame"), {}),
+            f"{video}/moments": (moments, (video_chunk, 2, 3), ("tr", "moment", "channel"),
+                                 {"pixels_per_tr": f * h * w})},
+        f"audio/{RUN}": {f"{audio}/codes": (rng.integers(0, 1024, size=(n, 4, 7)).astype(np.int16), (64, 4, 7),
+                                            ("tr", "codebook", "code_frame"), {})},
+        f"text/{RUN}": {f"{words}/embeddings": (text, (32, text_dim), ("tr", "embedding"), {}),
+                        f"{words}/has_text": (has_text, (32,), ("tr",), {})},
     }
 
 
 def stimulus_copy(fmri_store: Path, dst: Path, **kw) -> tuple[Path, dict]:
+    """A copy of ``fmri_store`` with stimulus units; the arrays by name within the run (``video/frames``)."""
     path = dst / "stim.zarr"
     shutil.copytree(fmri_store, path)
     units = stimulus_units(np.random.default_rng(0), **kw)
     add_stimulus(path, units)
-    return path, {name: arr[0] for u in units.values() for name, arr in u.items()}
+    prefix = f"{gstore.STIMULI}/{RUN}/"
+    return path, {name[len(prefix):]: arr[0] for u in units.values() for name, arr in u.items()}
+
+
+def train_stats(path: Path, arrays: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The documented normalization, computed here from the arrays: per-channel (mean, std) of
+    [0, 1] pixels and per-dimension (mean, std) of the embeddings of TRs with text, over the
+    store's training TRs (ddof 0)."""
+    a, b = giblet.open_store(path).split["train"][RUN]
+    pixels = arrays["video/frames"][a:b].reshape(-1, 3) / 255.0
+    emb = arrays["text/embeddings"][a:b][arrays["text/has_text"][a:b]].astype(np.float64)
+    return {"video": (pixels.mean(0), pixels.std(0)), "text": (emb.mean(0), emb.std(0))}
 
 
 @pytest.fixture(scope="session")
@@ -117,18 +142,25 @@ def stim_store(fmri_store, tmp_path_factory) -> tuple[Path, dict]:
 # -- fMRI through the engine -------------------------------------------------------------------
 def test_fmri_samples_are_the_stored_rows_of_each_split(fmri_store):
     s = giblet.open_store(fmri_store)
-    a, b = s.split["train"]
+    a, b = s.split["train"][RUN]
     ds = GibletDataset(fmri_store)
-    assert ds.modalities == ("fmri",) and len(ds) == 3 * (b - a) and ds.trs == (a, b)
-    assert sum(ds.chunk_sizes) == len(ds) and max(ds.chunk_sizes) == s.array("fmri/sub-01/bold").chunks[0]
+    assert ds.modalities == ("fmri",) and len(ds) == 3 * (b - a) and ds.runs == [RUN]
+    assert ds.pairs == [(subj, 0, a, b) for subj in range(3)]  # subject-major, each pair's split TRs
+    chunk = s.array(f"fmri/sub-01/{RUN}/bold").chunks[0]
+    assert sum(ds.chunk_sizes) == len(ds) and max(ds.chunk_sizes) == chunk
+    ends = set(np.cumsum(ds.chunk_sizes).tolist())
+    assert set(ds.offsets[1:].tolist()) <= ends  # a chunk run never spans two (subject, run) pairs
     for i in (0, 17, b - a, len(ds) - 1):
         x = ds[i]
         subj, tr = divmod(i, b - a)
-        assert set(x) == {"index", "subject", "tr", "fmri"} and x["fmri"].dtype == torch.float32
-        assert (int(x["subject"]), int(x["tr"]), int(x["index"])) == (subj, tr, i)
+        tr += a
+        assert set(x) == {"index", "subject", "run", "tr", "fmri"} and x["fmri"].dtype == torch.float32
+        assert (int(x["subject"]), int(x["run"]), int(x["tr"]), int(x["index"])) == (subj, 0, tr, i)
+        assert ds.locate(i) == (subj, 0, tr)
         np.testing.assert_array_equal(x["fmri"].numpy(), s.fmri(s.subjects[subj])[tr])
     val = GibletDataset(fmri_store, split="val", subjects=["sub-03", "sub-01"])
-    assert val.subjects == ["sub-01", "sub-03"] and val.trs == s.split["val"] and len(val) == 2 * (N_TRS - b)
+    assert val.subjects == ["sub-01", "sub-03"] and len(val) == 2 * (N_TRS - b)
+    assert [p[2:] for p in val.pairs] == [s.split["val"][RUN]] * 2 == [(b, N_TRS)] * 2
     last = val[len(val) - 1]
     assert int(last["tr"]) == N_TRS - 1
     np.testing.assert_array_equal(last["fmri"].numpy(), s.fmri("sub-03")[N_TRS - 1])
@@ -154,8 +186,10 @@ def test_bad_requests_name_the_value_and_the_fix(fmri_store):
         GibletDataset(fmri_store, subjects=["sub-09"])
     with pytest.raises(ModalityMissingError, match="has no video.*add that input"):
         GibletDataset(fmri_store, modalities=["fmri", "video"])
-    with pytest.raises(ConfigError, match="split='test'"):
-        GibletDataset(fmri_store, split="test")
+    with pytest.raises(ConfigError, match="split='testing'"):
+        GibletDataset(fmri_store, split="testing")
+    with pytest.raises(ModalityMissingError, match="split 'test' of runs.*holds no sample"):
+        GibletDataset(fmri_store, split="test")  # a split the store has no TR of
     with pytest.raises(ConfigError, match="window=-1"):
         GibletDataset(fmri_store, window=-1)
     with pytest.raises(ConfigError, match="hrf=True convolves text embeddings only"):
@@ -174,7 +208,8 @@ def test_denormalize_goes_through_the_stores_scaler(fmri_store):
         np.testing.assert_allclose(raw[j].numpy(), expect, rtol=1e-6)
         assert expect.mean() > 100  # scanner units, not z-scores
     mean, std = s.fmri_stats("sub-02")
-    assert (ds.stats["fmri"]["sub-02"].mean_ == mean).all() and (ds.scaler(1).std_ == std).all()
+    assert (ds.stats["fmri"]["sub-02"][RUN].mean_ == mean).all() and (ds.scaler(1).std_ == std).all()
+    assert (ds.scaler("sub-02", RUN).std_ == std).all()
 
 
 def test_plain_dataloader_with_two_workers_serves_every_sample(fmri_store):
@@ -191,7 +226,7 @@ def test_plain_dataloader_with_two_workers_serves_every_sample(fmri_store):
 def test_stimulus_samples_match_the_stored_arrays(stim_store):
     path, arrays = stim_store
     s = giblet.open_store(path)
-    assert s.n_trs == N_TRS  # the longer stimulus arrays are trimmed, never served past n_trs
+    assert s.n_trs() == N_TRS  # the longer stimulus arrays are trimmed, never served past n_trs
     ds = GibletDataset(path, split="all")
     assert ds.modalities == ("fmri", "video", "audio", "text")
     spec = ds.sample_spec()
@@ -212,9 +247,10 @@ def test_stimulus_samples_match_the_stored_arrays(stim_store):
     np.testing.assert_array_equal(ds[41]["fmri"].numpy(), s.fmri(ds.subjects[0])[41])
     norm = GibletDataset(path, split="all", normalize=True, modalities=["video", "text"])
     x = norm[40]
-    vmean, vstd = arrays["video/mean"], arrays["video/std"]
+    stats = train_stats(path, arrays)  # over the training TRs only (TRs 10-12, without text, left out)
+    vmean, vstd = stats["video"]
     np.testing.assert_allclose(x["video"].numpy(), (arrays["video/frames"][40] / 255 - vmean) / vstd, rtol=1e-5)
-    tmean, tstd = arrays["text/mean"], arrays["text/std"]
+    tmean, tstd = stats["text"]
     np.testing.assert_allclose(x["text"].numpy(), (arrays["text/embeddings"][40] - tmean) / tstd, rtol=1e-4, atol=1e-5)
     assert set(norm.stats) == {"fmri", "video", "text"} and "fmri" not in x
 
@@ -230,8 +266,8 @@ def test_frames_serves_evenly_spaced_frames_of_each_tr(fmri_store, tmp_path):
     batch = ds.get_batch([30, 31])
     np.testing.assert_array_equal(batch["video"][1].numpy(), frames[30:32][:, [0, 3, 6, 9]])
     norm = GibletDataset(path, split="all", frames=2, normalize=True, modalities=["video"])
-    np.testing.assert_allclose(norm[7]["video"].numpy(),
-                               (frames[7][[0, 9]] / 255 - arrays["video/mean"]) / arrays["video/std"], rtol=1e-5)
+    vmean, vstd = train_stats(path, arrays)["video"]  # over every stored frame slot, not only those served
+    np.testing.assert_allclose(norm[7]["video"].numpy(), (frames[7][[0, 9]] / 255 - vmean) / vstd, rtol=1e-5)
     assert GibletDataset(path, split="all", frames=12, modalities=["video"])[7]["video"].shape[0] == 10  # all
     with pytest.raises(ConfigError, match="frames=2 selects video frames"):
         GibletDataset(path, frames=2, modalities=["fmri"])
@@ -266,8 +302,8 @@ def test_video_pool_serves_frames_pooled_once_per_chunk(fmri_store, tmp_path):
     ds[10], ds[11]  # same chunks: nothing decoded or pooled again
     assert ds.cache.misses == misses
     norm = GibletDataset(path, split="all", video_pool=(2, 3), normalize=True, modalities=["video"])
-    np.testing.assert_allclose(norm[7]["video"].numpy(),
-                               (pooled(frames[7], (2, 3)) - arrays["video/mean"]) / arrays["video/std"], rtol=1e-5)
+    vmean, vstd = train_stats(path, arrays)["video"]
+    np.testing.assert_allclose(norm[7]["video"].numpy(), (pooled(frames[7], (2, 3)) - vmean) / vstd, rtol=1e-5)
     with pytest.raises(ConfigError, match=r"video_pool=\[5, 3\].*stored frame size \[4, 6\]"):
         GibletDataset(path, video_pool=(5, 3))
     with pytest.raises(ConfigError, match="pools video frames"):
@@ -288,7 +324,7 @@ def test_window_lag_and_the_rule_before_tr_zero(stim_store):
     np.testing.assert_array_equal(x["audio"].numpy(), arrays["audio/codes"][35:39])
     np.testing.assert_array_equal(x["text"].numpy(), arrays["text/embeddings"][35:39])
     dropped = GibletDataset(path, split="all", window=3, lag=2, edge="drop")
-    assert dropped.trs == (5, N_TRS) and dropped[0]["stim_valid"].all()
+    assert [p[2:] for p in dropped.pairs] == [(5, N_TRS)] * 3 and dropped[0]["stim_valid"].all()
 
 
 def test_impulse_influences_only_later_samples_and_the_hrf_peaks_4_to_6_s_after(fmri_store, tmp_path):
@@ -402,17 +438,15 @@ def test_torchrun_two_ranks_cover_the_epoch_exactly(stim_store, tmp_path):
 
 
 def test_store_from_every_registered_stage(built_store):
-    from pipelines.stages import STAGES
-
     s = giblet.open_store(built_store)
     ds = GibletDataset(built_store, split="all", window=1)
-    assert set(ds.modalities) == {"fmri"} | {m for m in ("video", "audio", "text") if m in stages()}
+    assert set(ds.modalities) == {"fmri"} | {m for m in ("video", "audio", "text") if m in STAGE_NAMES}
     x = ds[len(ds) - 1]
     t = int(x["tr"])
-    assert t == s.n_trs - 1
-    for m, name in (("video", "video/frames"), ("audio", "audio/codes"), ("text", "text/embeddings")):
+    assert t == s.n_trs() - 1
+    for m in ("video", "audio", "text"):
         if m in ds.modalities:
-            np.testing.assert_array_equal(x[m].numpy(), s.array(name)[t - 1:t + 1])
+            np.testing.assert_array_equal(x[m].numpy(), s.array(s.stimulus_name(m))[t - 1:t + 1])
     assert {k: (tuple(v.shape), v.dtype) for k, v in x.items()} == ds.sample_spec()
     batch = next(iter(DataLoader(ds, batch_size=4, num_workers=2)))
     assert batch["fmri"].shape == (4, s.n_voxels)

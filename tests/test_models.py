@@ -39,8 +39,8 @@ def samples(n=4, window=W - 1, seed=0, video=True, audio=True, text=True) -> lis
     ctx = (window + 1,) if window else ()
     out = []
     for i in range(n):
-        s = {"fmri": torch.randn(V, generator=g), "subject": torch.tensor(i % 2), "tr": torch.tensor(10 + i),
-             "index": torch.tensor(i), "stim_valid": torch.ones(ctx, dtype=torch.bool)}
+        s = {"fmri": torch.randn(V, generator=g), "subject": torch.tensor(i % 2), "run": torch.tensor(i // 2),
+             "tr": torch.tensor(10 + i), "index": torch.tensor(i), "stim_valid": torch.ones(ctx, dtype=torch.bool)}
         if video:
             s["video"] = torch.randint(0, 256, ctx + (F_, H, WD, C), generator=g, dtype=torch.uint8)
         if audio:
@@ -134,14 +134,18 @@ def test_prepare_batch_selects_frames_adds_context_and_denormalizes():
     t = targets(b)
     assert torch.equal(t["audio"], b["audio"][:, -1]) and t["valid"].all() and t["fmri"] is b["fmri"]
     assert "target_fmri" not in b  # z-scores: the target is the input entry itself, never a copy
-    scalers = [ZScorer.from_stats(np.full(V, 1000.0), np.full(V, 30.0)), ZScorer.from_stats(np.full(V, 500.0), np.zeros(V))]
+    scalers = {(0, 0): ZScorer.from_stats(np.full(V, 1000.0), np.full(V, 30.0)),
+               (1, 0): ZScorer.from_stats(np.full(V, 500.0), np.zeros(V)),
+               (0, 1): ZScorer.from_stats(np.full(V, 200.0), np.full(V, 10.0))}
 
-    def denorm(z, subject):
-        return torch.stack([torch.from_numpy(scalers[int(i)].inverse_transform(r.numpy())) for r, i in zip(z, subject)])
+    def denorm(z, subject, run):  # GibletDataset.denormalize's signature: one scaler per (subject, run)
+        return torch.stack([torch.from_numpy(scalers[int(i), int(j)].inverse_transform(r.numpy()))
+                            for r, i, j in zip(z, subject, run)])
 
     raw = prepare_batch(s, video_frames=2, denormalize=denorm)["target_fmri"]
     torch.testing.assert_close(raw[0], s[0]["fmri"] * 30 + 1000)
     torch.testing.assert_close(raw[1], torch.full((V,), 500.0))  # zero-variance voxels map back to their mean
+    torch.testing.assert_close(raw[2], s[2]["fmri"] * 10 + 200)  # the sample's own run's scaler
 
 
 # -- losses --------------------------------------------------------------------------------------------

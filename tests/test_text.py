@@ -19,7 +19,6 @@ from giblet.verify import _check_text, verify_store
 from pipelines import engine
 from pipelines.units import PlanContext
 from pipelines.status import status_lines
-from pipelines.text_stage import model_hash
 from tests.conftest import REAL_XLSX
 
 MODEL = text.default_model_path()
@@ -52,8 +51,10 @@ def real_sheet() -> pd.DataFrame:
 # -- the real spreadsheet ------------------------------------------------------------------
 def test_real_file_in_seconds_is_refused_because_its_clock_restarts():
     """The file holds both Sherlock runs: 'Start Time (s)' restarts at 0 for run 2 (row 484),
-    while the TR columns run on (947 ...). Overlaying both runs on one axis would be wrong."""
-    with pytest.raises(InputError, match=r"row 491 starts at 39, before row 483 \(1420\).*text.time_unit=tr"):
+    while the TR columns run on (947 ...). Read as one run, overlaying both on one axis would be
+    wrong; the fix named is a `runs:` block (tests/test_runs.py builds the two-run study)."""
+    with pytest.raises(InputError, match=r"row 491 starts at 39, before row 483 \(1420\).*give the study a `runs:` "
+                                         r"block"):
         text.read_rows(REAL_XLSX, "Start Time (s)", "End Time (s)", [DETAILS])
 
 
@@ -92,10 +93,11 @@ def build(config, *overrides):
 
 def test_real_file_end_to_end_cache_and_column_change(real_study, reference):
     report = build(real_study)
-    assert sorted(report.ran) == ["fmri/mask", "fmri/sub-01", "text"]
+    assert sorted(report.ran) == ["fmri/mask", "fmri/sub-01/run-1", "text/run-1"]
     s = giblet.open_store(report.store)
-    meta = s.unit_meta("text")
-    assert meta["n_trs"] == 20 and s.n_trs == 20  # 30 s movie / 1.5 s; the fMRI run has 24
+    meta = s.unit_meta("text/run-1")
+    assert meta["n_trs"] == 20 and s.n_trs() == 20  # 30 s movie / 1.5 s; the fMRI run has 24
+    assert s.n_trs("run-1", "sub-01") == 20  # the subject serves min(24 BOLD TRs, 20 stimulus TRs)
     assert (meta["n_rows"], meta["n_untimed"], meta["n_duplicates"]) == (1000, 2, 0)
     # 6 timed rows start inside the movie (TRs 1, 9, 11, 12, 16, 20); the other 992 start after it
     assert (meta["n_used_rows"], meta["n_past_end"], meta["n_distinct_strings"]) == (6, 992, 6)
@@ -107,20 +109,26 @@ def test_real_file_end_to_end_cache_and_column_change(real_study, reference):
     # TR 0 (0-1.5 s) is covered only by segment 1 (TRs 1-8), so it is segment 1's embedding
     assert cosine(emb[0], ref[0]) > 0.999 and cosine(emb[7], ref[0]) > 0.999
     assert cosine(emb[8], ref[1]) > 0.999  # segment 2 covers TRs 9-10
-    mean, std = s.text_stats()
-    np.testing.assert_allclose(mean, emb[:16].mean(0), atol=1e-6)  # training TRs: round(0.8 * 20)
+    assert s.split["train"] == {"run-1": (0, 16)}  # n_val = floor(0.2 * 20 + 1/2) = 4
+    mean, std = s.text_stats()  # over the training TRs that have text: all 16 here
+    np.testing.assert_allclose(mean, emb[:16].mean(0), atol=1e-6)
+    np.testing.assert_allclose(std, emb[:16].std(0), atol=1e-6)
     assert verify_store(report.store) == []
 
     assert build(real_study).ran == []  # cache hit
     # a new column list makes the text unit, and only it, stale (what the engine rebuilds)
     cfg = load_config(real_study, [f"text.columns=['{DETAILS}', 'Name - All']"])
     lines, done = status_lines(cfg, engine.plan_for(cfg)[1])
-    assert not done and [ln.split()[0] for ln in lines if "stale" in ln] == ["text"]
-    assert "parameter columns" in next(ln for ln in lines if ln.startswith("text"))
+    state = {ln.split()[0]: ln.split()[1] for ln in lines}
+    assert not done and [key for key, v in state.items() if v == "stale"] == ["text/run-1"]
+    assert "parameter columns" in next(ln for ln in lines if ln.startswith("text/run-1"))
+    assert state["fmri/sub-01/run-1"] == "stale?"  # undecided until text/run-1 is built: it sets the TRs served
+    assert build(real_study, f"text.columns=['{DETAILS}', 'Name - All']").ran == ["text/run-1"]  # still 20 TRs
     # verify's text invariant: a TR marked uncovered must be a zero row under fill=zeros
-    zarr.open_array(str(report.store / "text/has_text"), mode="r+")[:] = np.arange(20) != 3
-    assert any("text/has_text: chunk" in p and "checksum mismatch" in p for p in verify_store(report.store))
-    problems = _check_text(giblet.open_store(report.store))  # the invariants, past the checksum failure
+    zarr.open_array(str(report.store / "stimuli/run-1/text/has_text"), mode="r+")[:] = np.arange(20) != 3
+    assert any("stimuli/run-1/text/has_text: chunk" in p and "checksum mismatch" in p
+               for p in verify_store(report.store))
+    problems = _check_text(giblet.open_store(report.store), "run-1")  # the invariants, past the checksum failure
     assert any("TR 3 has no text (has_text False) but a non-zero row" in p for p in problems)
     assert any("manifest counts 0 uncovered TRs, has_text has 1" in p for p in problems)
 
@@ -177,7 +185,7 @@ def test_mean_is_overlap_weighted_and_gaps_are_marked(tmp_path, encoder):
     np.testing.assert_array_equal(filled[2], emb[1])
     np.testing.assert_array_equal(filled[3], emb[1])
     assert text.fill_gaps(emb, has, "zeros") is emb
-    mean, std = text.train_stats(filled, has, n_train=4)  # TRs 0-3, of which 0 and 1 have text
+    mean, std = text.covered_stats(filled[:4], has[:4])  # TRs 0-3 (training), of which 0 and 1 have text
     np.testing.assert_allclose(mean, emb[:2].mean(0), atol=1e-6)
     np.testing.assert_allclose(std, emb[:2].std(0), atol=1e-6)
 
@@ -268,5 +276,6 @@ def test_config_checks_and_model_hash(tmp_path):
     with pytest.raises(ConfigError, match="text.combine: must be mean or concat.*text.fill: must be zeros or ffill"
                                           ".*text.time_unit: must be s"):
         parse_config({"text": {"combine": "sum", "fill": "bfill", "time_unit": "ms"}})
-    ctx = PlanContext(cfg=parse_config({}), store=tmp_path, files=FileHashCache(None))
-    assert model_hash(ctx, MODEL) == hash_tree(MODEL)
+    ctx = PlanContext(cfg=parse_config({"inputs": {"annotations": "a.csv"}}), store=tmp_path,
+                      files=FileHashCache(None))
+    assert ctx.file_fp(MODEL) == hash_tree(MODEL)  # the text stage's model fingerprint

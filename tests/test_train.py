@@ -33,9 +33,9 @@ N_TRS = 100
 @pytest.fixture(scope="session")
 def study(tmp_path_factory) -> tuple[Path, Path]:
     """``(store, truth.npz)``: 3 subjects x 100 TRs with every registered stimulus stage."""
-    from pipelines.stages import STAGES
+    from pipelines.stages import STAGE_NAMES
 
-    registered = set(stages())
+    registered = set(STAGE_NAMES)
     root = tmp_path_factory.mktemp("train_study")
     blocks = {"video": {"width": 32, "height": 18, "frame_skip": 3}}
     if "audio" in registered:
@@ -333,15 +333,19 @@ def stimulus_store(study, tmp_path_factory) -> Path:
     import zarr
 
     from giblet import store as gstore
+    from giblet.config import parse_config
+    from pipelines.align import align_record
 
     path = tmp_path_factory.mktemp("no_fmri") / "stimulus.zarr"
     shutil.copytree(study[0], path)
     writer = gstore.StoreWriter(path)
-    record = dict(writer.manifest["align"])
     for key in [k for k in writer.manifest["units"] if k.startswith("fmri/")]:
         writer.remove_unit(key)
-    record["units"] = {k: e["fingerprint"] for k, e in writer.manifest["units"].items()}
-    writer.write_align(record, dict(zarr.open_group(str(path), mode="r").attrs["giblet"]))
+    # The engine's own align step over what is left (every stored unit counts, as for the stages
+    # an `--only` run leaves alone), with the config the store was built from.
+    cfg = parse_config(zarr.open_group(str(path), mode="r").attrs["giblet"]["config"])
+    align = align_record(cfg, [], writer.manifest, only=["no stage"])
+    writer.write_align(align["record"], align["attrs"])
     return path
 
 
@@ -350,12 +354,22 @@ def test_a_store_without_fmri_fails_in_one_line_naming_it(stimulus_store, tmp_pa
     from giblet.errors import ModalityMissingError
     from pipelines.train import main
 
-    for modalities in (None, ["video"]):  # stimulus only: (subject, TR) samples still need subjects
-        with pytest.raises(ModalityMissingError, match="the store has no fMRI subjects") as info:
-            GibletDataset(stimulus_store, modalities=modalities)
-        assert str(info.value).startswith(f"{stimulus_store}: ")
+    import giblet
+
+    fix = "add runs.<run>.fmri (or inputs.fmri) to the config and rerun"
+    with pytest.raises(ModalityMissingError, match="the store has no fMRI \\(no subject's BOLD was built") as info:
+        GibletDataset(stimulus_store)
+    assert str(info.value).startswith(f"{stimulus_store}: ") and "\n" not in str(info.value)
+    assert fix in str(info.value)
+    # Stimulus only (format 2): the samples are the split's (run, TR) pairs, without a subject (-1).
+    view = giblet.open_store(stimulus_store)
+    a, b = view.split["train"]["run-1"]
+    ds = GibletDataset(stimulus_store, modalities=["video"])
+    assert view.subjects == ds.subjects == [] and ds.pairs == [(-1, 0, a, b)] and len(ds) == b - a > 0
+    x = ds[len(ds) - 1]
+    assert (int(x["subject"]), int(x["run"]), int(x["tr"])) == (-1, 0, b - 1) and "fmri" not in x
     assert main([str(TINY), f"store={stimulus_store}", f"out={tmp_path / 'run'}"]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith(f"giblet-train: error: {stimulus_store}: the store has no fMRI "
-                                              f"subjects"), err
-    assert "add inputs.fmri to the preprocessing config" in err
+                                              f"(no subject's BOLD was built"), err
+    assert fix in err

@@ -41,12 +41,15 @@ def decode_all(path, tmp, tr_s=1.5, onset_s=0.0, frame_skip=4, frames_per_tr=Non
     grid = video.make_grid(info, tr_s, onset_s, frame_skip, frames_per_tr)
     staging = Path(tmp) / "staging"
     shutil.rmtree(staging, ignore_errors=True)
-    video.create_arrays(staging, grid, *size, chunk_trs, {})
-    results = [video.decode_segment(str(staging), str(path), t0, t1, grid.n_trs, tr_s, onset_s, frame_skip,
+    names = video.array_names("run-1")
+    video.create_arrays(staging, names, grid, *size, chunk_trs, {})
+    results = [video.decode_segment(str(staging), names, str(path), t0, t1, tr_s, onset_s, frame_skip,
                                     grid.frames_per_tr, *size, "area", chunk_trs, info.fps)
                for t0, t1 in video.segments(grid.n_trs, segment_trs)]
-    frames = zarr.open_array(str(staging / video.FRAMES))[...]
-    padded = zarr.open_array(str(staging / video.PADDED))[...]
+    frames = zarr.open_array(str(staging / names["frames"]))[...]
+    padded = zarr.open_array(str(staging / names["padded"]))[...]
+    moments = zarr.open_array(str(staging / names["moments"]))[...]
+    np.testing.assert_array_equal(moments, video.pixel_moments(frames))  # every TR's moments, as written
     return grid, results, frames, padded
 
 
@@ -119,17 +122,21 @@ def test_a_tr_without_frames_shows_the_frame_on_screen(tmp_path):
     assert sum(r["n_empty_trs"] for r in results) == 3
 
 
-def test_pixel_stats_and_float_helpers(monkeypatch):
+def test_pixel_stats_and_float_helpers():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(7, 3, 4, 5, 3), dtype=np.uint8)
-    hists = [[np.bincount(part[..., c].ravel(), minlength=256) for c in range(3)] for part in (x[:4], x[4:])]
-    monkeypatch.setattr(video, "HIST_MAX_PIXELS", 12)  # force several calcHist slices
-    np.testing.assert_array_equal(video._histogram(x[:4]), hists[0])
-    mean, std, n = video.pixel_stats(hists)
+    moments = np.concatenate([video.pixel_moments(part) for part in (x[:4], x[4:])])  # per TR: parts add up
+    flat = x.reshape(7, -1, 3).astype(np.int64)
+    np.testing.assert_array_equal(moments, np.stack([flat.sum(1), (flat ** 2).sum(1)], axis=1))  # exact integers
+    mean, std = video.pixel_stats(moments, pixels_per_tr=3 * 4 * 5)
     ref = x.reshape(-1, 3) / 255.0
-    assert n == ref.shape[0]
     np.testing.assert_allclose(mean, ref.mean(0), rtol=1e-6)
     np.testing.assert_allclose(std, ref.std(0), rtol=1e-5)
+    white = np.full((1, 1, 200, 200, 3), 255, np.uint8)  # one TR's sum of squares is past int32 (2.6e9)
+    np.testing.assert_array_equal(video.pixel_moments(white)[0], [[255 * 40000] * 3, [255 * 255 * 40000] * 3])
+    w_mean, w_std = video.pixel_stats(video.pixel_moments(white), 40000)
+    assert (w_mean == 1).all() and (w_std == 0).all()
+    assert np.isnan(video.pixel_stats(moments[:0], 60)).all()  # no TR: NaN, not a division by zero
     z = video.to_float(x, mean, std)
     np.testing.assert_allclose(z.reshape(-1, 3).mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(z.reshape(-1, 3).std(0), 1, atol=1e-4)
@@ -310,37 +317,42 @@ def build(config, *overrides):
 
 def test_round_trip_cache_hit_and_targeted_recompute(study):
     report = build(study, "video.segment_trs=16", "video.chunk_trs=8")
-    assert "video" in report.ran
+    assert "video/run-1" in report.ran
     s = giblet.open_store(report.store)
-    meta = s.unit_meta("video")
-    assert meta["n_trs"] == 22 and s.align["n_trs_by_unit"]["video"] == 22 and s.n_trs == 20  # trimmed to fMRI
+    meta = s.unit_meta("video/run-1")
+    assert meta["n_trs"] == 22 and s.align["runs"]["run-1"]["n_trs_by_unit"]["video/run-1"] == 22
+    assert s.n_trs() == 20  # trimmed to fMRI
     assert meta["n_segments"] == 2 and meta["frames_per_tr"] == 10 and meta["fps"] == 25.0
     frames = s.video()
     assert frames.shape == (20, 10, H, W, 3) and frames.dtype == np.uint8
     want, _ = expected(22, 25, 1.5, 0.0, 4, 10)
     np.testing.assert_array_equal(frame_indices(frames), want[:20])
     mean, std = s.video_stats()
-    assert meta["train_trs"] == round(0.8 * 22) == 18
-    train = s.array("video/frames")[:18].reshape(-1, 3) / 255.0  # the stage's own first 18 TRs
-    np.testing.assert_allclose(mean, train.mean(0), rtol=1e-5)
-    np.testing.assert_allclose(std, train.std(0), rtol=1e-4)
-    z = s.video_float(slice(0, 18), zscore=True).reshape(-1, 3).astype(np.float64)
+    assert s.split["train"] == {"run-1": (0, 16)}  # the store's split of the 20-TR grid: n_val = floor(4 + 1/2)
+    train = s.array("stimuli/run-1/video/frames")[:16].reshape(-1, 3) / 255.0  # the training TRs, padding included
+    np.testing.assert_allclose(mean, train.mean(0), rtol=1e-6)  # exact from the integer moments
+    np.testing.assert_allclose(std, train.std(0), rtol=1e-6)
+    z = s.video_float(slice(0, 16), zscore=True).reshape(-1, 3).astype(np.float64)
     np.testing.assert_allclose(z.mean(0), 0, atol=1e-5)
     np.testing.assert_allclose(z.std(0), 1, atol=1e-4)
     assert s.video_float(slice(0, 2)).max() <= 1.0
     assert verify_store(report.store) == []
-    assert s.array("video/frames").attrs["colour"] == Colour("bt601", "limited", DEFAULT, DEFAULT).attrs()
+    assert s.array("stimuli/run-1/video/frames").attrs["colour"] == Colour("bt601", "limited", DEFAULT, DEFAULT).attrs()
     ds = s.to_xarray()
     assert ds["video_frames"].dims == ("tr", "frame", "height", "width", "channel")
 
     assert build(study, "video.segment_trs=16", "video.chunk_trs=8").ran == []  # cache hit
     assert build(study, "video.segment_trs=8", "video.chunk_trs=8").ran == []  # segmenting is not output
     again = build(study, "video.width=96", "video.chunk_trs=8")
-    assert again.ran == ["video"] and giblet.open_store(again.store).video().shape == (20, 10, H, 96, 3)
+    assert again.ran == ["video/run-1"] and giblet.open_store(again.store).video().shape == (20, 10, H, 96, 3)
     later = build(study, "onset_s=5.0")  # the movie now covers 18 TRs: shorter than the fMRI
-    assert later.ran == ["video"]
+    # the fMRI unit stores exactly the TRs it serves: min(20 in its file, 18 of stimulus)
+    assert sorted(later.ran) == ["fmri/sub-01/run-1", "video/run-1"]
     s = giblet.open_store(later.store)
-    assert s.n_trs == 18 and s.align["n_trs_by_unit"] == {"fmri/sub-01": 20, "video": 18}
+    rec = s.align["runs"]["run-1"]
+    assert s.n_trs() == 18 and rec["n_trs_by_unit"] == {"video/run-1": 18} and rec["subjects"] == {"sub-01": 18}
+    fmri_run = s.unit_meta("fmri/sub-01/run-1")["runs"]["run-1"]
+    assert (fmri_run["file_trs"], fmri_run["n_trs"]) == (20, 18) and s.fmri("sub-01").shape[0] == 18
     np.testing.assert_array_equal(frame_indices(s.video(slice(0, 1)))[0], np.arange(125, 163, 4))
 
 

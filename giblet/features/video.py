@@ -344,7 +344,7 @@ def pixel_stats(moments: np.ndarray, pixels_per_tr: int) -> tuple[np.ndarray, np
 def to_float(frames: np.ndarray, mean: np.ndarray | None = None, std: np.ndarray | None = None) -> np.ndarray:
     """uint8 frames ``(..., channel)`` -> float32 in [0, 1], or z-scored per channel.
 
-    With ``mean``/``std`` (``(channel,)``, as saved in ``video/mean|std``) returns
+    With ``mean``/``std`` (``(channel,)``, e.g. ``StoreView.video_stats()``) returns
     ``(x / 255 - mean) / std``; a channel whose std is 0 maps to 0 (no division by zero).
     """
     x = np.asarray(frames, dtype=np.float32) / np.float32(255.0)
