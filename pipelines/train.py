@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from giblet.data import GibletDataset, GibletLoader
-from giblet.errors import ConfigError
+from giblet.errors import ConfigError, ModalityMissingError
 from giblet.models.autoencoder import (GibletAutoencoder, ModelSpec, count_parameters, finish_batch,
                                        prepare_batch)
 from giblet.reader import open_store
@@ -112,6 +112,10 @@ def train(cfg: TrainConfig) -> dict:
     main = rt.is_main
     say = print if main else (lambda *a, **k: None)
     run_dir, view = Path(cfg.out), open_store(cfg.store)
+    if not view.subjects:
+        raise ModalityMissingError(f"{view.path}: the store has no fMRI (no subject's BOLD was built), and "
+                                   f"giblet-train needs fMRI targets; add runs.<run>.fmri (or inputs.fmri) to the config and "
+                                   f"rerun giblet-preprocess")
     log_path = run_dir / "log.jsonl"
     run = run_identity(cfg, rt.world.world_size, store_fingerprint(view))
     ckpt_path = ckpt.checkpoint_path(run_dir)

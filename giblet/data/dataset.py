@@ -88,8 +88,9 @@ class GibletDataset(Dataset):
     - ``subject`` (index into ``self.subjects``), ``run`` (index into ``self.runs``), ``tr``
       (TR in the run) and ``index`` (sample id): ``() int64``.
 
-    A store without fMRI subjects has no samples, even for stimulus-only ``modalities``:
-    it raises ``ModalityMissingError`` rather than serving a dataset of length 0.
+    A store without fMRI subjects raises ``ModalityMissingError`` with ``modalities=None``
+    (never a dataset of length 0); stimulus-only ``modalities`` serve the split's (run, TR)
+    samples, ``subject`` -1.
 
     Args:
         store_path: a store built by ``giblet-preprocess run``.
