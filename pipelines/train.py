@@ -291,7 +291,7 @@ def train(cfg: TrainConfig) -> dict:
     summary = {"steps": step, "seconds": time.perf_counter() - t_start, **val}
     log.write("end", **summary)
     log.close()
-    D.cleanup()
+    D.cleanup(together=True)
     return summary
 
 

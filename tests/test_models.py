@@ -468,6 +468,8 @@ def _ddp_grads(rank: int, port: int, out: str) -> None:
         ddp(x).square().sum().backward()
         grads[divide] = [p.grad.clone() for p in model.parameters()]
     torch.save(grads, f"{out}/rank{rank}.pt")
+    del ddp  # its reducer's last collective is done on both ranks before either closes its gloo pairs:
+    dist.barrier()  # a rank that tears down first can abort the other ("terminate called ...") on a busy machine
     dist.destroy_process_group()
 
 

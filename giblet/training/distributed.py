@@ -85,9 +85,16 @@ def setup(device: str = "auto", precision: str = "auto", timeout_s: float = 1800
     return Runtime(world=world, device=dev, amp_dtype=pick_amp(precision, dev))
 
 
-def cleanup() -> None:
+def cleanup(together: bool = False) -> None:
+    """Leave the process group; ``together`` (the end of a run every rank reaches): after a
+    barrier, since a rank that closes its gloo connections while another still uses them can
+    abort that one on a busy machine. On an error path no barrier: the other ranks may be gone."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if together:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 @dataclass(frozen=True)
