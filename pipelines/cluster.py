@@ -23,7 +23,6 @@ from pipelines.failures import BuildError, describe, failure
 # Floors, in seconds, for Dask's own timeouts while giblet's cluster lives; a larger value
 # set by the user (dask config or DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT) is kept.
 LOADED_TIMEOUTS_S = {"distributed.comm.timeouts.connect": 120, "distributed.comm.timeouts.tcp": 120}
-SCHEDULER_CONNECT_S = 30  # an existing scheduler: a wrong address should fail in seconds, not minutes
 CLOSE_TIMEOUT_S = 120
 
 
@@ -97,7 +96,9 @@ class Cluster:
         self._config = dask.config.set(raised)  # LocalCluster workers inherit it when spawned
         try:
             if self.scheduler:
-                self.client = self._connect(max(SCHEDULER_CONNECT_S, user_connect_s))
+                # an existing scheduler: a wrong address fails after Dask's connect timeout (30 s unless
+                # set), not the loaded-machine floor
+                self.client = self._connect(user_connect_s)
             else:
                 self.client = self._start_local()
         except BaseException:

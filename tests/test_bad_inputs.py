@@ -35,17 +35,26 @@ def models(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def study(stim_template, tmp_path):
-    """A copy whose fMRI store is already built (the completed arrays to protect)."""
-    shutil.copytree(stim_template.parent, tmp_path / "s")
-    config = tmp_path / "s" / stim_template.name
+@pytest.fixture(scope="module")
+def built(stim_template, tmp_path_factory):
+    """The study with its fMRI store built once (the completed arrays every case protects)."""
+    root = tmp_path_factory.mktemp("built_stim")
+    shutil.copytree(stim_template.parent, root / "s")
+    config = root / "s" / stim_template.name
     raw = yaml.safe_load(config.read_text())
     fmri_only = dict(raw, inputs={"fmri": raw["inputs"]["fmri"]})
     config.write_text(yaml.safe_dump(fmri_only))
     assert cli("run", config, "--workers", "1").returncode == 0
-    before = store_arrays(config.parent / "study.zarr")
-    return config, raw, before
+    return config, raw
+
+
+@pytest.fixture
+def study(built, tmp_path):
+    """A private copy of the built study: (config, its full raw config, the arrays to protect)."""
+    config, raw = built
+    shutil.copytree(config.parent, tmp_path / "s")
+    config = tmp_path / "s" / config.name
+    return config, yaml.safe_load(yaml.safe_dump(raw)), store_arrays(config.parent / "study.zarr")
 
 
 def _run_bad(config, raw, before, *overrides, needles=()):

@@ -71,5 +71,12 @@ def test_run_on_external_scheduler_matches_local_cluster(fmri_study_template, tm
 
 
 def test_unreachable_scheduler_is_a_clear_error(fmri_study):
-    r = cli("run", fmri_study, "--scheduler", f"tcp://127.0.0.1:{free_port()}")
+    import os
+    import subprocess
+
+    from tests.test_cli import CLI
+
+    env = dict(os.environ, DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT="3s")  # Dask's own setting, honoured
+    r = subprocess.run(CLI + ["run", str(fmri_study), "--scheduler", f"tcp://127.0.0.1:{free_port()}"],
+                       capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 1 and "cannot connect" in r.stderr and "Traceback" not in r.stderr
