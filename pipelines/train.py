@@ -306,11 +306,16 @@ def _set_aside(log_path: Path) -> Optional[Path]:
     return target
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="giblet-train", description="Train the giblet autoencoder on a store.")
     p.add_argument("config", help="train YAML, e.g. configs/train/demo.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. store=demo.zarr optim.lr=3e-4")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _parser()
     args = p.parse_args(argv)
     def body() -> int:
         try:

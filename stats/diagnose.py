@@ -220,14 +220,18 @@ def plot(log: dict, out_dir: str | Path, best_r: Optional[float] = None) -> list
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="giblet-diagnose", description="Training log -> verdict + plots.")
     p.add_argument("log", help="a run's log.jsonl")
     p.add_argument("--out", help="folder for the PNGs (default: beside the log)")
     p.add_argument("--truth", help="giblet.synth truth.npz: report the fraction of the achievable val r")
     p.add_argument("--store", help="store of the run (default: the one in the log's config)")
     p.add_argument("--no-plots", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     path = Path(args.log)
     if not path.is_file():
         print(f"giblet-diagnose: error: {path} does not exist; pass a run's log.jsonl", file=sys.stderr)
