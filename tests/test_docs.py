@@ -112,3 +112,25 @@ def test_the_clone_ignores_what_the_readme_commands_write():
     if r.returncode == 128:
         pytest.skip("not a git checkout")
     assert r.stdout.split() == ["giblet-demo/x", "runs/x", "study.zarr/x"], r.stdout
+
+
+def test_readme_snippets_run_on_the_demo_store(demo_store, tmp_path, monkeypatch):
+    """Every Python block of the README runs as written, from a folder holding `giblet-demo/`
+    (what the README's first command leaves in the repository root); its YAML is a valid config."""
+    import os
+
+    import yaml
+
+    from giblet.config import parse_config
+
+    readme = (ROOT / "README.md").read_text()
+    (tmp_path / "giblet-demo").mkdir()
+    os.symlink(demo_store, tmp_path / "giblet-demo" / "demo.zarr")
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 3
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    for text in re.findall(r"```yaml\n(.*?)```", readme, re.S):
+        cfg = parse_config(yaml.safe_load(text))
+        assert list(cfg.study_runs) == ["run-1", "run-2"] and cfg.study_runs["run-2"].shared_sheet
