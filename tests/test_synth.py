@@ -237,3 +237,27 @@ def test_sherlock_preset_has_two_runs_read_by_seconds_or_one_by_trs(tmp_path, mo
     assert two["movie_size"] == (640, 360) and two["fps"] == 25 and two["annotations_file"] == str(REAL_XLSX)
     assert (two["stages"]["text"]["start_column"], two["stages"]["text"]["time_unit"]) == ("Start Time (s)", "s")
     assert one["n_trs"] == 946 and one["stages"]["text"]["time_unit"] == "tr"
+
+
+def test_the_sherlock_preset_builds_as_printed_at_a_small_scale(tmp_path, monkeypatch):
+    """The two-run Sherlock preset's printed config, with the real sheet copied in, builds as
+    printed (the sizes shrunk so it takes seconds: the config and its text rules are the preset's)."""
+    import subprocess
+    import sys
+
+    import giblet
+
+    small = {**synth.SHERLOCK, "n_trs": (24, 30), "shape": (10, 12, 8), "movie_size": (64, 36), "fps": 10}
+    monkeypatch.setattr(synth, "SHERLOCK", small)
+    monkeypatch.setitem(synth.SHERLOCK_STAGES, "audio", {"model": "random", "segment_s": 10.0})
+    synth.main([str(tmp_path / "s"), "--preset", "sherlock", "--subjects", "2", "--annotations", str(REAL_XLSX),
+                "--workers", "1"])
+    config = tmp_path / "s" / "study.yaml"
+    r = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(config), "--workers", "2",
+                        "--no-progress"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    s = giblet.open_store(r.stdout.strip().splitlines()[-1])
+    assert s.runs == ["run-1", "run-2"]
+    # each run's text comes from its own rows of the real sheet: run 2's from data row 483 on
+    assert s.unit_meta("text/run-1")["shared_sheet_rows"] == [1, 482]
+    assert s.unit_meta("text/run-2")["shared_sheet_rows"] == [483, 1000]
