@@ -21,6 +21,7 @@ import torch.distributed as dist
 from giblet.data.world import World, world_from_env
 from giblet.errors import ConfigError
 from giblet.training.diagnostics import grad_norms
+from giblet.training.zero import Zero1, check_compress  # noqa: F401  (check_compress: part of this API)
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -109,12 +110,6 @@ class DDPConfig:
     bucket_divide: bool = True  # divide by the world size once per bucket (a comm hook), not once per parameter
 
 
-def check_compress(compress: str) -> None:
-    """``ddp.compress``, shared by DDP's all-reduce and ZeRO-1's reduce-scatter."""
-    if compress not in ("none", "bf16"):
-        raise ConfigError(f"ddp.compress={compress!r}; choose none or bf16")
-
-
 def wrap(model: torch.nn.Module, rt: Runtime, cfg: DDPConfig = DDPConfig()) -> torch.nn.Module:
     """DistributedDataParallel when there are several ranks; the bare model otherwise."""
     check_compress(cfg.compress)
@@ -200,7 +195,6 @@ def data_parallel(model: torch.nn.Module, groups: list[dict], rt: Runtime, cfg: 
     """How the ranks share a step: :class:`Replicated` (DDP), or flat-buffer ZeRO-1 with ``zero``."""
     if not zero:
         return Replicated(model, groups, rt, cfg)
-    from giblet.training.zero import Zero1
 
     return Zero1(model, groups, rt.world.world_size, rt.world.rank, compress=cfg.compress)
 

@@ -28,7 +28,12 @@ import torch
 import torch.distributed as dist
 
 from giblet.errors import ConfigError
-from giblet.training.distributed import check_compress
+
+
+def check_compress(compress: str) -> None:
+    """``ddp.compress``, shared by DDP's all-reduce and ZeRO-1's reduce-scatter."""
+    if compress not in ("none", "bf16"):
+        raise ConfigError(f"ddp.compress={compress!r}; choose none or bf16")
 
 ALIGN = 256  # elements: bitsandbytes' blockwise quantization block
 
