@@ -145,6 +145,14 @@ def test_clean_equals_nilearn_signal_clean(detrend, high_pass):
     np.testing.assert_allclose(got.mean(0, dtype=np.float64), x.mean(0), rtol=1e-6)  # the raw mean, exactly
 
 
+def test_a_run_too_short_for_the_high_pass_filter_is_one_clear_line(fmri_study):
+    path = fmri_study.parent / "bold/sub-02.nii.gz"
+    img = nib.load(str(path))
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj)[..., :12], img.affine, img.header), str(path))
+    with pytest.raises(InputError, match=r"sub-02/run-1: fmri.high_pass=0.01 Hz cannot filter its 12 served TRs"):
+        build(fmri_study, "fmri.high_pass=0.01")
+
+
 def test_detrend_removes_planted_drift(fmri_study):
     plain = giblet.open_store(build(fmri_study).store).fmri("sub-01")
     clean = giblet.open_store(build(fmri_study, "fmri.detrend=true").store).fmri("sub-01")

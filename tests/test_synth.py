@@ -247,7 +247,7 @@ def test_the_sherlock_preset_builds_as_printed_at_a_small_scale(tmp_path, monkey
 
     import giblet
 
-    small = {**synth.SHERLOCK, "n_trs": (24, 30), "shape": (10, 12, 8), "movie_size": (64, 36), "fps": 10}
+    small = {**synth.SHERLOCK, "n_trs": (24, 30), "shape": (10, 12, 8), "movie_size": (48, 28), "fps": 10}
     monkeypatch.setattr(synth, "SHERLOCK", small)
     monkeypatch.setitem(synth.SHERLOCK_STAGES, "audio", {"model": "random", "segment_s": 10.0})
     synth.main([str(tmp_path / "s"), "--preset", "sherlock", "--subjects", "2", "--annotations", str(REAL_XLSX),

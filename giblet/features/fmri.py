@@ -183,7 +183,8 @@ def read_masked(path: Path, label: str, mask: np.ndarray, block_trs: int, stop: 
     return out
 
 
-def clean(x: np.ndarray, detrend: bool, high_pass: float | None, tr_s: float, block: int = 8192) -> np.ndarray:
+def clean(x: np.ndarray, detrend: bool, high_pass: float | None, tr_s: float, block: int = 8192,
+          label: str = "fmri") -> np.ndarray:
     """What ``nilearn.signal.clean(detrend=..., high_pass=..., t_r=...)`` computes, in voxel
     blocks, then re-centred on the raw voxel mean.
 
@@ -207,7 +208,11 @@ def clean(x: np.ndarray, detrend: bool, high_pass: float | None, tr_s: float, bl
         if detrend:
             cols = nl_clean(cols, detrend=True, standardize=None, standardize_confounds=False)
         if high_pass is not None:
-            cols = butterworth(cols, sampling_rate=1.0 / tr_s, high_pass=high_pass, copy=True)
+            try:
+                cols = butterworth(cols, sampling_rate=1.0 / tr_s, high_pass=high_pass, copy=True)
+            except ValueError as exc:  # scipy's filtfilt: too few samples for the filter's padding
+                raise InputError(f"{label}: fmri.high_pass={high_pass} Hz cannot filter its {len(cols)} served TRs "
+                                 f"({exc}); use longer runs or drop fmri.high_pass") from None
         x[:, v0:v0 + block] = (cols - cols.mean(axis=0) + mean).astype(np.float32)
     return x
 
@@ -258,7 +263,7 @@ def build_subject(staging: str, store_path: str, subject: str, runs: list[dict],
         label = f"{subject}/{r['run']}"
         x = read_masked(Path(r["path"]), label, mask, block_trs, stop=r["n_trs"])
         meta[r["run"]] = {"n_trs": int(x.shape[0]), "raw_min": float(x.min()), "raw_max": float(x.max())}
-        data[r["run"]] = clean(x, detrend, high_pass, tr_s)
+        data[r["run"]] = clean(x, detrend, high_pass, tr_s, label=label)
     groups = [[r["run"]] for r in runs] if zscore == "run" else [[r["run"] for r in runs]]
     for group in groups:
         scaler = ZScorer()
