@@ -32,13 +32,3 @@ def fmri_study(fmri_study_template, tmp_path) -> Path:
     shutil.copytree(fmri_study_template.parent, dst)
     return dst / fmri_study_template.name
 
-
-# Heaviest files first: with one file per xdist worker (pyproject's addopts), the long ones
-# start at once instead of leaving one worker alone with them at the end.
-HEAVY_FIRST = ("test_train.py", "test_crash.py", "test_docs.py", "test_cli.py", "test_engine_errors.py",
-               "test_fmri_stage.py", "test_synth.py", "test_dataset.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))  # stable: order within a file kept

@@ -1,8 +1,11 @@
 """Crash anywhere, every stage: a reduced number of seeded SIGKILL points (more by hand:
 ``python tests/crash_harness.py --kills 30``; results in docs/reliability.md)."""
+import pytest
+
 from tests.crash_harness import harness, kill_in_commit, make_full_study
 
 
+@pytest.mark.slow  # ~40 s of every stage run 5 times; the commit-step kills below and test_cli's kills stay in CI
 def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
     config = make_full_study(tmp_path / "template")
     report = harness(config, tmp_path, kills=3, seed=0)

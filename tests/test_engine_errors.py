@@ -318,7 +318,6 @@ def tls_scheduler(tmp_path):
             p.wait(timeout=60)
 
 
-@pytest.mark.slow
 def test_run_on_a_tls_scheduler(fmri_study, tls_scheduler):
     import json
 

@@ -87,7 +87,8 @@ def test_tiny_config_learns_the_planted_map_and_logs_every_diagnostic(study, tmp
     assert 0.0 <= last["data_wait"] < 1.0 and last["samples_per_s"] > 0
     prof = log["profile"]  # torch.profiler over steps 5..7: where a step's time goes
     assert prof["step"] == 7 and prof["wall_ms_per_step"] > 0 and prof["device_busy_ms_per_step"] == 0  # CPU
-    assert prof["top_cpu"][0][0].startswith("aten::") and 0 < prof["top_cpu"][0][1] < prof["wall_ms_per_step"]
+    assert prof["top_cpu"][0][0].startswith(("aten::", "autograd::")) and 0 < prof["top_cpu"][0][1] < prof["wall_ms_per_step"]
+    assert not any(k.startswith(("Optimizer.step#", "ProfilerStep")) for k, _ in prof["top_cpu"])  # ops, not ranges
     assert "by self CPU time" in (tmp_path / "run" / "profile_rank0.txt").read_text()
     applied = [r["lr"] for r in log["train"]]
     sched = log["config"]["schedule"]
@@ -197,6 +198,7 @@ def test_run_killed_mid_epoch_resumes_with_identical_losses(study, tmp_path):
             assert la[step][key] == lb[step][key], (step, key)
 
 
+@pytest.mark.slow  # 2 torchrun jobs; tests/test_zero.py checks the sharded step against AdamW in every run
 def test_zero_sharded_optimizer_gives_the_same_losses_and_resumes(study, tmp_path):
     """optim.zero=true over 2 gloo ranks (flat buffers, reduce-scatter, each rank updates half,
     all-gather): the losses and gradient norms equal the DDP run's, also across a SIGKILL and a
@@ -225,6 +227,7 @@ def test_zero_sharded_optimizer_gives_the_same_losses_and_resumes(study, tmp_pat
             assert la[step][key] == pytest.approx(lb[step][key], rel=1e-6, abs=1e-9), (step, key)
 
 
+@pytest.mark.slow  # torch.compile under 2 ranks: minutes of compiling on a loaded CPU
 def test_compile_under_two_ranks_trains_the_same_function(study, tmp_path):
     """compile=true (torch.compile of the DDP-wrapped model, gloo): without dropout (whose
     random stream differs under compile) the losses follow the eager run's; the last partial
