@@ -130,7 +130,7 @@ class AudioParams:
                                          "'random'; enters the fingerprint as its weights hash", PATH_OR_NAME)
     bandwidth: float = 3.0  # kbps, passed to encode explicitly; 3.0 -> 4 codebooks at 24 kHz
     device: str = runtime("auto", "auto | cpu | cuda: the same codes up to float noise")
-    segment_s: float = 60.0  # seconds of audio per encoded window
+    segment_s: float = 20.0  # seconds of audio per encoded window (on CPU also one forward pass: ~0.35 GB)
     context_s: float = 1.0  # extra audio encoded before each window and dropped (boundary context)
     batch_size: int = runtime(8, "windows per forward pass (also capped by the CUDA 32-bit index limit): "
                                  "how the model runs")

@@ -201,9 +201,11 @@ class Window:
     stop: int
 
 
-# On CPU a batch's activations are the memory of the task (8 x 61 s windows: ~6 GB per worker)
-# and batching brings no speed: cap the first convolution's output near 190 MB (one 61 s window).
-CPU_MAX_ELEMENTS = 2**25 + 2**24
+# On CPU a batch's activations are the memory of the task (~15 MB per second of audio: one 61 s
+# window peaks ~0.95 GB above the model) and batching brings no speed (a 21 s window encodes
+# faster per second than a 61 s one): cap the first convolution's output at 2**24 elements, one
+# default 21 s window (20 s + 1 s context), ~0.35 GB per worker.
+CPU_MAX_ELEMENTS = 2**24
 
 
 def plan_windows(k0: int, k1: int, n_samples: int, hop: int, segment_frames: int, context_frames: int,
