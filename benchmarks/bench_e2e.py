@@ -5,9 +5,11 @@ from ``--report``), the peak RSS of the whole process tree (the command, its Das
 and with ``--external`` the scheduler and workers this script starts: sampled every 50 ms),
 the store's size on disk per array, and the median time of ``--noop`` reruns (nothing to do).
 
-Usage (the one-run Sherlock-shaped study of ``python -m giblet.synth ROOT --preset sherlock --runs 1``)::
+Usage (the two-run Sherlock-shaped study of ``python -m giblet.synth ROOT --preset sherlock``)::
 
     python benchmarks/bench_e2e.py ROOT/study.yaml --json e2e_local.json
+    python benchmarks/bench_e2e.py ROOT/study.yaml --runs 1 --output inc.zarr --json e2e_run1.json
+    python benchmarks/bench_e2e.py ROOT/study.yaml --output inc.zarr --keep --json e2e_add_run2.json
     python benchmarks/bench_e2e.py ROOT/study.yaml --external --output ext.zarr --json e2e_ext.json \\
         --compare ROOT/sherlock.zarr                      # dask scheduler + 2 dask workers on loopback
     python benchmarks/bench_e2e.py ROOT/study.yaml --subjects 4 --output s4.zarr --json e2e_s4.json
@@ -38,13 +40,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def study_config(config: Path, subjects: int | None, output: str | None, tmp: Path) -> Path:
-    """The config itself, or a copy beside it keeping the first ``subjects`` subjects / another output."""
-    if subjects is None and output is None:
+def study_config(config: Path, subjects: int | None, output: str | None, tmp: Path,
+                 runs: int | None = None) -> Path:
+    """The config itself, or a copy beside it keeping the first ``subjects`` subjects, the first
+    ``runs`` runs and/or another output."""
+    if subjects is None and output is None and runs is None:
         return config
     cfg = yaml.safe_load(config.read_text())
+    blocks = list(cfg["runs"].values()) if cfg.get("runs") else [cfg["inputs"]]
     if subjects is not None:
-        cfg["inputs"]["fmri"] = dict(list(cfg["inputs"]["fmri"].items())[:subjects])
+        keep = list(dict.fromkeys(s for b in blocks for s in b.get("fmri", {})))[:subjects]
+        for b in blocks:
+            b["fmri"] = {s: p for s, p in b.get("fmri", {}).items() if s in keep}
+    if runs is not None and cfg.get("runs"):
+        cfg["runs"] = dict(list(cfg["runs"].items())[:runs])
+        split = cfg.get("split") or {}
+        for key in ("val_runs", "test_runs"):
+            if key in split:
+                split[key] = [r for r in split[key] if r in cfg["runs"]]
     if output is not None:
         cfg["output"] = output
     path = config.parent / f".bench-{os.getpid()}-{config.name}"  # beside it: relative input paths still hold
@@ -119,6 +132,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("config", type=Path)
     ap.add_argument("--subjects", type=int, help="keep only the first N subjects of the config")
+    ap.add_argument("--runs", type=int, help="keep only the first N runs of the config")
     ap.add_argument("--output", help="store name (relative to the config) instead of the config's")
     ap.add_argument("--external", action="store_true", help="dask scheduler + --workers dask workers on loopback")
     ap.add_argument("--workers", type=int, default=2)
@@ -129,7 +143,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="giblet-e2e-"))
-    config = study_config(args.config.resolve(), args.subjects, args.output, tmp)
+    config = study_config(args.config.resolve(), args.subjects, args.output, tmp, args.runs)
     cfg = yaml.safe_load(config.read_text())
     store = (config.parent / cfg["output"]).resolve()
     if store.exists() and not args.keep:
@@ -152,7 +166,10 @@ def main(argv=None) -> dict:
         if config != args.config.resolve():
             config.unlink()
     sizes = array_sizes(store)
-    out = {"machine": machine(), "config": str(args.config), "store": str(store), "subjects": len(cfg["inputs"]["fmri"]),
+    blocks = list(cfg["runs"].values()) if cfg.get("runs") else [cfg["inputs"]]
+    out = {"machine": machine(), "config": str(args.config), "store": str(store),
+           "subjects": len({s for b in blocks for s in b.get("fmri", {})}), "runs": len(blocks),
+           "scans": sum(len(b.get("fmri", {})) for b in blocks), "ran": report["ran"],
            "scheduler": "dask scheduler + %d dask workers (loopback)" % args.workers if args.external
            else f"LocalCluster, {args.workers} worker processes x 1 thread",
            "wall_s": wall, "engine_s": report["seconds"], "units_built": len(report["ran"]),

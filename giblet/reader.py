@@ -24,7 +24,8 @@ from giblet.errors import ModalityMissingError, StoreError
 from giblet.fingerprint import hash_bytes
 from giblet.normalize import ZScorer
 from giblet.split import SPLITS, split_ranges
-from giblet.store import ALIGN_KEY, GROUP_META, MASK, VOXELS, fmri_prefix, read_manifest, stimulus_prefix
+from giblet.store import (ALIGN_KEY, DERIVED_KEY, GROUP_META, MASK, VOXELS, fmri_prefix, read_manifest,
+                          stimulus_prefix)
 
 VERIFY_MODES = (None, "chunks")
 STIMULUS_ARRAYS = {"video": "frames", "audio": "codes", "text": "embeddings"}
@@ -86,7 +87,8 @@ class StoreView:
         self.align: dict = manifest[ALIGN_KEY]
         self.generation = manifest.get("generation")
         self.verify = verify
-        expected = {f"{name}/{rel}": digest for e in manifest["units"].values()
+        entries = list(manifest["units"].values()) + list(self._derived_fresh(manifest).values())
+        expected = {f"{name}/{rel}": digest for e in entries
                     for name, rec in e["arrays"].items() for rel, digest in rec["checksums"].items()}
         self._root = zarr.open_group(ManifestStore(self.path, expected=expected, check=verify == "chunks"), mode="r")
         self.tr_s: float = float(self.align["tr_s"])
@@ -99,10 +101,21 @@ class StoreView:
         return dict(self._root.attrs.get("giblet", {}))
 
     # -- generic -------------------------------------------------------------------------
+    @staticmethod
+    def _derived_fresh(manifest: dict) -> dict[str, dict]:
+        """Derived results computed from this store as it is (their basis: its align record)."""
+        basis = manifest[ALIGN_KEY].get("fingerprint")
+        return {k: e for k, e in (manifest.get(DERIVED_KEY) or {}).items() if e.get("basis") == basis}
+
+    def derived(self, name: str) -> Optional[dict]:
+        """The manifest entry of a derived result (e.g. ``derived/noise_ceiling-val``) if it was
+        computed from the store as it is now, else None (never computed, or stale)."""
+        return self._derived_fresh(self.manifest).get(name)
+
     @cached_property
     def _arrays(self) -> dict[str, dict]:
         out = {}
-        for entry in self.manifest["units"].values():
+        for entry in list(self.manifest["units"].values()) + list(self._derived_fresh(self.manifest).values()):
             out.update(entry.get("arrays", {}))
         return out
 

@@ -36,6 +36,8 @@ FORMAT = 2  # store format: 2 = runs x subjects (several runs per study); 1 = on
 MANIFEST = "manifest.json"
 META_DIR = ".giblet"
 ALIGN_KEY = "align"
+DERIVED_KEY = "derived"  # results computed from the store (noise ceilings): served while their basis holds
+DERIVED = "derived"  # ... and the group their arrays live in
 GROUP_META = "zarr.json"
 KILL_ENV = "GIBLET_KILL_IN_COMMIT"  # tests only: "STEP[:UNIT]" SIGKILLs the writer at that step of a commit
 
@@ -159,7 +161,10 @@ def read_manifest(store: str | os.PathLike) -> dict | None:
 
 
 def _check_manifest_paths(manifest: dict) -> None:
-    for key, entry in manifest["units"].items():
+    derived = manifest.get(DERIVED_KEY) or {}
+    if not isinstance(derived, dict):
+        raise StoreError("manifest.json: 'derived' is not a mapping; rebuild into a new output path")
+    for key, entry in list(manifest["units"].items()) + list(derived.items()):
         check_name(key, "unit key")
         arrays = entry.get("arrays", {}) if isinstance(entry, dict) else None
         if not isinstance(arrays, dict):
@@ -289,6 +294,39 @@ class StoreWriter:
         self.manifest["units"][key] = entry
         self.save_manifest()
         _kill_point("recorded", key)
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def commit_derived(self, name: str, entry: dict, staging: Path, arrays: Iterable[str]) -> None:
+        """Record a result derived from the store (e.g. ``derived/noise_ceiling-val``) whose
+        ``entry["basis"]`` is the align fingerprint it was computed from: readers serve it only
+        while the store still has that align record. Same crash-safe order as :meth:`commit`;
+        the units and the align record are untouched (the caller holds the store lock)."""
+        arrays = [check_name(a) for a in arrays]
+        if not all(a.startswith(f"{name}/") for a in arrays) or not name.startswith(f"{DERIVED}/"):
+            raise StoreError(f"derived result {name!r}: its arrays must live under it, in {DERIVED}/")
+        entry = dict(entry, arrays={})
+        for a in arrays:
+            meta = json.loads((staging / a / GROUP_META).read_text())
+            entry["arrays"][a] = {"shape": meta["shape"], "dtype": meta["data_type"],
+                                  "chunks": meta["chunk_grid"]["configuration"]["chunk_shape"],
+                                  "dims": meta.get("dimension_names"), "checksums": array_checksums(staging / a)}
+        derived = self.manifest.setdefault(DERIVED_KEY, {})
+        old = derived.pop(name, None)
+        self.save_manifest()
+        for a in (old or {}).get("arrays", {}):
+            remove_member(self.path, a)
+        for group in (DERIVED, name):  # written whole, like the align step's groups
+            path = member(self.path, group, "group") / GROUP_META
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, {"zarr_format": 3, "node_type": "group", "attributes": {}})
+        for a in arrays:
+            dst = member(self.path, a)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / a, dst)
+        entry["groups"] = {g: hash_file(member(self.path, g, "group") / GROUP_META) for g in (DERIVED, name)}
+        entry["completed"] = now_iso()
+        derived[name] = entry
+        self.save_manifest()
         shutil.rmtree(staging, ignore_errors=True)
 
     def remove_unit(self, key: str) -> None:

@@ -19,7 +19,8 @@ from giblet.errors import StoreError
 from giblet.fingerprint import hash_file
 from giblet.reader import open_store
 from giblet.split import plan_split
-from giblet.store import ALIGN_KEY, FORMAT, GROUP_META, group_meta_path, group_names, member, read_manifest
+from giblet.store import (ALIGN_KEY, DERIVED_KEY, FORMAT, GROUP_META, group_meta_path, group_names, member,
+                          read_manifest)
 
 Z_TOL = 1e-3  # |mean| and |std - 1| of a stored z-scored column, float32 round-off included
 
@@ -262,9 +263,13 @@ def verify_store(path: str | Path, invariants: bool = True) -> list[str]:
     if problem:
         return [problem]
     problems: list[str] = []
-    for key, entry in sorted(manifest["units"].items()):
+    for key, entry in sorted(manifest["units"].items()) + sorted((manifest.get(DERIVED_KEY) or {}).items()):
         for name, rec in entry.get("arrays", {}).items():
             problems += _check_array(path, name, rec)
+        for group, digest in (entry.get("groups") or {}).items():  # a derived result's own groups
+            meta = group_meta_path(path, group)
+            if not meta.is_file() or hash_file(meta) != digest:
+                problems.append(f"group {group} ({key}): zarr.json missing or changed; recompute {key}")
     if ALIGN_KEY not in manifest:
         return problems + [f"{path}: store is incomplete (manifest.json has no align record); run "
                            f"`giblet-preprocess run CONFIG` to finish it"]

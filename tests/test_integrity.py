@@ -211,3 +211,33 @@ def test_a_view_opened_before_a_rebuild_fails_clearly_when_checked(study):
     with pytest.raises(StoreError, match="reopen the store"):
         view.fmri("sub-01", "run-1")
     assert giblet.open_store(store).generation > view.generation
+
+
+def test_a_derived_result_is_served_while_its_basis_holds_and_verified(study):
+    from giblet.store import StoreLock, StoreWriter, create_array
+
+    config, store = study
+    s = giblet.open_store(store)
+    writer = StoreWriter(store)
+    staging = store / ".giblet" / "staging" / "derived-test"
+    arr = create_array(staging, "derived/test-val/isc", (3, s.n_voxels), "float32", (3, s.n_voxels),
+                       ("subject", "voxel"))
+    arr[...] = np.arange(3 * s.n_voxels, dtype=np.float32).reshape(3, -1)
+    with StoreLock(store):
+        writer.commit_derived("derived/test-val", {"basis": s.align["fingerprint"], "params": {"split": "val"}},
+                              staging, ["derived/test-val/isc"])
+    s = giblet.open_store(store)
+    assert s.derived("derived/test-val")["params"] == {"split": "val"}
+    assert s.array("derived/test-val/isc")[1, 0] == s.n_voxels
+    assert verify_store(store) == []
+    chunk = store / "derived/test-val/isc/c/0/0"
+    chunk.write_bytes(chunk.read_bytes()[::-1])
+    assert any("derived/test-val/isc: chunk c/0/0 checksum mismatch" in p for p in verify_store(store))
+    chunk.write_bytes(chunk.read_bytes()[::-1])
+    raw = yaml.safe_load(config.read_text())
+    raw["split"] = {"val_runs": ["run-2"]}  # a new align record: the result is stale, never served
+    config.write_text(yaml.safe_dump(raw))
+    assert cli("run", config, "--workers", "1", "--no-progress").returncode == 0
+    s = giblet.open_store(store)
+    assert s.derived("derived/test-val") is None and not s.has("derived/test-val/isc")
+    assert verify_store(store) == []
