@@ -20,6 +20,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_workers(address: str, n: int, security=None, timeout_s: float = 60) -> None:
+    """Until ``n`` workers have joined the scheduler at ``address`` (a loaded machine starts them slowly)."""
+    from distributed import Client
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with Client(address, timeout="5s", security=security) as c:
+                if len(c.scheduler_info()["workers"]) >= n:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"{n} dask worker(s) did not join {address} within {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
 @pytest.fixture
 def dask_cluster():
     port = free_port()
@@ -31,19 +48,7 @@ def dask_cluster():
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--nworkers", "1",
              "--no-dashboard", "--name", f"w{i}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    from distributed import Client
-
-    deadline = time.time() + 60
-    while True:  # wait until both workers have joined
-        try:
-            with Client(address, timeout="5s") as c:
-                if len(c.scheduler_info()["workers"]) == 2:
-                    break
-        except OSError:
-            pass
-        if time.time() > deadline:
-            raise RuntimeError("dask workers did not start")
-        time.sleep(0.5)
+    wait_for_workers(address, 2)
     yield address
     for p in procs[::-1]:
         p.terminate()

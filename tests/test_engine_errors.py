@@ -18,7 +18,7 @@ from giblet.errors import ConfigError, GibletError
 from giblet.verify import verify_store
 from pipelines import cli as giblet_cli
 from pipelines import engine, failures, progress
-from tests.test_cli import CLI, _one_line_error, cli
+from tests.test_cli import _one_line_error, cli
 
 # Task functions defined here travel to the Dask workers by value: the worker processes
 # need not import this test module.
@@ -278,11 +278,9 @@ def _self_signed(folder):
 @pytest.fixture
 def tls_scheduler(tmp_path):
     import shutil
-    import time
 
-    from distributed import Client
     from distributed.security import Security
-    from tests.test_distributed import free_port
+    from tests.test_distributed import free_port, wait_for_workers
 
     if shutil.which("openssl") is None:
         pytest.skip("no openssl to make a test certificate")
@@ -300,17 +298,7 @@ def tls_scheduler(tmp_path):
     security = Security(tls_ca_file=str(tmp_path / "tls/ca.pem"), tls_client_cert=str(tmp_path / "tls/cert.pem"),
                         tls_client_key=str(tmp_path / "tls/key.pem"), require_encryption=True)
     try:
-        deadline = time.time() + 120
-        while True:  # until the worker has joined
-            try:
-                with Client(address, timeout="5s", security=security) as c:
-                    if c.scheduler_info()["workers"]:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("the TLS scheduler or its worker did not start")
-            time.sleep(0.5)
+        wait_for_workers(address, 1, security, timeout_s=120)
         yield address, tls
     finally:
         for p in procs[::-1]:

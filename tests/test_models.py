@@ -3,7 +3,6 @@ on random tensors (no store)."""
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from pathlib import Path
 

@@ -45,7 +45,6 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from giblet.data.context import frame_indices
 from giblet.data.frames import pool_frames
