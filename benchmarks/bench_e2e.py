@@ -53,7 +53,19 @@ def study_config(config: Path, subjects: int | None, output: str | None, tmp: Pa
         for b in blocks:
             b["fmri"] = {s: p for s, p in b.get("fmri", {}).items() if s in keep}
     if runs is not None and cfg.get("runs"):
+        every = list(cfg["runs"])
         cfg["runs"] = dict(list(cfg["runs"].items())[:runs])
+        text_cfg = cfg.setdefault("text", {}) or {}
+        if cfg.get("annotations") and not text_cfg.get("run_rows") and len(every) > 1:
+            # the study's one sheet covers every run: the runs kept take their own rows of it
+            from giblet.config import TextParams
+            from giblet.features.text import run_segments
+            p = TextParams(**{k: v for k, v in text_cfg.items()
+                              if k in ("columns", "start_column", "end_column", "time_unit")})
+            found = run_segments(config.parent / cfg["annotations"], p.start_column, p.end_column, list(p.columns),
+                                 p.time_unit)
+            text_cfg["run_rows"] = {r: f"{a}-{b}" for r, (a, b) in zip(every, found) if r in cfg["runs"]}
+            cfg["text"] = text_cfg
         split = cfg.get("split") or {}
         for key in ("val_runs", "test_runs"):
             if key in split:

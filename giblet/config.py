@@ -193,7 +193,7 @@ class StudyConfig:
                 return {}
             return {SHORTHAND_RUN: Run(SHORTHAND_RUN, dict(i.fmri), i.movie, i.audio,
                                        i.annotations or self.annotations, self.onset_s, False)}
-        shared = len(self.runs) > 1
+        shared = len(self.runs) > 1 or bool(self.text.run_rows)  # one run may take its rows of a longer sheet
         return {name: Run(name, dict(r.fmri), r.movie, r.audio, r.annotations or self.annotations,
                           self.onset_s if r.onset_s is None else r.onset_s,
                           shared and r.annotations is None and self.annotations is not None)

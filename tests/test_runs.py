@@ -248,6 +248,23 @@ def test_a_format_1_store_is_refused_with_how_to_rebuild(study):
     assert json.loads((store / "manifest.json").read_text()) == old  # untouched
 
 
+def test_one_run_of_a_shared_sheet_takes_its_rows_from_text_run_rows(study):
+    """A study that keeps only run 1 of a sheet covering both: without `text.run_rows` the
+    restart is a one-line error that names the fix; with it, run 1 reads just its rows."""
+    raw = yaml.safe_load(study.read_text())
+    del raw["runs"]["run-2"]
+    raw["output"] = "one.zarr"
+    study.write_text(yaml.safe_dump(raw))
+    _one_line_error(cli("run", study, "--only", "text", "--workers", "1", "--no-progress"),
+                    "sheet.csv", "text.run_rows")
+    r = cli("run", study, "--only", "text", "--workers", "1", "--no-progress", "text.run_rows={run-1: 1-8}")
+    assert r.returncode == 0, r.stderr
+    s = giblet.open_store(study.parent / "one.zarr")
+    assert s.runs == ["run-1"] and s.unit_meta("text/run-1")["shared_sheet_rows"] == [1, 8]
+    built = giblet.open_store(study.parent / "study.zarr")
+    np.testing.assert_array_equal(s.text("run-1"), built.text("run-1"))
+
+
 def test_a_run_every_subject_lacks_is_an_error_a_missing_pair_is_not(study):
     raw = yaml.safe_load(study.read_text())
     raw["runs"]["run-2"]["fmri"] = {}

@@ -167,8 +167,8 @@ def read_rows(path: str | Path, start_column: str, end_column: str, columns: lis
             raise InputError(
                 f"text: {path} row {i + 2} starts at {start[i]:g}, before row {prev} ({start[prev - 2]:g}) in column "
                 f"{names[0]!r}: rows are out of time order, as when a file's clock restarts for a second run; give "
-                f"the study a `runs:` block (one sheet for all runs is split where the clock restarts), split the "
-                f"file per run, or set text.allow_unsorted=true if overlapping rows are intended")
+                f"the study a `runs:` block (one sheet for all runs is split where the clock restarts), give a run "
+                f"its rows (text.run_rows.<run>=FIRST-LAST), split the file per run, or set text.allow_unsorted=true if overlapping rows are intended")
         rows.start.append(float((start[i] - shift) * scale))
         rows.end.append(float((end[i] - tr_offset) * scale))
         rows.text.append(texts[i])
