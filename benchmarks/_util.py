@@ -10,28 +10,37 @@ import psutil
 
 
 class PeakRSS:
-    """Samples the RSS of this process and all its children (e.g. Dask workers) every 50 ms."""
+    """Samples the RSS of this process and all its children (e.g. Dask workers) every 50 ms;
+    ``breakdown`` is each process's RSS (GB) at the moment of the peak, largest first."""
 
     def __init__(self, interval: float = 0.05):
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.breakdown: list[tuple[str, float]] = []
 
-    def _tree_rss(self) -> int:
+    def _tree(self) -> list[tuple[str, int]]:
         me = psutil.Process()
-        total = 0
+        out = []
         for p in [me] + me.children(recursive=True):
             try:
-                total += p.memory_info().rss
+                out.append((_role(p, me), p.memory_info().rss))
             except psutil.Error:
                 pass
-        return total
+        return out
+
+    def _sample(self) -> None:
+        tree = self._tree()
+        total = sum(rss for _, rss in tree)
+        if total > self.peak:
+            self.peak = total
+            self.breakdown = sorted(((role, round(rss / 1e9, 3)) for role, rss in tree), key=lambda x: -x[1])
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._tree_rss())
+            self._sample()
             time.sleep(self.interval)
 
     def __enter__(self) -> "PeakRSS":
-        self.peak = self._tree_rss()
+        self._sample()
         self._t = threading.Thread(target=self._loop, daemon=True)
         self._t.start()
         return self
@@ -43,6 +52,19 @@ class PeakRSS:
     @property
     def gb(self) -> float:
         return self.peak / 1e9
+
+
+def _role(p: psutil.Process, me: psutil.Process) -> str:
+    """A short name for a process of the tree: this script, the CLI, a Dask worker, ..."""
+    if p.pid == me.pid:
+        return "benchmark"
+    cmd = " ".join(p.cmdline())
+    for key, role in (("spawn_main", "worker (spawned)"), ("pipelines.cli", "giblet-preprocess"),
+                      ("dask_worker", "dask worker"), ("dask_scheduler", "dask scheduler"),
+                      ("resource_tracker", "resource tracker")):
+        if key in cmd:
+            return f"{role} {p.pid}"
+    return f"{p.name()} {p.pid}"
 
 
 def machine() -> str:

@@ -151,6 +151,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--keep", action="store_true", help="reuse an existing store (default: build from scratch)")
     ap.add_argument("--noop", type=int, default=3, help="no-op reruns timed (median reported)")
     ap.add_argument("--compare", type=Path, help="a store whose arrays must equal this run's")
+    ap.add_argument("--only", nargs="+", metavar="STAGE", help="build only these stages (a stage's own figures)")
     ap.add_argument("--json", type=Path, required=True)
     args = ap.parse_args(argv)
 
@@ -168,6 +169,7 @@ def main(argv=None) -> dict:
                 extra = ["--scheduler", address]
             else:
                 extra = ["--workers", str(args.workers)]
+            extra += ["--only", *args.only] if args.only else []
             wall, report = run_cli(config, extra, tmp / "report.json")
         noop = [run_cli(config, extra, tmp / f"noop{i}.json")[0] for i in range(args.noop)]
     finally:
@@ -185,7 +187,8 @@ def main(argv=None) -> dict:
            "scheduler": "dask scheduler + %d dask workers (loopback)" % args.workers if args.external
            else f"LocalCluster, {args.workers} worker processes x 1 thread",
            "wall_s": wall, "engine_s": report["seconds"], "units_built": len(report["ran"]),
-           "stages": report["stages"], "peak_rss_tree_gb": rss.gb, "noop_s": noop,
+           "stages": report["stages"], "only": args.only, "peak_rss_tree_gb": rss.gb,
+           "peak_rss_breakdown_gb": rss.breakdown, "noop_s": noop,
            "noop_median_s": statistics.median(noop) if noop else None,
            "store_bytes": sum(sizes.values()), "array_bytes": sizes}
     if args.compare:

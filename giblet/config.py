@@ -107,7 +107,7 @@ class FmriParams:
     trust_config_tr: bool = runtime(False, "a NIfTI header TR that differs from tr_s is an error unless true; "
                                            "the header's TR is recorded in the unit's meta either way")
     chunk_trs: int = 16  # TRs per Zarr chunk of fmri/<subject>/bold
-    read_block_trs: int = runtime(64, "TRs read from the NIfTI at once: how the file is read, not what is stored")
+    read_block_trs: int = runtime(16, "TRs read from the NIfTI at once: how the file is read, not what is stored")
 
 
 @dataclass(frozen=True)
@@ -135,6 +135,8 @@ class AudioParams:
     batch_size: int = runtime(8, "windows per forward pass (also capped by the CUDA 32-bit index limit): "
                                  "how the model runs")
     chunk_trs: int = 16  # TRs per Zarr chunk of audio/codes (24 s; tasks are whole chunks)
+    workers: Optional[int] = runtime(1, "Dask workers that may run the model at once (each holds its own copy, "
+                                        "~1 GB on CPU); null: any. More is faster where memory allows")
 
 
 @dataclass(frozen=True)
@@ -318,6 +320,8 @@ def _check_values(cfg: StudyConfig, problems: list[str]) -> None:
     a = cfg.audio
     check(a.bandwidth > 0, f"audio.bandwidth: must be > 0 kbps (e.g. 3.0), got {a.bandwidth}")
     check(0 < a.segment_s <= 600, f"audio.segment_s: must be in (0, 600] seconds, got {a.segment_s}")
+    check(a.workers is None or (isinstance(a.workers, int) and not isinstance(a.workers, bool) and a.workers >= 1),
+          f"audio.workers: must be a whole number >= 1 or null (any worker), got {a.workers!r}")
     check(0 <= a.context_s <= a.segment_s,
           f"audio.context_s: must be in [0, audio.segment_s={a.segment_s}] seconds, got {a.context_s}")
     t = cfg.text

@@ -154,6 +154,9 @@ def _execute(todo: list[Unit], writer: StoreWriter, cluster: Cluster, log, progr
     return stages, current
 
 
+POOL_CHECK_S = 20.0  # how often a size-limited stage (audio.workers) checks that its workers are still there
+
+
 def _run_units(todo: list[Unit], writer: StoreWriter, client, bar: Progress, log,
                force: bool) -> tuple[dict[str, dict], list[str]]:
     from distributed import as_completed, get_task_stream
@@ -164,6 +167,8 @@ def _run_units(todo: list[Unit], writer: StoreWriter, client, bar: Progress, log
     started: dict[str, dict] = {}  # unit key -> {"staging", "left": set(task ids), "results", "t0", "t1"}
     futures = as_completed()
     owner = {}  # dask key -> (unit key, task id)
+    pools: dict[str, list[str]] = {}  # stage -> the workers its size-limited units run on
+    submitted, superseded = {}, set()  # future -> its task; keys of futures cancelled by repool()
     try:
         def start_ready() -> None:
             while ready := [k for k, deps in waiting_on.items() if not deps and k not in started]:
@@ -188,12 +193,51 @@ def _run_units(todo: list[Unit], writer: StoreWriter, client, bar: Progress, log
                             "t0": time.time()}  # wall clock: comparable with the workers' task stream
             bar.task_done(len(tasks) - len(todo_tasks), resumed=True)
             for task in todo_tasks:
-                fut = client.submit(task.fn, **task.kwargs, pure=False, key=f"{key}:{task.id}-{os.urandom(4).hex()}")
-                owner[fut.key] = (key, task.id)
-                futures.add(fut)
+                submit(key, task)
             bar.submitted(len(todo_tasks))
             if not todo_tasks:
                 finish(key)
+
+        def submit(key: str, task) -> None:
+            unit = pending[key]
+            where = {}
+            if unit.max_workers:  # strict (Dask steals loosely restricted tasks); repool() if they leave
+                if unit.stage not in pools:
+                    pools[unit.stage] = sorted(client.scheduler_info()["workers"])[:unit.max_workers]
+                where = {"workers": pools[unit.stage]} if pools[unit.stage] else {}
+            fut = client.submit(task.fn, **task.kwargs, pure=False, key=f"{key}:{task.id}-{os.urandom(4).hex()}",
+                                **where)
+            owner[fut.key] = (key, task.id)
+            submitted[fut] = task
+            futures.add(fut)
+
+        def repool() -> None:
+            """A stage whose workers all left (a restarted worker has a new address): its
+            waiting tasks go to workers still here."""
+            alive = sorted(client.scheduler_info()["workers"])
+            for stage, pool in list(pools.items()):
+                if set(pool) & set(alive) or not alive:
+                    continue
+                stuck = [f for f in submitted if not f.done() and pending[owner[f.key][0]].stage == stage]
+                pools[stage] = alive[:pending[owner[stuck[0].key][0]].max_workers] if stuck else alive[:1]
+                bar.log(log, f"{stage}: its workers left; {len(stuck)} task(s) move to {', '.join(pools[stage])}")
+                for f in stuck:
+                    superseded.add(f.key)
+                    f.cancel()
+                    submit(owner[f.key][0], submitted.pop(f))
+
+        def next_done() -> list:
+            """The next finished futures; while none finish, check every POOL_CHECK_S that
+            size-limited stages still have their workers."""
+            import distributed
+
+            while pools and (live := [f for f in futures.futures if f.key not in superseded]):
+                try:
+                    distributed.wait(live, timeout=POOL_CHECK_S, return_when="FIRST_COMPLETED")
+                    break
+                except (TimeoutError, distributed.TimeoutError):
+                    repool()
+            return futures.next_batch(block=True)
 
         def finish(key: str) -> None:
             unit, state = pending[key], started[key]
@@ -208,7 +252,16 @@ def _run_units(todo: list[Unit], writer: StoreWriter, client, bar: Progress, log
             state["t1"] = time.time()
             bar.unit_done()
             bar.log(log, f"{key}: done in {state['t1'] - state['t0']:.1f} s")
+            if unit.cleanup and not any(k != key and pending[k].stage == unit.stage for k in waiting_on):
+                clean_workers(unit)
             release(key)
+
+        def clean_workers(unit: Unit) -> None:
+            """The stage's last unit is committed: its workers drop what they cached for it."""
+            try:
+                client.run(unit.cleanup)
+            except Exception as exc:  # memory hygiene only: the store is complete either way
+                bar.log(log, f"warning: {unit.stage}: releasing the workers' caches failed ({describe(exc)})")
 
         def release(key: str) -> None:
             del waiting_on[key]
@@ -216,29 +269,37 @@ def _run_units(todo: list[Unit], writer: StoreWriter, client, bar: Progress, log
                 if key in deps:
                     deps.remove(key)
 
+        def finished(fut) -> None:
+            """A task is done: record its result; commit its unit when it was the last."""
+            key, task_id = owner[fut.key]
+            submitted.pop(fut, None)
+            try:
+                result = fut.result()  # re-raises the task's own exception
+            except GibletError:
+                raise  # already one line naming the input, the value and the fix
+            except Exception as exc:
+                raise task_failure(exc, key, task_id, writer.path) from exc
+            state = started[key]
+            state.setdefault("ran_on", set()).update(*client.who_has([fut]).values())
+            with phase(f"{key}: recording task {task_id} in {state['staging']}", writer.path):
+                atomic_write_json(state["staging"] / ".tasks" / f"{task_id}.json", result)
+            state["results"][task_id] = result
+            state["left"].discard(task_id)
+            bar.task_done()
+            if not state["left"]:
+                finish(key)
+                start_ready()
+
         # Outermost phase: the scheduler itself (a dropped connection while submitting or
         # waiting); the task and commit phases inside are more precise and win.
         with phase("the Dask scheduler connection", writer.path, catch=(OSError,)), \
                 get_task_stream(client) as stream:
             start_ready()
-            for fut in futures:
-                key, task_id = owner[fut.key]
-                try:
-                    result = fut.result()  # re-raises the task's own exception
-                except GibletError:
-                    raise  # already one line naming the input, the value and the fix
-                except Exception as exc:
-                    raise task_failure(exc, key, task_id, writer.path) from exc
-                state = started[key]
-                state.setdefault("ran_on", set()).update(*client.who_has([fut]).values())
-                with phase(f"{key}: recording task {task_id} in {state['staging']}", writer.path):
-                    atomic_write_json(state["staging"] / ".tasks" / f"{task_id}.json", result)
-                state["results"][task_id] = result
-                state["left"].discard(task_id)
-                bar.task_done()
-                if not state["left"]:
-                    finish(key)
-                    start_ready()
+            while not futures.is_empty():
+                for fut in next_done():
+                    if fut.key in superseded:
+                        continue
+                    finished(fut)
         if waiting_on:
             raise StoreError(f"units never became ready: {', '.join(waiting_on)} (a dependency cycle?)")
         ran = {k: v for k, v in started.items() if not v.get("skipped")}

@@ -52,6 +52,8 @@ class Unit:
     run: Optional[str] = None  # the run the unit belongs to (None: the whole study, e.g. the mask)
     n_tasks: int = 1  # how many tasks an unbound unit will have (the progress total is fixed up front)
     bound: Optional[dict] = None  # what bind returned
+    max_workers: Optional[int] = None  # its tasks run on at most this many workers (each loads a big model)
+    cleanup: Optional[Callable[[], None]] = None  # run on every worker once no unit of its stage is left
 
     @property
     def ready(self) -> bool:

@@ -1,6 +1,8 @@
 """Audio stage: EnCodec codes per TR, through the real model-loading path, engine and store."""
 from __future__ import annotations
 
+import functools
+import os
 import shutil
 from fractions import Fraction
 from pathlib import Path
@@ -201,6 +203,59 @@ def test_round_trip_cache_hit_and_bandwidth_recomputes_only_audio(study, encodec
     assert any("outside [0, 1024)" in p for p in _check_audio(giblet.open_store(six.store), "run-1"))
     writable.attrs["bandwidth_kbps"] = 3.0
     assert any("expected int16 (tr, 4, 112)" in p for p in _check_audio(giblet.open_store(six.store), "run-1"))
+
+
+def _mark(folder: str) -> None:
+    Path(folder, str(os.getpid())).touch()
+
+
+def test_audio_runs_on_one_worker_then_every_worker_drops_its_caches(study, tmp_path, monkeypatch):
+    """audio.workers=1 (the default): one model copy in the tree; once the stage's last unit is
+    committed, every worker runs the stage's cleanup (here a marker, by default
+    release_caches). Where the audio ran is not what it stores: no rebuild with more workers."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    monkeypatch.setattr(audio, "release_caches", functools.partial(_mark, str(marks)))
+    report = engine.run(load_config(study), only=["fmri", "audio"], workers=2, progress=False)
+    entry = giblet.open_store(report.store).manifest["units"]["audio/run-1"]
+    assert entry["meta"]["n_tasks"] == 3 and len(entry["ran_on"]) == 1
+    assert len(list(marks.iterdir())) == 2
+    again = engine.run(load_config(study, ["audio.workers=null"]), only=["audio"], workers=2, progress=False)
+    assert again.ran == []
+
+
+_REAL_ENCODE = audio.encode_trs
+
+
+def _encode_or_die(**kwargs):
+    """The first audio task kills its worker process (the nanny starts a new one, at a new address)."""
+    mark = Path(os.environ["GIBLET_TEST_DIE_MARK"])
+    if not mark.exists():
+        mark.touch()
+        os._exit(1)
+    return _REAL_ENCODE(**kwargs)
+
+
+def test_audio_tasks_move_on_when_their_worker_is_gone(study, tmp_path, monkeypatch):
+    """Audio tasks are pinned to one worker (strictly: Dask would steal loosely pinned ones);
+    when it dies, the engine re-pins the waiting tasks to a worker still there."""
+    monkeypatch.setenv("GIBLET_TEST_DIE_MARK", str(tmp_path / "died"))
+    monkeypatch.setattr(audio, "encode_trs", _encode_or_die)
+    monkeypatch.setattr(engine, "POOL_CHECK_S", 1.0)
+    lines = []
+    report = engine.run(load_config(study), only=["audio"], workers=2, progress=False, log=lines.append)
+    assert (tmp_path / "died").exists() and report.ran == ["audio/run-1"]
+    assert any("audio: its workers left" in line for line in lines), lines
+    assert giblet.open_store(report.store).unit_meta("audio/run-1")["n_trs"] == 8
+
+
+def test_release_caches_drops_the_soundtrack_and_the_model(study):
+    from giblet.features.encodec import load_model
+
+    audio.cached_waveform(str(study.parent / "movie.mp4"), "movie", "fp", 24000, 0.0)
+    load_model("random", "fp", "cpu")
+    audio.release_caches()
+    assert audio.cached_waveform.cache_info().currsize == 0 and load_model.cache_info().currsize == 0
 
 
 # -- bad inputs: one-line errors at plan time, before any compute -------------------------------

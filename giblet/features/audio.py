@@ -114,7 +114,8 @@ def read_waveform(path: str, key: str, rate: int, onset_s: float) -> tuple[np.nd
     container, a = _open(Path(path), key)
     to_float = av.AudioResampler(format="fltp")  # any sample format -> planar float, same rate
     to_mono = av.AudioResampler(format="flt", layout="mono", rate=rate)
-    parts, first_t, n_in = [], None, 0
+    duration = float(a.duration * a.time_base) if a.duration and a.time_base else None
+    wave, first_t, n_in = _Samples(int(duration * rate * 1.01) + rate if duration else 60 * rate), None, 0
     with container:
         anchor = _anchor_s(container, key, a)
         try:
@@ -122,21 +123,55 @@ def read_waveform(path: str, key: str, rate: int, onset_s: float) -> tuple[np.nd
                 if first_t is None:
                     first_t = (frame.time if frame.time is not None else 0.0) - anchor
                 for f in to_float.resample(frame):
-                    parts += _downmix_resample(to_mono, f, n_in)
+                    wave.extend(_downmix_resample(to_mono, f, n_in))
                     n_in += f.samples
             for f in to_float.resample(None):  # flush both resamplers
-                parts += _downmix_resample(to_mono, f, n_in)
+                wave.extend(_downmix_resample(to_mono, f, n_in))
                 n_in += f.samples
-            parts += [f.to_ndarray().reshape(-1) for f in to_mono.resample(None)]
+            wave.extend([f.to_ndarray().reshape(-1) for f in to_mono.resample(None)])
         except (av.error.FFmpegError, OSError, ValueError) as exc:
             raise InputError(f"audio: {path} is truncated or corrupt: decoding failed after {n_in} samples "
                              f"({type(exc).__name__}: {exc}); re-copy or re-export the file") from None
-    wave = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    wave = wave.array()
     shift = int(round((onset_s - (first_t or 0.0)) * rate))  # >0: drop samples before onset
     wave = wave[shift:] if shift >= 0 else np.concatenate([np.zeros(-shift, np.float32), wave])
     info = {"source_rate": int(a.rate or 0), "source_channels": int(a.channels or 0), "codec": a.codec_context.name,
             "first_sample_s": first_t, "onset_shift_samples": shift, "n_samples": int(len(wave))}
     return wave, info
+
+
+class _Samples:
+    """A float32 buffer filled in place, grown by doubling: a decoded soundtrack costs its own
+    size, not that again in thousands of per-frame arrays (kept by the allocator's heap after
+    they are joined)."""
+
+    def __init__(self, capacity: int):
+        self.buf, self.n = np.empty(max(1, capacity), np.float32), 0
+
+    def extend(self, parts: list[np.ndarray]) -> None:
+        for part in parts:
+            if self.n + len(part) > len(self.buf):
+                grown = np.empty(max(2 * len(self.buf), self.n + len(part)), np.float32)
+                grown[:self.n] = self.buf[:self.n]
+                self.buf = grown
+            self.buf[self.n:self.n + len(part)] = part
+            self.n += len(part)
+
+    def array(self) -> np.ndarray:
+        """The samples (a copy only when the buffer is much larger than its contents)."""
+        return self.buf[:self.n].copy() if self.n < 0.9 * len(self.buf) else self.buf[:self.n]
+
+
+def release_caches() -> None:
+    """Drop this process's decoded soundtrack and EnCodec model (the engine runs it on every
+    worker once the audio stage is done, so a worker moving on to fMRI does not keep ~0.6 GB)."""
+    import gc
+
+    from giblet.features.encodec import load_model
+
+    cached_waveform.cache_clear()
+    load_model.cache_clear()
+    gc.collect()
 
 
 def _downmix_resample(resampler, frame, pts: int) -> list[np.ndarray]:

@@ -183,7 +183,7 @@ def read_masked(path: Path, label: str, mask: np.ndarray, block_trs: int, stop: 
     return out
 
 
-def clean(x: np.ndarray, detrend: bool, high_pass: float | None, tr_s: float, block: int = 8192,
+def clean(x: np.ndarray, detrend: bool, high_pass: float | None, tr_s: float, block: int = 2048,
           label: str = "fmri") -> np.ndarray:
     """What ``nilearn.signal.clean(detrend=..., high_pass=..., t_r=...)`` computes, in voxel
     blocks, then re-centred on the raw voxel mean.
