@@ -104,12 +104,15 @@ def test_ridge_fails_on_targets_shuffled_in_time(built):
     assert res.r["val"]["sub-03"].mean() < 0.25, res.r["val"]["sub-03"]
 
 
-def test_the_dual_solver_gives_the_same_fit(built):
+def test_more_features_than_trs_take_the_dual_solver_and_target_blocks_change_nothing(built):
     """More features than training TRs: the kernel (dual) solver; the noiseless map still holds."""
     params = FeatureParams(delays=tuple(range(1, 19)), grid=(2, 2))  # 8 x 18 = 144 features > 140 TRs
-    res = ridge_baseline(built, params=params, subjects=["sub-01"], target_block=10)
-    assert res.solver["sub-01"] == "dual"
-    assert np.median(res.r["val"]["sub-01"]) > 0.9
+    blocked = ridge_baseline(built, params=params, subjects=["sub-01"], target_block=10)
+    assert blocked.solver["sub-01"] == "dual"
+    assert np.median(blocked.r["val"]["sub-01"]) > 0.9
+    whole = ridge_baseline(built, params=params, subjects=["sub-01"])  # targets in blocks change nothing
+    np.testing.assert_allclose(blocked.r["val"]["sub-01"], whole.r["val"]["sub-01"], atol=1e-5)
+    np.testing.assert_array_equal(blocked.alphas["sub-01"], whole.alphas["sub-01"])
 
 
 def test_features_are_zscored_on_train_trs_and_delayed_within_each_run(built):

@@ -93,7 +93,8 @@ def run_stack(view, run: str, split: str):
     layers = []
     for part, stop in rows:
         if stop < b:
-            part = part + [da.full((b - stop, view.n_voxels), np.nan, dtype=np.float32, chunks=(b - stop, voxel_chunks))]
+            pad = da.full((b - stop, view.n_voxels), np.nan, dtype=np.float32, chunks=(b - stop, voxel_chunks))
+            part = part + [pad]
         layers.append(da.concatenate(part) if len(part) > 1 else part[0])
     return da.stack(layers).rechunk({0: -1})
 
@@ -148,6 +149,8 @@ def loso_isc(view, split: str = "val", scheduler: Optional[str] = None) -> tuple
 
     _check(view, split)
     stacks = [s for run in view.runs if (s := run_stack(view, run, split)) is not None]
+    if not stacks:
+        raise StoreError(f"{view.path}: no subject serves a TR of split {split!r}; choose another split")
     per_run = [st.map_blocks(block_sums, new_axis=2, dtype=np.float64,
                              chunks=(st.chunks[0], (1,) * len(st.chunks[1]), (N_SUMS,), st.chunks[2])).sum(axis=1)
                for st in stacks]

@@ -202,9 +202,9 @@ def _modalities(view, params: FeatureParams) -> list[str]:
         raise ConfigError(f"features: modality {unknown[0]!r} is not one of {', '.join(MODALITIES)}")
     missing = [m for m in want if not view.has_modality(m)]
     if missing or not want:
-        raise StoreError(f"{view.path}: no {missing[0] if missing else 'stimulus'} in this store to compute "
-                         f"features from (it has: {', '.join(m for m in MODALITIES if view.has_modality(m)) or 'none'});"
-                         f" choose modalities it has, or add the input to the config and rerun")
+        have = ", ".join(m for m in MODALITIES if view.has_modality(m)) or "none"
+        raise StoreError(f"{view.path}: no {missing[0] if missing else 'stimulus'} in this store to compute features "
+                         f"from (it has: {have}); choose modalities it has, or add the input to the config and rerun")
     return [m for m in MODALITIES if m in want]
 
 

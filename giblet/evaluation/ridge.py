@@ -48,7 +48,7 @@ class RidgeResult:
             the subject's runs, in run order), if asked for.
         fit_s: subject -> seconds spent reading, fitting and scoring.
         solver: subject -> ``"primal"`` or ``"dual"``.
-        skipped: subject -> why it was left out (no training TR).
+        skipped: subject -> why it was left out (fewer than 2 training TRs).
     """
 
     r: dict[str, dict[str, np.ndarray]]
@@ -123,6 +123,7 @@ def _model(n_samples: int, n_features: int, alphas, folds, batch: int):
     from himalaya.kernel_ridge import KernelRidgeCV
     from himalaya.ridge import RidgeCV
 
+    batch = min(batch, 2048)  # himalaya's CV holds (alphas x TRs x batch) predictions at once
     params = {"n_targets_batch": batch, "n_targets_batch_refit": batch}
     if n_samples >= n_features:
         return "primal", RidgeCV(alphas=np.asarray(alphas), fit_intercept=True, cv=folds, solver_params=params)
@@ -207,8 +208,8 @@ def ridge_baseline(store, *, subjects: Optional[list[str]] = None, params: Featu
     for subject in subjects or view.subjects:
         t0 = time.perf_counter()
         train = subject_samples(view, features, subject, "train")
-        if train is None:
-            out.skipped[subject] = "no training TR"
+        if train is None or len(train.y) < 2:
+            out.skipped[subject] = "fewer than 2 training TRs"
             continue
         evals = {s: e for s in splits if (e := subject_samples(view, features, subject, s)) is not None}
         r, best, preds, solver = fit_subject(train, evals, alphas, n_blocks, target_block, predictions)
