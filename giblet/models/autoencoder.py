@@ -81,7 +81,7 @@ class AutoencoderConfig:
     audio_segments: int = 4  # code frames of a TR are pooled into this many segments
     temporal_init: str = "hrf"  # hrf | uniform: start of the fMRI head's temporal filter
     readout: str = "subject"  # subject (shared head + a correction per training subject) | shared
-    readout_rank: int = 16  # rank of each subject's correction (>= d_bottleneck: a full head per subject)
+    readout_rank: int = 8  # rank of each subject's correction (>= d_bottleneck: a full head per subject)
 
 
 def check_model(cfg: AutoencoderConfig, problems: list[str]) -> None:
