@@ -28,7 +28,7 @@ rank, voxel)`` matmul (the subject one-hot times the ``P_k x``), the same for an
 subjects in a batch, so DDP sees every parameter get a gradient every step and
 ``torch.compile`` sees one graph. At Sherlock scale on ``configs/train/gpu.yaml`` (17
 subjects, 69,397 voxels, ``d_bottleneck: 512``, ``readout_rank: 32``) that is
-17 x 32 x (69,397 + 512) = 38.0 M parameters beside the shared head's 35.5 M; full
+17 x 32 x (69,397 + 512) = 38.0 M parameters beside the shared head's 35.6 M; full
 per-subject heads would be 604 M.
 
 The temporal filter (per bottleneck channel, initialised to the Glover HRF) stays shared:
