@@ -10,7 +10,6 @@ import dataclasses
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -116,6 +115,14 @@ def test_per_subject_readouts_learn_maps_a_shared_head_cannot(opposite_study, tr
     shared, _ = trained["shared"]
     assert shared["subjects"]["sub-01"]["mean"] + shared["subjects"]["sub-02"]["mean"] < 0.3, shared["subjects"]
     assert shared["r_mean"] < subject["r_mean"] - 0.3
+
+
+def test_the_studys_truth_is_what_a_linear_model_nearly_reaches(opposite_study):
+    """The generator's achievable r (voxels in store order) bounds the ridge baseline from above."""
+    store, truth = opposite_study
+    ridge = individual_study.ridge_baseline(store)
+    assert list(ridge["subjects"]) == list(NAMES)
+    assert 0.8 * truth["achievable"] < ridge["mean"] < truth["achievable"] + 0.03, (ridge["mean"], truth["achievable"])
 
 
 def _load(run: Path, store: Path, subjects=NAMES) -> tuple:

@@ -14,9 +14,11 @@ targets count as "not predicted" in the summaries rather than being dropped.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
+
+from giblet.errors import InputError
 
 _TINY = 1e-12  # variance (sum of squares) below this counts as none
 
@@ -32,7 +34,7 @@ def pearson_r(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     """
     x, y = np.asarray(pred, dtype=np.float64), np.asarray(target, dtype=np.float64)
     if x.shape != y.shape:
-        raise ValueError(f"pearson_r: pred {x.shape} and target {y.shape} differ; give (tr, target) matrices "
+        raise InputError(f"pearson_r: pred {x.shape} and target {y.shape} differ; give (tr, target) matrices "
                          f"of one shape")
     if x.ndim == 1:
         x, y = x[:, None], y[:, None]
