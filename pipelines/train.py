@@ -33,6 +33,7 @@ import torch
 
 from giblet.data import GibletDataset, GibletLoader
 from giblet.errors import ConfigError, ModalityMissingError
+from giblet.evaluation.metrics import SubjectCorrelation
 from giblet.models.autoencoder import (GibletAutoencoder, ModelSpec, count_parameters, finish_batch,
                                        prepare_batch)
 from giblet.reader import open_store
@@ -42,7 +43,7 @@ from giblet.training.config import (TrainConfig, load_train_config, run_identity
                                     store_fingerprint)
 from giblet.training.diagnostics import (Meter, RunLog, StepProfiler, enforce_scale_check, format_scale_check,
                                          scale_check)
-from giblet.training.losses import COMPONENTS, VoxelCorrelation, check_losses, compute_losses
+from giblet.training.losses import COMPONENTS, check_losses, compute_losses
 from giblet.training.schedule import build_optimizer, build_scheduler, check_warmup, param_groups, resolve_schedule
 from pipelines.errors import one_line_errors
 
@@ -63,45 +64,61 @@ def model_spec(ds: GibletDataset, cfg: TrainConfig, view=None) -> ModelSpec:
                      video=tuple(shapes["video"][0][-4:]) if "video" in ds.modalities else None, audio=audio,
                      text=shapes["text"][0][-1] if "text" in ds.modalities else None,
                      video_stats=view.video_stats() if "video" in ds.modalities else None,
-                     text_stats=view.text_stats() if "text" in ds.modalities else None, audio_loss=cfg.loss.audio)
+                     text_stats=view.text_stats() if "text" in ds.modalities else None, audio_loss=cfg.loss.audio,
+                     subjects=tuple(ds.subjects))
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def to_device(batch: dict, device: torch.device, subjects: Optional[torch.Tensor] = None) -> dict:
+    """The batch on ``device``; ``subjects`` (``model.subject_table(ds.subjects)``) turns the
+    dataset's subject indices into the model's, by name."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if subjects is not None and "subject" in batch:
+        batch["subject"] = subjects[batch["subject"]]
+    return batch
 
 
 @torch.no_grad()
 def validate(model, val_ds: GibletDataset, collate, cfg: TrainConfig, rt: D.Runtime) -> dict:
-    """Loss components and per-voxel Pearson r over the whole val split, summed across ranks."""
+    """Loss components over the val split, and the field's score: Pearson r per voxel and
+    per subject over the subject's val TRs (all ranks' sums), summarized per subject and
+    across subjects (``giblet.evaluation.metrics.per_subject``).
+
+    Returns:
+        ``loss_<component>``; ``r_mean`` (the headline: mean over subjects of each subject's
+        mean r over voxels), ``r_median`` (median of subject medians), ``r_top10`` (mean of
+        subject top-decile means); ``subjects``: ``{name: {"mean", "median", "top10", "n"}}``.
+    """
     model.eval()
+    table = D.unwrap(model).subject_table(val_ds.subjects, rt.device)  # the val set's subjects, by name
     shard = np.array_split(np.arange(len(val_ds)), rt.world.world_size)[rt.world.rank]  # contiguous: whole chunks
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val_ds, shard.tolist()), cfg.data.val_batch_size,
                                          num_workers=cfg.data.num_workers, collate_fn=collate,
                                          generator=torch.Generator())  # leave the global RNG alone
-    corr = VoxelCorrelation(val_ds.n_voxels, rt.device)
+    corr = SubjectCorrelation(len(val_ds.subjects), val_ds.n_voxels, rt.device)
     sums = torch.zeros(len(COMPONENTS) + 1, dtype=torch.float64, device=rt.device)  # n, then components
     for batch in loader:
-        batch = to_device(batch, rt.device)
+        subject = batch["subject"].to(rt.device)  # the val set's index, for the score
+        batch = to_device(batch, rt.device, table)
         with rt.autocast():
             out = model(batch)
             _, parts = compute_losses(out, batch, cfg.loss)
         pred = out["fmri"].float()
         if cfg.loss.fmri_target == "raw":  # r is computed on z-scores either way, through the same ZScorers
             pred = torch.stack([torch.from_numpy(val_ds.scaler(int(s), int(r)).transform(p.cpu().numpy()))
-                                for p, s, r in zip(pred, batch["subject"], batch["run"])]).to(rt.device)
-        corr.update(pred, batch["fmri"])
+                                for p, s, r in zip(pred, subject, batch["run"])]).to(rt.device)
+        corr.update(pred, batch["fmri"], subject)
         n = len(pred)
         sums[0] += n
         for i, k in enumerate(COMPONENTS, 1):
             sums[i] += n * parts[k].double() if k in parts else 0.0
     corr.all_reduce()
     D.all_reduce_sum(sums)
-    r = corr.r().cpu().numpy()
+    score = corr.summary(val_ds.subjects)
     model.train()
     out = {f"loss_{k}": float(sums[i] / sums[0].clamp(min=1)) for i, k in enumerate(COMPONENTS, 1)
            if k == "fmri" or k in val_ds.modalities}
-    top = np.sort(r)[-max(1, len(r) // 10):]
-    return {**out, "r_mean": float(r.mean()), "r_median": float(np.median(r)), "r_top10": float(top.mean())}
+    return {**out, "r_mean": score["mean"], "r_median": score["median"], "r_top10": score["top10"],
+            "subjects": score["subjects"]}
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -151,6 +168,7 @@ def train(cfg: TrainConfig) -> dict:
     accum = cfg.optim.accum_steps
     sched = resolve_schedule(cfg.schedule, loader.batches_per_epoch, accum)
     model = GibletAutoencoder(cfg.model, spec).to(rt.device)
+    train_subjects = model.subject_table(train_ds.subjects, rt.device)  # the identity: the spec is the train set's
     par = D.data_parallel(model, param_groups(model, cfg.optim.weight_decay), rt, cfg.ddp, zero=cfg.optim.zero)
     optimizer, optim_name = build_optimizer(par.param_groups, cfg.optim, rt.device)
     if cfg.optim.zero:
@@ -180,6 +198,7 @@ def train(cfg: TrainConfig) -> dict:
     n_params = count_parameters(model)
     say(f"giblet-train: {rt.world.world_size} process(es) on {rt.device}, autocast {rt.amp_dtype}, "
         f"{n_params / 1e6:.3g} M parameters, optimizer {optim_name}")
+    say(f"fMRI readout: {D.unwrap(model).fmri_head.describe()}")
     say(f"data: {len(train_ds)} train / {len(val_ds)} val samples, {spec.n_voxels} voxels, "
         f"modalities {', '.join(spec.modalities)}, window {spec.window} lag {spec.lag}")
     say(sched.describe())
@@ -230,7 +249,7 @@ def train(cfg: TrainConfig) -> dict:
             first = None
             meter.wait += time.perf_counter() - t0
             meter.samples += len(batch["index"])
-            batch = to_device(batch, rt.device)
+            batch = to_device(batch, rt.device, train_subjects)
             if graphed:  # a new iteration: the graphs may reuse the previous step's output memory
                 torch.compiler.cudagraph_mark_step_begin()
             with par.no_sync(micro < accum - 1), rt.autocast():
@@ -274,7 +293,8 @@ def train(cfg: TrainConfig) -> dict:
             val = validate(eager, val_ds, val_collate, cfg, rt)
             log.write("val", step=step, **val)
             say(f"val @ {step}: r_mean {val['r_mean']:.4f} (median {val['r_median']:.4f}, top 10% "
-                f"{val['r_top10']:.4f}) | fmri loss {val['loss_fmri']:.4g}")
+                f"{val['r_top10']:.4f}; means over subjects) | fmri loss {val['loss_fmri']:.4g} | per subject: "
+                + ", ".join(f"{k} {v['mean']:.3f}" for k, v in val["subjects"].items()))
         if step % cfg.log.ckpt_every == 0 or step == sched.total_steps:
             rngs = D.gather_objects(D.rng_state())  # every rank's, so each resumes its own dropout stream
             optim_state = par.optimizer_state(optimizer)  # ZeRO: every rank's shard, on rank 0

@@ -11,7 +11,8 @@ target TR minus ``lag``, oldest first; see ``giblet.data.context``)::
                                             bottleneck (W, d_bottleneck)   <- shared
                                   /                                              \\
         fMRI head: per-channel temporal filter over W                 decoders: the newest token
-        (initialised to the Glover HRF) -> Linear -> (voxel,)          -> each stimulus modality
+        (initialised to the Glover HRF) -> readout -> (voxel,)         -> each stimulus modality
+        (shared head + the subject's correction; giblet.models.readout)
 
 **fMRI is a target, never an input.** The model is an encoding model: it must predict the
 brain's response from what the subject saw and heard. Given the BOLD it is asked to
@@ -23,6 +24,15 @@ Why the head looks like this: BOLD is a causal convolution of neural activity wi
 slow haemodynamic response (peak ~5 s, undershoot ~15 s), so the voxels are read out
 from an HRF-weighted sum of per-TR latents. The filter starts at the Glover HRF and is
 learned; ``temporal_init: uniform`` starts it flat instead.
+
+Why the readout is per subject: brains differ, and a head shared by every subject predicts
+their average (on a study where each subject has its own voxel weights that is ~1/sqrt(S)
+of what is achievable). ``readout: subject`` (the default) adds a centred low-rank
+correction per training subject to one shared head, so the shared head is exactly the
+average subject and is what a subject unseen in training gets; ``readout: shared`` keeps
+the shared head only. Design, parameter cost and the temporal filter's place:
+:mod:`giblet.models.readout`. The batch's ``subject`` holds indices into
+``ModelSpec.subjects``; map a dataset's by name (:meth:`GibletAutoencoder.subject_table`).
 
 Why the decoders read the newest token: the reconstructions keep the bottleneck a
 description of the stimulus (the autoencoder part) without asking one vector to hold a
@@ -50,6 +60,7 @@ from giblet.data.context import frame_indices
 from giblet.data.frames import pool_frames
 from giblet.errors import ConfigError
 from giblet.hrf import hrf_kernel  # the one Glover kernel (dataset, model, synth); re-exported by giblet.models
+from giblet.models.readout import READOUTS, SubjectReadout, subject_table
 
 TEMPORAL_INITS = ("hrf", "uniform")
 
@@ -69,11 +80,14 @@ class AutoencoderConfig:
     audio_embed: int = 32  # per-codebook code embedding width
     audio_segments: int = 4  # code frames of a TR are pooled into this many segments
     temporal_init: str = "hrf"  # hrf | uniform: start of the fMRI head's temporal filter
+    readout: str = "subject"  # subject (shared head + a correction per training subject) | shared
+    readout_rank: int = 8  # rank of each subject's correction (>= d_bottleneck: a full head per subject)
 
 
 def check_model(cfg: AutoencoderConfig, problems: list[str]) -> None:
     """Append one message per bad value to ``problems``."""
-    for name in ("d_model", "n_heads", "d_bottleneck", "video_frames", "audio_embed", "audio_segments"):
+    for name in ("d_model", "n_heads", "d_bottleneck", "video_frames", "audio_embed", "audio_segments",
+                 "readout_rank"):
         value = getattr(cfg, name)
         if not (isinstance(value, int) and value >= 1):
             problems.append(f"model.{name}: must be an integer >= 1, got {value!r}")
@@ -87,6 +101,8 @@ def check_model(cfg: AutoencoderConfig, problems: list[str]) -> None:
         problems.append(f"model.dropout: must be in [0, 1), got {cfg.dropout}")
     if cfg.temporal_init not in TEMPORAL_INITS:
         problems.append(f"model.temporal_init: must be one of {', '.join(TEMPORAL_INITS)}, got {cfg.temporal_init!r}")
+    if cfg.readout not in READOUTS:
+        problems.append(f"model.readout: must be one of {', '.join(READOUTS)}, got {cfg.readout!r}")
 
 
 @dataclass(frozen=True)
@@ -103,6 +119,8 @@ class ModelSpec:
         video_stats, text_stats: the store's ``(mean, std)`` (per channel over [0, 1]
             pixels; per embedding dim), used to z-score inside the model.
         audio_loss: ``"ce"`` (logits) or ``"mse"`` (the prototype's float regression).
+        subjects: the training subjects' names, in the order of the per-subject readouts
+            (a checkpoint's weights fit only the same list).
     """
 
     n_voxels: int
@@ -115,6 +133,7 @@ class ModelSpec:
     video_stats: Optional[tuple] = None
     text_stats: Optional[tuple] = None
     audio_loss: str = "ce"
+    subjects: tuple[str, ...] = ()
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -260,9 +279,8 @@ class GibletAutoencoder(nn.Module):
         self.trunk = nn.TransformerEncoder(layer, cfg.n_layers, enable_nested_tensor=False) if cfg.n_layers else nn.Identity()
         self.bottleneck = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, db))
         self.temporal = nn.Parameter(self._temporal_init(n_tok).repeat(db, 1))  # (d_bottleneck, W)
-        self.fmri_head = nn.Linear(db, spec.n_voxels)
-        nn.init.zeros_(self.fmri_head.weight)  # start at the z-scored mean: the fMRI loss starts at ~1
-        nn.init.zeros_(self.fmri_head.bias)
+        n_subjects = len(spec.subjects) if cfg.readout == "subject" else 0
+        self.fmri_head = SubjectReadout(db, spec.n_voxels, n_subjects, cfg.readout_rank)
 
     def _temporal_init(self, n_tok: int) -> torch.Tensor:
         if self.cfg.temporal_init == "uniform":
@@ -271,6 +289,12 @@ class GibletAutoencoder(nn.Module):
         delays = self.spec.lag + np.arange(n_tok)[::-1]  # token w is (lag + W-1-w) TRs before the target
         w = np.where(delays < len(kernel), kernel[np.minimum(delays, len(kernel) - 1)], 0.0)
         return torch.tensor(w, dtype=torch.float32)
+
+    def subject_table(self, names, device=None) -> torch.Tensor:
+        """A dataset's subject indices -> this model's, by name (-1: unseen, the shared
+        prediction): ``batch["subject"] = table[batch["subject"]]``; see
+        :func:`giblet.models.readout.subject_table`."""
+        return subject_table(self.spec.subjects, names, device)
 
     # -- forward -------------------------------------------------------------------------------
     def encode(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -290,9 +314,13 @@ class GibletAutoencoder(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Returns ``fmri`` ``(batch, voxel)``, ``recon_<m>`` for each stimulus modality (of the
-        newest TR) and ``target_<m>`` (the z-scored, pooled stimulus they are compared with)."""
+        newest TR) and ``target_<m>`` (the z-scored, pooled stimulus they are compared with).
+
+        ``batch["subject"]`` ``(batch,)`` int64: indices into ``spec.subjects`` (map a
+        dataset's with :meth:`subject_table`); -1, or no ``subject`` key: the shared
+        (average-subject) prediction."""
         z, normalized = self.encode(batch)
-        out = {"fmri": self.fmri_head(torch.einsum("bwd,dw->bd", z, self.temporal))}
+        out = {"fmri": self.fmri_head(torch.einsum("bwd,dw->bd", z, self.temporal), batch.get("subject"))}
         last = z[:, -1]
         for m in self.spec.modalities:
             out[f"recon_{m}"] = getattr(self, f"dec_{m}")(last)

@@ -162,8 +162,11 @@ def check_shape(state: dict, shape: dict, path: str | os.PathLike = FILENAME) ->
     """Refuse weights made for a model of another shape (one line: what differs, the fix)."""
     diff = _diff(state["shape"], shape)
     if diff:
-        raise ConfigError(f"{path}: its weights fit another model ({diff}); restore those settings or that store, "
-                          f"or train from scratch with another out=")
+        why = ""
+        if state["shape"].get("subjects", []) != shape.get("subjects", []):  # the per-subject readouts' order
+            why = " (one readout per training subject, in order: select the checkpoint's with data.subjects)"
+        raise ConfigError(f"{path}: its weights fit another model ({diff}){why}; restore those settings or that "
+                          f"store, or train from scratch with another out=")
 
 
 def _diff(saved: dict, now: dict, prefix: str = "") -> str:

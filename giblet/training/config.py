@@ -155,8 +155,11 @@ def run_identity(cfg: TrainConfig, world_size: int, store_fp: str) -> dict:
 def shape_identity(spec: ModelSpec, model: AutoencoderConfig) -> dict:
     """What the model's parameter shapes depend on: weights fit only a model with the same."""
     sizes = {k: v for k, v in dataclasses.asdict(model).items() if k not in _NOT_SHAPE}
-    return _plain({"n_voxels": spec.n_voxels, "window": spec.window, "lag": spec.lag, "video": spec.video,
-                   "audio": spec.audio, "text": spec.text, "audio_loss": spec.audio_loss, "model": sizes})
+    shape = {"n_voxels": spec.n_voxels, "window": spec.window, "lag": spec.lag, "video": spec.video,
+             "audio": spec.audio, "text": spec.text, "audio_loss": spec.audio_loss, "model": sizes}
+    if model.readout == "subject":  # one readout per training subject, in this order
+        shape["subjects"] = list(spec.subjects)
+    return _plain(shape)
 
 
 def _plain(obj) -> dict:

@@ -8,8 +8,11 @@ The log is JSON lines (``<run>/log.jsonl``), one object per record, each with a 
   optimizer applied), ``loss`` (weighted total), ``loss_<component>`` (unweighted),
   ``grad_norm`` (total, before clipping), ``grad_norm_<module>`` (per top-level module),
   ``data_wait`` (fraction of the interval spent waiting for batches), ``samples_per_s``;
-- ``val``: ``step``, ``loss_<component>``, ``r_mean`` (mean per-voxel Pearson r over the
-  mask), ``r_median``, ``r_top10`` (mean of the best 10 % of voxels);
+- ``val``: ``step``, ``loss_<component>``, and Pearson r per voxel computed per subject on
+  its val TRs (``giblet.evaluation.metrics``): ``r_mean`` (mean over subjects of each
+  subject's mean r over the mask), ``r_median`` (median of subject medians), ``r_top10``
+  (mean of subject means of their best 10 % of voxels), ``subjects`` (``{name: {"mean",
+  "median", "top10", "n"}}``);
 - ``profile`` (with ``log.profile_steps``): wall and device-busy ms per step, NCCL ms per
   step and the top operators (:class:`StepProfiler`; each rank's table in ``profile_rank{R}.txt``);
 - ``resume``, ``end``.

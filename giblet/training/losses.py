@@ -1,4 +1,4 @@
-"""Losses that are comparable by construction, and the val metric (per-voxel Pearson r).
+"""Losses that are comparable by construction (the val metric: giblet.evaluation.metrics).
 
 Each component starts near a known scale, so a weight means what it says:
 
@@ -121,40 +121,3 @@ def compute_losses(outputs: dict, batch: dict, cfg: LossConfig) -> tuple[torch.T
             parts["audio"] = masked_mse(outputs["recon_audio"], tgt["audio"].float(), valid)
     total = sum(cfg.weights.get(k, 0.0) * v for k, v in parts.items())
     return total, parts
-
-
-class VoxelCorrelation:
-    """Per-voxel Pearson r of predictions against targets, accumulated over batches and ranks.
-
-    Keeps float64 sums ``n, x, y, xx, yy, xy`` per voxel, so the result is exact whatever
-    the batching, and :meth:`all_reduce` sums them over ranks (the r of the whole val split,
-    not an average of rank-local r).
-    """
-
-    def __init__(self, n_voxels: int, device: torch.device | str = "cpu"):
-        self.sums = torch.zeros(6, n_voxels, dtype=torch.float64, device=device)
-
-    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """Add ``(batch, voxel)`` predictions and targets."""
-        x, y = pred.detach().double(), target.detach().double()
-        self.sums[0] += x.shape[0]
-        self.sums[1] += x.sum(0)
-        self.sums[2] += y.sum(0)
-        self.sums[3] += (x * x).sum(0)
-        self.sums[4] += (y * y).sum(0)
-        self.sums[5] += (x * y).sum(0)
-
-    def all_reduce(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.sums)
-
-    def r(self) -> torch.Tensor:
-        """``(voxel,) float64``; 0 where either side has no variance."""
-        n, sx, sy, sxx, syy, sxy = self.sums
-        cov = sxy - sx * sy / n.clamp(min=1)
-        vx = (sxx - sx * sx / n.clamp(min=1)).clamp(min=0)
-        vy = (syy - sy * sy / n.clamp(min=1)).clamp(min=0)
-        den = (vx * vy).sqrt()
-        return torch.where(den > 1e-12, cov / den.clamp(min=1e-300), torch.zeros_like(den))
