@@ -18,7 +18,7 @@ import giblet
 from giblet.errors import ConfigError, StoreError
 from giblet.evaluation.features import (FeatureParams, audio_histograms, default_delays, fir, store_features,
                                         text_features, video_features)
-from giblet.evaluation.ridge import _pearson_r, cv_folds, ridge_baseline
+from giblet.evaluation.ridge import cv_folds, ridge_baseline
 from tests.test_cli import cli
 
 SHAPE, TR, FPS = (4, 3, 2), 1.5, 8
@@ -178,11 +178,3 @@ def test_cv_folds_never_shuffle_trs():
     assert tests == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     for train, test in blocks:
         assert sorted(np.concatenate([train, test]).tolist()) == list(range(10))
-
-
-def test_pearson_r_matches_numpy():
-    rng = np.random.default_rng(1)
-    a, b = rng.normal(size=(20, 4)), rng.normal(size=(20, 4))
-    b[:, 3] = 7.0  # no variance: 0
-    want = [np.corrcoef(a[:, j], b[:, j])[0, 1] for j in range(3)] + [0]
-    np.testing.assert_allclose(_pearson_r(a, b), want, atol=1e-6)

@@ -7,6 +7,9 @@ mean and hides subjects the model fails on.
 
 - :mod:`giblet.evaluation.metrics`: the r per target and its summaries (numpy), and the
   torch accumulator the trainer validates with (:class:`~giblet.evaluation.metrics.SubjectCorrelation`).
+- :mod:`giblet.evaluation.features`: the store's stimulus features per TR, FIR-delayed within runs.
+- :mod:`giblet.evaluation.ridge`: the per-subject ridge baseline (himalaya), scored the same way.
+- :mod:`giblet.evaluation.ceiling`: the leave-one-subject-out ISC noise ceiling, cached in the store.
 
 Library code: numpy, scipy, nilearn; torch only where a docstring says so. No argparse, no
 Dask client at import.

@@ -31,6 +31,7 @@ import numpy as np
 
 from giblet.errors import StoreError
 from giblet.evaluation.features import FeatureParams, StoreFeatures, store_features
+from giblet.evaluation.metrics import pearson_r
 
 DEFAULT_ALPHAS = tuple(float(a) for a in 10.0 ** np.arange(-2, 8))  # 1e-2 .. 1e7
 EVAL_SPLITS = ("val", "test")
@@ -67,16 +68,6 @@ class Samples:
     x: np.ndarray
     y: np.ndarray
     lengths: list[int]
-
-
-def _pearson_r(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Pearson r per column of ``(tr, target)`` arrays -> ``(target,) float32``; 0 where either
-    side has no variance. (Private stand-in for ``giblet.evaluation.metrics.pearson_r``.)"""
-    p = np.asarray(pred, np.float64)
-    t = np.asarray(target, np.float64)
-    p, t = p - p.mean(0), t - t.mean(0)
-    den = np.sqrt((p * p).sum(0) * (t * t).sum(0))
-    return np.where(den > 0, (p * t).sum(0) / np.where(den > 0, den, 1), 0).astype(np.float32)
 
 
 def subject_samples(view, features: StoreFeatures, subject: str, split: str) -> Optional[Samples]:
@@ -162,7 +153,7 @@ def fit_subject(train: Samples, evals: dict[str, Samples], alphas=DEFAULT_ALPHAS
         best[cols] = backend.to_numpy(model.best_alphas_)
         for s, e in evals.items():
             preds[s][:, cols] = backend.to_numpy(model.predict(e.x))
-    r = {s: _pearson_r(preds[s], e.y) for s, e in evals.items()}
+    r = {s: pearson_r(preds[s], e.y).astype(np.float32) for s, e in evals.items()}
     return r, best, (preds if keep_predictions else None), solver
 
 
