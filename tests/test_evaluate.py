@@ -165,22 +165,29 @@ def test_nifti_maps_round_trip_onto_the_store_mask(run, store, evaluated):
             assert not data[~mask].any()
 
 
-def figure_is_drawn(path: Path) -> None:
+# Least fraction of coloured (saturated) pixels: the voxels and colour bar of the glass brains,
+# the violins, the scatter's points. Axes, text, the black dots and gray lines are not coloured.
+COLOURED = {"glass_brain": 0.001, "per_subject": 0.01, "r_vs_ceiling": 0.003}
+
+
+def figure_is_drawn(path: Path, coloured: float) -> None:
     img = mpimg.imread(path)[..., :3]
     assert img.shape[0] >= 200 and img.shape[1] >= 300, img.shape
     pixels = (img.reshape(-1, 3) * 255).round().astype(np.uint8)
     colours, counts = np.unique(pixels, axis=0, return_counts=True)
-    # a figure holding only a title and empty axes leaves < 1 % off the background colour
+    # a figure holding only a title leaves < 1 % off the background colour
     assert 1 - counts.max() / counts.sum() > 0.03 and len(colours) > 50, (path, len(colours))
+    saturated = (img.max(-1) - img.min(-1)) > 0.12
+    assert saturated.mean() > coloured, (path, saturated.mean())
 
 
 def test_figures_exist_and_are_drawn(run, evaluated):
     _, summary = evaluated
     figures = summary["files"]["figures"]
-    assert set(figures) == {"glass_brain", "per_subject", "r_vs_ceiling"}
-    for path in figures.values():
+    assert set(figures) == set(COLOURED)
+    for name, path in figures.items():
         assert Path(path).parent == (run / "evaluation-val").resolve()
-        figure_is_drawn(Path(path))
+        figure_is_drawn(Path(path), COLOURED[name])
 
 
 def test_the_ridge_baseline_without_ceiling_in_the_default_folder(store, tmp_path):
