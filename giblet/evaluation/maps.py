@@ -109,7 +109,8 @@ def plot_glass_brains(images: Mapping[str, object], path: str | Path, title: str
     fig = plt.figure(figsize=(4.2 * cols, 1.9 * rows + 0.5))
     for i, (name, img) in enumerate(images.items()):
         ax = fig.add_subplot(rows, cols, i + 1)
-        plotting.plot_glass_brain(img, axes=ax, figure=fig, title=name, plot_abs=False, threshold=None,
+        # threshold: exact zeros (outside the mask) stay transparent
+        plotting.plot_glass_brain(img, axes=ax, figure=fig, title=name, plot_abs=False, threshold=1e-6,
                                   vmin=-vmax, vmax=vmax, cmap="cold_hot", colorbar=i == len(images) - 1,
                                   annotate=False)
     fig.suptitle(title, fontsize=10)
