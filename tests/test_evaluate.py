@@ -247,3 +247,17 @@ def test_errors_are_one_line(run, store, tmp_path):
 def test_usage_errors_exit_2(args):
     r = cli(*args)
     assert r.returncode == 2 and r.stderr.splitlines()[-1].startswith("giblet-evaluate: error: "), r.stderr
+
+
+def test_ceiling_fraction_by_hand():
+    from giblet.evaluation.metrics import ceiling_fraction
+
+    r = np.array([0.2, 0.4, 0.3, 0.9, 0.5])
+    c = np.array([0.5, 0.05, -0.2, np.nan, 0.8])  # voxel 3 has no ceiling; voxel 2 a negative one
+    got = ceiling_fraction(r, c)
+    assert got["fraction"] == pytest.approx((0.2 + 0.4 + 0.5) / 3 / ((0.5 + 0.05 + 0.8) / 3))
+    assert got["voxel_fraction_median"] == pytest.approx(np.median([0.2 / 0.5, 0.5 / 0.8]))  # c > 0.1 only
+    assert (got["n_positive"], got["n_above_floor"]) == (3, 2)
+    assert got["mean"] == pytest.approx(np.mean([0.5, 0.05, -0.2, 0.8]))
+    none = ceiling_fraction(r, np.full(5, -0.1))
+    assert np.isnan(none["fraction"]) and np.isnan(none["voxel_fraction_median"]) and none["n_positive"] == 0
