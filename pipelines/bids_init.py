@@ -105,7 +105,7 @@ def _n_trs(nib, path: Path) -> str:
 
 def _c(text: str, comment: str = "") -> str:
     """A config line with its comment aligned."""
-    return f"{text:<34}# {comment}" if comment else text
+    return f"{text:<33} # {comment}" if comment else text
 
 
 def config_text(study: BidsStudy, b: BidsConfig, space: Optional[str], audio: tuple) -> str:

@@ -53,10 +53,10 @@ class FmriStage(Stage):
         for s, r in pairs:
             key = f"fmri/{s}/{r}" if p.zscore == "run" else f"fmri/{s}"
             groups.setdefault(key, []).append((s, r))
-        units = [mask]
+        units, mask_fp = [mask], mask.fingerprint  # once: it hashes every run's mask file with fmriprep
         for key, members in groups.items():
-            units.append(self._unit(ctx, key, members, pairs, lengths, header_tr, mask, subj_params, upstream,
-                                    confound_files))
+            units.append(self._unit(ctx, key, members, pairs, lengths, header_tr, mask, mask_fp, subj_params,
+                                    upstream, confound_files))
         return units
 
     def _mask_unit(self, ctx: PlanContext, pairs: dict, ref_label: str, ref_path: Path, ref_img, params: dict) -> Unit:
@@ -70,7 +70,7 @@ class FmriStage(Stage):
         if p.mask_strategy == "fmriprep":
             masks = [(f"{s}/{r}", str(derivative_file(path, "brain", "mask", ".nii.gz"))) for (s, r), path in pairs.items()]
             for label, path in masks:
-                fmri.load_mask(path, label, ref_img, ref_label)
+                fmri.load_mask(path, label, ref_img, ref_label, load=False)
             inputs = {f"mask/{label}": ctx.file_fp(Path(path)) for label, path in masks}
         elif mask_file:
             inputs = {"mask_file": ctx.file_fp(mask_file)}
@@ -89,7 +89,7 @@ class FmriStage(Stage):
                     label="fMRI mask")
 
     def _unit(self, ctx: PlanContext, key: str, members: list, pairs: dict, lengths: dict, header_tr: dict,
-              mask: Unit, params: dict, upstream: dict, confound_files: dict) -> Unit:
+              mask: Unit, mask_fp: str, params: dict, upstream: dict, confound_files: dict) -> Unit:
         cfg, p = ctx.cfg, ctx.cfg.fmri
         subject = members[0][0]
         run_names = [r for _, r in members]
@@ -124,7 +124,7 @@ class FmriStage(Stage):
 
         inputs = ({"bold": ctx.file_fp(pairs[members[0]])} if len(members) == 1 and p.zscore == "run"
                   else {f"bold/{r}": ctx.file_fp(pairs[subject, r]) for r in run_names})
-        inputs["mask"] = mask.fingerprint
+        inputs["mask"] = mask_fp
         for r in run_names if confound_files else ():  # the table nilearn reads, and its JSON (CompCor's metadata)
             tsv = confound_files[subject, r]
             inputs[f"confounds/{r}"] = ctx.file_fp(tsv)

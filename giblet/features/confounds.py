@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import difflib
-import inspect
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -35,7 +34,10 @@ from giblet.errors import InputError, InputMissingError
 PRESETS = ("simple", "scrubbing", "compcor", "ica_aroma")
 COMPONENTS = ("motion", "high_pass", "wm_csf", "global_signal", "compcor", "ica_aroma", "tedana", "scrub",
               "non_steady_state")
-RESERVED = ("img_files", "strategy", "denoise_strategy")
+# load_confounds' keyword arguments besides img_files and strategy (checked against nilearn's
+# signature by a test): validated at config load without importing nilearn (~1.5 s of sklearn).
+OPTIONS = ("motion", "scrub", "fd_threshold", "std_dvars_threshold", "wm_csf", "global_signal", "compcor",
+           "n_compcor", "ica_aroma", "tedana", "demean")
 
 
 def active(c) -> bool:
@@ -64,12 +66,11 @@ def settings_problems(c) -> list[str]:
                         f"{', '.join(COMPONENTS)}")
     if c.options and not active(c):
         problems.append("fmri.confounds.options: given without fmri.confounds.strategy or .components; set one")
-    known = [p for p in inspect.signature(_functions()[0]).parameters if p not in RESERVED] if c.options else []
     for key in c.options:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
+        if key not in OPTIONS:
+            close = difflib.get_close_matches(key, OPTIONS, n=1)
             problems.append(f"fmri.confounds.options.{key}: not an option of nilearn's load_confounds"
-                            + (f"; did you mean {close[0]!r}?" if close else f" ({', '.join(known)})"))
+                            + (f"; did you mean {close[0]!r}?" if close else f" ({', '.join(OPTIONS)})"))
     return problems
 
 
@@ -80,20 +81,23 @@ def describe(c) -> dict:
 
 
 def confounds_file(bold: str | Path, label: str) -> Path:
-    """The ``desc-confounds_timeseries.tsv`` nilearn reads for ``bold`` (its own rule).
+    """The fMRIPrep confounds table of ``bold``: beside it, the BOLD's entities without
+    ``space``/``res``/``den``/``desc``, ``desc-confounds_timeseries.tsv`` (fMRIPrep >= 20.2) or
+    ``desc-confounds_regressors.tsv`` (older). :func:`load` checks that nilearn reads this file.
 
     Raises:
-        InputMissingError: there is none (or more than one) beside the BOLD file.
+        InputMissingError: neither exists.
     """
-    from nilearn.interfaces.fmriprep.load_confounds_utils import get_confounds_file
+    from giblet.bids import derivative_file
 
-    try:
-        return Path(get_confounds_file(str(bold), flag_full_aroma=False, flag_tedana=False))
-    except ValueError as exc:
-        first = str(exc).splitlines()[0]
-        raise InputMissingError(f"{label}: no fMRIPrep confounds file for {bold} ({first}); fmri.confounds needs "
-                                f"fMRIPrep's *_desc-confounds_timeseries.tsv beside the BOLD -- point bids.derivatives "
-                                f"at the fMRIPrep output, or drop fmri.confounds") from None
+    tried = [derivative_file(bold, "confounds", kind, ".tsv", drop=("space", "res", "den"))
+             for kind in ("timeseries", "regressors")]
+    found = next((p for p in tried if p.is_file()), None)
+    if found is None:
+        raise InputMissingError(f"{label}: no fMRIPrep confounds file {tried[0]} beside the BOLD {Path(bold).name}; "
+                                f"fmri.confounds needs fMRIPrep's *_desc-confounds_timeseries.tsv -- point "
+                                f"bids.derivatives at the fMRIPrep output, or drop fmri.confounds")
+    return found
 
 
 def load(bold: str | Path, c, n_file: int, n: int, label: str) -> tuple[np.ndarray, np.ndarray]:
@@ -110,8 +114,17 @@ def load(bold: str | Path, c, n_file: int, n: int, label: str) -> tuple[np.ndarr
         InputError: nilearn cannot build the confounds (missing columns, a wrong option), or
             the table's length differs from the BOLD's, or every served TR is censored.
     """
+    from nilearn.interfaces.fmriprep.load_confounds_utils import get_confounds_file
+
     load_confounds, load_strategy = _functions()
     tsv = confounds_file(bold, label)
+    try:
+        theirs = Path(get_confounds_file(str(bold), flag_full_aroma=False, flag_tedana=False))
+    except ValueError as exc:  # e.g. two candidate tables
+        theirs = f"none ({str(exc).splitlines()[0]})"
+    if theirs != tsv:  # the fingerprint hashes ours: they must be the same file
+        raise InputError(f"{label}: nilearn would read the confounds {theirs}, giblet hashed {tsv}; keep one fMRIPrep "
+                         f"confounds table beside {Path(bold).name}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
