@@ -64,7 +64,7 @@ def parse_name(name: str) -> Optional[BidsName]:
     stem, dot, ext = name.partition(".")
     parts = stem.split("_")
     pairs = [_PAIR.fullmatch(p) for p in parts[:-1]]
-    if not parts[-1].isalnum() or not all(pairs) or len({m.group(1) for m in pairs}) != len(pairs):
+    if not pairs or not parts[-1].isalnum() or not all(pairs) or len({m.group(1) for m in pairs}) != len(pairs):
         return None
     return BidsName(tuple((m.group(1), m.group(2)) for m in pairs), parts[-1], dot + ext)
 
