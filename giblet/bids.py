@@ -1,7 +1,7 @@
 """BIDS and fMRIPrep derivatives as input: the one place file names are parsed.
 
 A ``bids:`` config block is expanded at load time into the ``runs:`` block every stage
-reads (:func:`expand_config`), so the store layout, fingerprints and incremental rebuilds
+reads (``giblet.config``, with :func:`discover`), so the store layout, fingerprints and incremental rebuilds
 are those of a hand-written config. Discovery (:func:`discover`):
 
 - **Files**: ``<root>/sub-<s>/[ses-<x>/]func/`` is listed with ``os.scandir`` (and the same
@@ -27,7 +27,6 @@ discovery and planning together, and it brings ten more dependencies (docs/bids.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import re
@@ -408,34 +407,7 @@ def _movies(root: Path, runs: dict[str, dict[str, Scan]], given: dict[str, Path]
     return out
 
 
-# -- the config block --------------------------------------------------------------------------------
-def expand_config(cfg, raw: dict, problems: list[str]):
-    """``cfg`` with its ``bids`` block expanded into ``runs`` and ``tr_s`` (config load time).
-
-    Raises:
-        InputError: the first discovery problem (the count of others, and ``init`` lists all).
-    """
-    from giblet.config import RunConfig
-
-    b = cfg.bids
-    if b is None:
-        return cfg
-    if cfg.runs or any((cfg.inputs.fmri, cfg.inputs.movie, cfg.inputs.audio, cfg.inputs.annotations)):
-        problems.append("bids: give either a `bids` block or a `runs` / `inputs` block, not both (the bids block "
-                        "writes the runs); drop one")
-        return cfg
-    if b.root is None:
-        problems.append("bids.root: not set; give the BIDS dataset folder (e.g. bids.root: /data/ds001132)")
-        return cfg
-    study = discover(b, cfg.input_path(b.root), cfg.input_path(b.derivatives),
-                     {r: cfg.input_path(p) for r, p in b.stimuli.items()}, cfg.tr_s if "tr_s" in raw else None)
-    raise_problems(study)
-    runs = {name: RunConfig(fmri={s: str(scan.bold) for s, scan in scans.items()},
-                            movie=None if study.movies[name] is None else str(study.movies[name]))
-            for name, scans in study.runs.items()}
-    return dataclasses.replace(cfg, runs=runs, tr_s=study.tr_s)
-
-
+# -- errors and fMRIPrep siblings -------------------------------------------------------------------
 def raise_problems(study: BidsStudy) -> None:
     if study.problems:
         more = len(study.problems) - 1

@@ -386,12 +386,31 @@ def _check_values(cfg: StudyConfig, problems: list[str]) -> None:
 
 
 def _expand(cfg: StudyConfig, raw: dict, problems: list[str]) -> StudyConfig:
-    """A ``bids`` block written into ``runs`` and ``tr_s`` (``giblet.bids``), before the checks."""
-    if cfg.bids is None:
-        return cfg
-    from giblet.bids import expand_config
+    """A ``bids`` block written into ``runs`` and ``tr_s`` (``giblet.bids.discover``), before the
+    checks; ``raw`` tells whether the config gives ``tr_s`` (then checked against the sidecars).
 
-    return expand_config(cfg, raw, problems)
+    Raises:
+        InputError: the dataset's first problem (the count of others; ``init`` lists them all).
+    """
+    b = cfg.bids
+    if b is None:
+        return cfg
+    from giblet.bids import discover, raise_problems
+
+    if cfg.runs or any((cfg.inputs.fmri, cfg.inputs.movie, cfg.inputs.audio, cfg.inputs.annotations)):
+        problems.append("bids: give either a `bids` block or a `runs` / `inputs` block, not both (the bids block "
+                        "writes the runs); drop one")
+        return cfg
+    if b.root is None:
+        problems.append("bids.root: not set; give the BIDS dataset folder (e.g. bids.root: /data/ds001132)")
+        return cfg
+    study = discover(b, cfg.input_path(b.root), cfg.input_path(b.derivatives),
+                     {r: cfg.input_path(p) for r, p in b.stimuli.items()}, cfg.tr_s if "tr_s" in raw else None)
+    raise_problems(study)
+    runs = {name: RunConfig(fmri={s: str(scan.bold) for s, scan in scans.items()},
+                            movie=None if study.movies[name] is None else str(study.movies[name]))
+            for name, scans in study.runs.items()}
+    return dataclasses.replace(cfg, runs=runs, tr_s=study.tr_s)
 
 
 def parse_config(raw: dict, config_path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> StudyConfig:
