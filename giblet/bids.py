@@ -148,17 +148,21 @@ def applicable(listing: Listing, func: Path, ents: dict, suffix: str, ext: str) 
     return [p for *_, p in sorted(found)]
 
 
-_JSON_CACHE: dict[Path, dict] = {}
+_JSON_CACHE: dict[tuple, dict] = {}  # (path, size, mtime): a top-level sidecar is read once for 1,000 runs
 
 
 def read_json(path: Path) -> dict:
-    if path not in _JSON_CACHE:
-        try:
-            _JSON_CACHE[path] = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{path}: not a readable JSON sidecar ({type(exc).__name__}: {exc}); fix or "
-                             f"remove the file") from None
-    return _JSON_CACHE[path]
+    try:
+        st = path.stat()
+        key = (path, st.st_size, st.st_mtime_ns)
+        if key not in _JSON_CACHE:
+            _JSON_CACHE[key] = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable JSON sidecar ({type(exc).__name__}: {exc}); fix or "
+                         f"remove the file") from None
+    if not isinstance(_JSON_CACHE[key], dict):
+        raise InputError(f"{path}: a sidecar must hold a JSON object ({{\"RepetitionTime\": 1.5, ...}}); fix the file")
+    return _JSON_CACHE[key]
 
 
 def repetition_time(bold: Path, raw: Listing, raw_func: Path, raw_ents: dict) -> tuple[Optional[float], list[Path]]:
@@ -189,9 +193,13 @@ def stimulus_of(events: Path) -> tuple[Optional[str], Optional[float]]:
     Raises:
         InputError: it names more than one stimulus file (giblet serves one movie per run).
     """
-    with open(events, newline="") as fh:
-        rows = list(csv.DictReader(fh, delimiter="\t"))
-    named = [(r.get("stim_file", "").strip(), r.get("onset", "")) for r in rows]
+    try:
+        with open(events, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{events}: not a readable events table ({type(exc).__name__}: {exc}); fix or remove "
+                         f"the file") from None
+    named = [((r.get("stim_file") or "").strip(), r.get("onset") or "") for r in rows]
     named = [(s, o) for s, o in named if s not in _NA]
     files = list(dict.fromkeys(s for s, _ in named))
     if len(files) > 1:
@@ -282,6 +290,34 @@ def _select(b, source: Listing, derivative: bool, problems: list[str]) -> list[t
     return found
 
 
+def _collect(b, raw: Listing, source: Listing, derivative: bool,
+             problems: list[str]) -> tuple[dict[str, dict[str, Scan]], dict[str, dict]]:
+    """Every selected BOLD as a :class:`Scan` (run -> subject -> scan), and each run's entities."""
+    runs: dict[str, dict[str, Scan]] = {}
+    entities: dict[str, dict] = {}
+    for name, path, func in _select(b, source, derivative, problems):
+        ents = name.ents
+        run, subject = run_name(ents, b.session_in_run), f"sub-{ents['sub']}"
+        other = runs.setdefault(run, {}).get(subject)
+        if other is not None:
+            theirs = parse_name(other.bold.name).ents
+            differ = sorted(k for k in set(ents) | set(theirs) if ents.get(k) != theirs.get(k))
+            problems.append(f"{subject}/{run}: two BOLD files match, {other.bold} and {path} (they differ in "
+                            f"{', '.join(differ)}); narrow the selection, e.g. bids.entities.{differ[0]}: LABEL"
+                            + (" or bids.session_in_run: true" if "ses" in differ else ""))
+            continue
+        entities[run] = {k: v for k, v in ents.items() if k != "sub" and k not in DERIVED}
+        raw_ents = {k: v for k, v in ents.items() if k not in DERIVED}
+        raw_func = raw.root / func.relative_to(source.root)
+        scan = Scan(subject, run, path, *repetition_time(path, raw, raw_func, raw_ents))
+        chain = applicable(raw, raw_func, raw_ents, "events", ".tsv")
+        if chain:
+            scan.events = chain[-1]
+            scan.stim_file, scan.onset = stimulus_of(scan.events)
+        runs[run][subject] = scan
+    return runs, entities
+
+
 def discover(b, root: Path, derivatives: Optional[Path] = None, stimuli: Optional[dict[str, Path]] = None,
              config_tr_s: Optional[float] = None) -> BidsStudy:
     """Find subjects, runs, TRs and movies of a BIDS dataset (see the module docstring).
@@ -303,31 +339,9 @@ def discover(b, root: Path, derivatives: Optional[Path] = None, stimuli: Optiona
             raise InputMissingError(f"{what}: {path} is not a folder; point {what} at the dataset (the folder holding "
                                     f"sub-*/ and dataset_description.json)")
     raw = list_dataset(root)
-    source = list_dataset(derivatives) if derivatives else raw
     problems, notes = [], []
-    runs: dict[str, dict[str, Scan]] = {}
-    entities: dict[str, dict] = {}
-    for name, path, func in _select(b, source, derivatives is not None, problems):
-        ents = name.ents
-        run, subject = run_name(ents, b.session_in_run), f"sub-{ents['sub']}"
-        other = runs.setdefault(run, {}).get(subject)
-        if other is not None:
-            differ = sorted({k for k in set(ents) | set(parse_name(other.bold.name).ents)
-                             if ents.get(k) != parse_name(other.bold.name).ents.get(k)})
-            problems.append(f"{subject}/{run}: two BOLD files match, {other.bold} and {path} (they differ in "
-                            f"{', '.join(differ)}); narrow the selection, e.g. bids.entities.{differ[0]}: LABEL"
-                            + (" or bids.session_in_run: true" if "ses" in differ else ""))
-            continue
-        entities[run] = {k: v for k, v in ents.items() if k != "sub" and k not in DERIVED}
-        raw_ents = {k: v for k, v in ents.items() if k not in DERIVED}
-        raw_func = root / func.relative_to(source.root)
-        tr, tried = repetition_time(path, raw, raw_func, raw_ents)
-        scan = Scan(subject, run, path, tr, tried)
-        chain = applicable(raw, raw_func, raw_ents, "events", ".tsv")
-        if chain:
-            scan.events = chain[-1]
-            scan.stim_file, scan.onset = stimulus_of(scan.events)
-        runs[run][subject] = scan
+    runs, entities = _collect(b, raw, list_dataset(derivatives) if derivatives else raw, derivatives is not None,
+                              problems)
     order = _run_order(entities)
     runs = {r: dict(sorted(runs[r].items(), key=lambda kv: _sort_key("sub", subject_label(kv[0])))) for r in order}
     subjects = sorted({s for r in runs.values() for s in r}, key=lambda s: _sort_key("sub", subject_label(s)))
