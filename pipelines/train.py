@@ -48,7 +48,7 @@ from giblet.training.schedule import build_optimizer, build_scheduler, check_war
 from pipelines.errors import one_line_errors
 
 KILL_ENV = "GIBLET_TRAIN_KILL_AT_STEP"  # tests only: SIGKILL this process right after that optimizer step
-__all__ = ["train", "main", "load_train_config", "model_spec", "validate"]
+__all__ = ["train", "main", "load_train_config", "model_spec", "dataset_kwargs", "validate"]
 
 
 def model_spec(ds: GibletDataset, cfg: TrainConfig, view=None) -> ModelSpec:
@@ -75,6 +75,17 @@ def to_device(batch: dict, device: torch.device, subjects: Optional[torch.Tensor
     if subjects is not None and "subject" in batch:
         batch["subject"] = subjects[batch["subject"]]
     return batch
+
+
+def dataset_kwargs(cfg: TrainConfig, view) -> dict:
+    """``GibletDataset`` keyword arguments of a run (train and val alike; ``giblet-evaluate`` too)."""
+    d = cfg.data
+    kw = dict(subjects=d.subjects, runs=d.runs, window=d.window, lag=d.lag, hrf=d.hrf)
+    if view.has_modality("video"):  # read and hand over only the frames the model sees, pooled as it pools them
+        kw["frames"] = cfg.model.video_frames
+        if d.pool_video:
+            kw["video_pool"] = tuple(cfg.model.video_pool)
+    return kw
 
 
 @torch.no_grad()
@@ -144,12 +155,7 @@ def train(cfg: TrainConfig) -> dict:
         return {"steps": int(state["step"]), "finished": True}
     say(f"giblet-train: run folder {run_dir}: checkpoint {ckpt_path}, log {log_path}")
     D.seed_everything(cfg.seed, rt.world.rank)
-    dcfg = cfg.data
-    ds_kw = dict(subjects=dcfg.subjects, runs=dcfg.runs, window=dcfg.window, lag=dcfg.lag, hrf=dcfg.hrf)
-    if view.has_modality("video"):  # read and hand over only the frames the model sees, pooled as it pools them
-        ds_kw["frames"] = cfg.model.video_frames
-        if dcfg.pool_video:
-            ds_kw["video_pool"] = tuple(cfg.model.video_pool)
+    dcfg, ds_kw = cfg.data, dataset_kwargs(cfg, view)
     train_ds, val_ds = GibletDataset(cfg.store, "train", **ds_kw), GibletDataset(cfg.store, "val", **ds_kw)
     spec = model_spec(train_ds, cfg, view)
     problems = check_losses(cfg.loss, spec.modalities)

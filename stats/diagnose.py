@@ -1,4 +1,5 @@
-"""``giblet-diagnose RUN/log.jsonl``: a training log -> a short text verdict and PNG plots.
+"""``giblet-diagnose RUN_DIR`` (or ``RUN_DIR/log.jsonl``): a training log -> a short text
+verdict and PNG plots, and the run's ``giblet-evaluate`` results if there are any.
 
 Each check reads what the run recorded (``giblet.training.diagnostics`` describes the log)
 and names a cause the prototype suffered from when it sees its symptom:
@@ -12,6 +13,10 @@ and names a cause the prototype suffered from when it sees its symptom:
 
 Plots: ``lr.png`` (the LR applied), ``losses.png`` (each component, one log-scale chart),
 ``grad_norms.png`` (total and per module), ``val_r.png``.
+
+Evaluation: the headline figures of each ``RUN_DIR/evaluation-<split>/summary.json`` that
+``giblet-evaluate RUN_DIR`` wrote (per-subject r, fraction of the noise ceiling), or the
+command that writes them.
 """
 from __future__ import annotations
 
@@ -160,6 +165,31 @@ def _balance_findings(cfg: dict, train: list[dict]) -> list[str]:
             f"{big} owns the gradient; normalize targets and set loss.weights"]
 
 
+# -- giblet-evaluate's results ----------------------------------------------------------------------
+def evaluation_lines(run_dir: str | Path) -> list[str]:
+    """One line per ``RUN_DIR/evaluation-*/summary.json`` (its headline figures and path), or
+    the ``giblet-evaluate`` command to run when there is none."""
+    run_dir = Path(run_dir)
+    found = sorted(run_dir.glob("evaluation-*/summary.json"))
+    if not found:
+        return [f"evaluation: none yet; `giblet-evaluate {run_dir}` writes per-subject r maps, figures and the "
+                f"fraction of the noise ceiling"]
+    lines = []
+    for path in found:
+        try:
+            s = json.loads(path.read_text())
+            subjects = s["subjects"]
+            line = (f"evaluation ({s['split']}, step {s['evaluated'].get('step', '?')}): mean r {s['mean']:.4f} "
+                    f"(median {s['median']:.4f}, top 10% {s['top10']:.4f}; over {len(subjects)} subject(s))")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            lines.append(f"evaluation: {path} is unreadable ({type(exc).__name__}); rerun `giblet-evaluate {run_dir}`")
+            continue
+        frac = s.get("fraction_of_ceiling")
+        line += f", {100 * frac:.1f}% of the noise ceiling" if isinstance(frac, (int, float)) else ""
+        lines.append(f"{line}: {path}")
+    return lines
+
+
 # -- plots ------------------------------------------------------------------------------------------
 def plot(log: dict, out_dir: str | Path, best_r: Optional[float] = None) -> list[Path]:
     """Write the four PNGs; returns their paths."""
@@ -222,7 +252,7 @@ def plot(log: dict, out_dir: str | Path, best_r: Optional[float] = None) -> list
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="giblet-diagnose", description="Training log -> verdict + plots.")
-    p.add_argument("log", help="a run's log.jsonl")
+    p.add_argument("log", metavar="RUN_DIR", help="a giblet-train run folder, or its log.jsonl")
     p.add_argument("--out", help="folder for the PNGs (default: beside the log)")
     p.add_argument("--truth", help="giblet.synth truth.npz: report the fraction of the achievable val r")
     p.add_argument("--store", help="store of the run (default: the one in the log's config)")
@@ -233,8 +263,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     path = Path(args.log)
+    path = path / "log.jsonl" if path.is_dir() else path
     if not path.is_file():
-        print(f"giblet-diagnose: error: {path} does not exist; pass a run's log.jsonl", file=sys.stderr)
+        print(f"giblet-diagnose: error: {path} does not exist; pass a giblet-train run folder or its log.jsonl",
+              file=sys.stderr)
         return 1
     log = read_log(path)
     best = None
@@ -243,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         best = achievable_r(args.truth, store)
     report = diagnose(log, best)
     print(report.text())
+    print("\n".join(evaluation_lines(path.parent)))
     if not args.no_plots:
         for f in plot(log, args.out or path.parent, best):
             print(f"wrote {f}")

@@ -30,12 +30,13 @@ def _flags(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, set[s
 
 def commands() -> dict[str, set[str]]:
     from pipelines.cli import _parser as preprocess
+    from pipelines.evaluate import _parser as evaluate
     from pipelines.train import _parser as train
     from stats.diagnose import _parser as diagnose
 
     out = {}
     for name, parser in (("giblet-preprocess", preprocess()), ("giblet-train", train()),
-                         ("giblet-diagnose", diagnose())):
+                         ("giblet-diagnose", diagnose()), ("giblet-evaluate", evaluate())):
         out.update({f"{name}{k}": v - {"--help"} for k, v in _flags(parser).items()})
     return out
 
@@ -46,8 +47,9 @@ def test_every_cli_flag_is_documented_and_every_documented_flag_exists():
     missing = {f"{cmd} {flag}" for cmd, flags in cmds.items() for flag in flags if flag not in documented}
     assert not missing, f"flags the code has but docs/cli.md does not mention: {sorted(missing)}"
     # a flag written in a giblet command line of the docs must exist for that command
-    for line in re.findall(r"`(giblet-(?:preprocess|train|diagnose)[^`]*)`", CLI_MD) + \
-            [ln for ln in CLI_MD.splitlines() if ln.startswith(("giblet-preprocess", "giblet-train", "giblet-diagnose"))]:
+    for line in re.findall(r"`(giblet-(?:preprocess|train|diagnose|evaluate)[^`]*)`", CLI_MD) + \
+            [ln for ln in CLI_MD.splitlines() if ln.startswith(("giblet-preprocess", "giblet-train", "giblet-diagnose",
+                                                                "giblet-evaluate"))]:
         words = line.split()
         cmd = words[0] + (f" {words[1]}" if words[0] == "giblet-preprocess" and len(words) > 1
                           and f"giblet-preprocess {words[1]}" in cmds else "")

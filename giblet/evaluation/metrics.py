@@ -21,6 +21,7 @@ import numpy as np
 from giblet.errors import InputError
 
 _TINY = 1e-12  # variance (sum of squares) below this counts as none
+CEILING_FLOOR = 0.1  # per-voxel r / ceiling only where the ceiling exceeds this (below, the ratio is noise)
 
 
 def pearson_r(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -76,6 +77,38 @@ def per_subject(rs: Mapping[str, np.ndarray]) -> dict:
 
     return {"subjects": subjects, "mean": across("mean", np.mean), "median": across("median", np.median),
             "top10": across("top10", np.mean)}
+
+
+
+def ceiling_fraction(r: np.ndarray, ceiling: np.ndarray, floor: float = CEILING_FLOOR) -> dict:
+    """One subject's r as a fraction of its noise ceiling, two ways.
+
+    - ``fraction``: mean r / mean ceiling over the targets whose ceiling is > 0 (targets the
+      other subjects predict at all): the headline, stable because it divides two means.
+    - ``voxel_fraction_median``: the median over targets of r / ceiling, over the targets
+      whose ceiling is > ``floor`` only -- a per-target ratio explodes (and flips sign) as
+      the ceiling nears 0, and the median keeps the few near the floor from dominating.
+
+    Args:
+        r: ``(target,)`` the model's r.
+        ceiling: ``(target,)`` the noise ceiling (NaN targets left out).
+        floor: the ceiling a target needs for the per-target ratio.
+
+    Returns:
+        ``{"mean": mean ceiling (finite targets), "fraction", "n_positive",
+        "voxel_fraction_median", "n_above_floor"}`` (NaN where no target qualifies).
+    """
+    r, c = np.asarray(r, dtype=np.float64).ravel(), np.asarray(ceiling, dtype=np.float64).ravel()
+    if r.shape != c.shape:
+        raise InputError(f"ceiling_fraction: r {r.shape} and ceiling {c.shape} differ; give one value per target")
+    finite = np.isfinite(c) & np.isfinite(r)
+    positive, above = finite & (c > 0), finite & (c > floor)
+    nan = float("nan")
+    return {"mean": float(c[finite].mean()) if finite.any() else nan,
+            "fraction": float(r[positive].mean() / c[positive].mean()) if positive.any() else nan,
+            "n_positive": int(positive.sum()),
+            "voxel_fraction_median": float(np.median(r[above] / c[above])) if above.any() else nan,
+            "n_above_floor": int(above.sum())}
 
 
 class SubjectCorrelation:
