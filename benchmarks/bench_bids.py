@@ -73,16 +73,20 @@ def discovery(tmp: Path, repeats: int, pybids: str | None) -> dict:
     from giblet.synth_bids import write_bids_dataset
 
     t0 = time.perf_counter()
-    tree = write_bids_dataset(tmp / "tree", n_subjects=100, tasks={"movie": 10}, n_trs=20, tiny=True, non_steady=1,
-                              spikes=())
+    tree = write_bids_dataset(tmp / "tree", n_subjects=100, tasks={"movie": 10}, n_trs=40, tiny=True, non_steady=1,
+                              spikes=())  # 40 TRs: more than `simple`'s 29 confounds
     out: dict = {"tree": {"subjects": 100, "runs": 10, "files": sum(1 for p in tree.rglob("*") if p.is_file()),
                           "write_s": time.perf_counter() - t0}}
     for name, extra in CONFIGS.items():
         config = tmp / f"{name}.yaml"
         config.write_text(yaml.safe_dump({"output": str(tmp / f"{name}.zarr"), "bids": {
             "root": str(tree), "derivatives": str(tree / "derivatives" / "fmriprep")}, **extra}))
-        runs = [json.loads(subprocess.run([sys.executable, "-c", PLAN, str(config)], capture_output=True, text=True,
-                                          check=True, cwd=ROOT).stdout) for _ in range(repeats)]
+        runs = []
+        for _ in range(repeats):
+            r = subprocess.run([sys.executable, "-c", PLAN, str(config)], capture_output=True, text=True, cwd=ROOT)
+            if r.returncode:
+                raise SystemExit(f"{name}: planning failed: {r.stderr.strip().splitlines()[-1]}")
+            runs.append(json.loads(r.stdout))
         out[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         out[name]["repeats"] = runs
     if pybids:
