@@ -95,13 +95,46 @@ class Run:
 
 
 @dataclass(frozen=True)
+class BidsConfig:
+    """A BIDS dataset (and its fMRIPrep derivatives) as input (``bids``; docs/bids.md). Expanded
+    into ``runs`` when the config is loaded (``giblet.bids``): one run per (session, task, run)."""
+
+    root: Optional[str] = field(default=None, metadata=PATH)  # the raw dataset (sub-*/, stimuli/, sidecars)
+    derivatives: Optional[str] = field(default=None, metadata=PATH)  # fMRIPrep output: BOLD, masks, confounds
+    #   from there (None: the raw BOLD)
+    task: list[str] = field(default_factory=list)  # keep these task labels (empty: all); likewise:
+    session: list[str] = field(default_factory=list)
+    run: list[str] = field(default_factory=list)
+    space: Optional[str] = None  # derivatives: the space to read (required when there are several)
+    desc: str = "preproc"  # derivatives: the BOLD's desc entity
+    entities: dict[str, str] = field(default_factory=dict)  # any other entity to match, e.g. {res: "2", acq: mb4}
+    subjects: list[str] = field(default_factory=list)  # keep these (sub-01 or 01; empty: all)
+    exclude_subjects: list[str] = field(default_factory=list)
+    session_in_run: bool = True  # false: a run is (task, run) whatever the session each subject saw it in
+    stimuli: dict[str, str] = field(default_factory=dict, metadata=PATH)  # run -> movie, instead of events.tsv
+
+
+@dataclass(frozen=True)
+class ConfoundsParams:
+    """Confound regression through nilearn (``fmri.confounds``; ``giblet.features.confounds``)."""
+
+    strategy: Optional[str] = None  # a load_confounds_strategy preset: simple | scrubbing | compcor | ica_aroma
+    components: list[str] = field(default_factory=list)  # or a load_confounds strategy list: motion, wm_csf,
+    #   global_signal, compcor, high_pass, scrub, non_steady_state, ...
+    options: dict[str, Any] = field(default_factory=dict)  # more keyword arguments of that nilearn call,
+    #   e.g. {motion: basic, fd_threshold: 0.5}
+
+
+@dataclass(frozen=True)
 class FmriParams:
-    mask_strategy: str = "epi"  # epi | background | file
+    mask_strategy: str = "epi"  # epi | background | file | fmriprep (each run's desc-brain_mask, combined)
+    mask_rule: str = "intersection"  # fmriprep masks: intersection | union | fraction:F (in >= F of them)
     mask_reference: Optional[str] = None  # subject whose mean image defines the mask (default: first)
     mask_file: Optional[str] = field(default=None, metadata=PATH)  # NIfTI mask, with mask_strategy=file
     mask_trs: Optional[int] = 100  # mean image over the reference's first N TRs (null: all)
     detrend: bool = False  # nilearn.signal.clean(detrend=True)
     high_pass: Optional[float] = None  # Hz, nilearn.signal.clean(high_pass=...)
+    confounds: ConfoundsParams = field(default_factory=ConfoundsParams)  # regressed in the same clean call
     zero_variance: str = "zero"  # zero: z-score 0, std stored as 0 | error
     zscore: str = "run"  # run: statistics per (subject, run) | subject: over all of a subject's runs
     trust_config_tr: bool = runtime(False, "a NIfTI header TR that differs from tr_s is an error unless true; "
@@ -167,6 +200,7 @@ class StudyConfig:
     runs: dict[str, RunConfig] = field(default_factory=dict)  # run name -> its files, in scanning order
     annotations: Optional[str] = field(default=None, metadata=PATH)  # one sheet for all runs (rows split per
     #   run: text.run_rows)
+    bids: Optional[BidsConfig] = None  # a BIDS dataset: written into `runs` (and `tr_s`) at load
     split: SplitConfig = field(default_factory=SplitConfig)
     fmri: FmriParams = field(default_factory=FmriParams)
     video: VideoParams = field(default_factory=VideoParams)
@@ -269,6 +303,20 @@ def row_range(text: str) -> tuple[int, int]:
     return rng
 
 
+def mask_threshold(rule: str) -> Optional[float]:
+    """``fmri.mask_rule`` as nilearn's ``intersect_masks`` threshold: the fraction of the masks a
+    voxel must be in (intersection 1, union 0; None: not a rule)."""
+    named = {"intersection": 1.0, "union": 0.0}
+    if rule in named:
+        return named[rule]
+    m = re.fullmatch(r"fraction:\s*([0-9.]+)", str(rule))
+    try:
+        value = float(m.group(1)) if m else None
+    except ValueError:
+        return None
+    return value if value is not None and 0.0 <= value <= 1.0 else None
+
+
 def _row_range(text) -> Optional[tuple[int, int]]:
     m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", str(text))
     if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
@@ -284,8 +332,13 @@ def _check_values(cfg: StudyConfig, problems: list[str]) -> None:
     check(cfg.tr_s > 0, f"tr_s: must be > 0 seconds, got {cfg.tr_s}")
     _check_runs(cfg, check)
     f = cfg.fmri
-    check(f.mask_strategy in ("epi", "background", "file"),
-          f"fmri.mask_strategy: must be epi, background or file, got {f.mask_strategy!r}")
+    check(f.mask_strategy in ("epi", "background", "file", "fmriprep"),
+          f"fmri.mask_strategy: must be epi, background, file or fmriprep, got {f.mask_strategy!r}")
+    check(mask_threshold(f.mask_rule) is not None,
+          f"fmri.mask_rule: must be intersection, union or fraction:F with 0 <= F <= 1, got {f.mask_rule!r}")
+    from giblet.features.confounds import settings_problems
+
+    problems.extend(settings_problems(f.confounds))
     check(f.mask_strategy != "file" or f.mask_file,
           "fmri.mask_file: required with fmri.mask_strategy=file; set fmri.mask_file=PATH")
     check(f.mask_trs is None or f.mask_trs >= 1, f"fmri.mask_trs: must be >= 1 or null (all TRs), got {f.mask_trs}")
@@ -332,26 +385,55 @@ def _check_values(cfg: StudyConfig, problems: list[str]) -> None:
           f"text.columns: must name at least one column, got {t.columns!r}")
 
 
+def _expand(cfg: StudyConfig, raw: dict, problems: list[str]) -> StudyConfig:
+    """A ``bids`` block written into ``runs`` and ``tr_s`` (``giblet.bids.discover``), before the
+    checks; ``raw`` tells whether the config gives ``tr_s`` (then checked against the sidecars).
+
+    Raises:
+        InputError: the dataset's first problem (the count of others; ``init`` lists them all).
+    """
+    b = cfg.bids
+    if b is None:
+        return cfg
+    from giblet.bids import discover, raise_problems
+
+    if cfg.runs or any((cfg.inputs.fmri, cfg.inputs.movie, cfg.inputs.audio, cfg.inputs.annotations)):
+        problems.append("bids: give either a `bids` block or a `runs` / `inputs` block, not both (the bids block "
+                        "writes the runs); drop one")
+        return cfg
+    if b.root is None:
+        problems.append("bids.root: not set; give the BIDS dataset folder (e.g. bids.root: /data/ds001132)")
+        return cfg
+    study = discover(b, cfg.input_path(b.root), cfg.input_path(b.derivatives),
+                     {r: cfg.input_path(p) for r, p in b.stimuli.items()}, cfg.tr_s if "tr_s" in raw else None)
+    raise_problems(study)
+    runs = {name: RunConfig(fmri={s: str(scan.bold) for s, scan in scans.items()},
+                            movie=None if study.movies[name] is None else str(study.movies[name]))
+            for name, scans in study.runs.items()}
+    return dataclasses.replace(cfg, runs=runs, tr_s=study.tr_s)
+
+
 def parse_config(raw: dict, config_path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> StudyConfig:
     """Build a validated ``StudyConfig`` from a raw mapping plus ``key=value`` overrides."""
     return build_config(StudyConfig, raw, overrides, config_path=config_path, check=_check_values,
-                        keep_relative=True)
+                        keep_relative=True, expand=_expand)
 
 
 def load_config(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> StudyConfig:
     """Read and validate a preprocessing YAML config (see :func:`load_yaml_config` for the path rule)."""
-    return load_yaml_config(path, StudyConfig, overrides, check=_check_values, keep_relative=True,
+    return load_yaml_config(path, StudyConfig, overrides, check=_check_values, keep_relative=True, expand=_expand,
                             missing_fix="pass the path of a YAML config (or use `giblet-preprocess run --demo`)")
 
 
 # -- the generic loader ------------------------------------------------------------------------------
 T = TypeVar("T")
 Check = Callable[[Any, list], None]  # check(cfg, problems): append one message per bad value
+Expand = Callable[[Any, dict, list], Any]  # expand(cfg, raw, problems) -> cfg: fill fields from other inputs
 
 
 def load_yaml_config(path: str | Path, schema: type[T], overrides: tuple | list = (), *,
                      check: Optional[Check] = None, keep_relative: bool = False, what: str = "config file",
-                     missing_fix: str = "pass the path of a YAML config") -> T:
+                     missing_fix: str = "pass the path of a YAML config", expand: Optional[Expand] = None) -> T:
     """A YAML file plus ``KEY=VALUE`` overrides, as a validated ``schema`` instance.
 
     Args:
@@ -361,6 +443,8 @@ def load_yaml_config(path: str | Path, schema: type[T], overrides: tuple | list 
             absolute path.
         overrides: ``block.key=value`` strings; values are parsed as YAML.
         check: the schema's value checks, run once the types are right.
+        expand: fills fields from other inputs once the types are right, before ``check``
+            (the ``bids`` block writes ``runs``); gets the raw mapping (overrides applied).
         keep_relative: leave relative YAML paths as written (the schema resolves them against
             ``config_path``'s folder itself); otherwise they become absolute. Override paths
             always become absolute, against the working directory.
@@ -370,11 +454,12 @@ def load_yaml_config(path: str | Path, schema: type[T], overrides: tuple | list 
     """
     raw = read_yaml(path, missing_fix, what)
     return build_config(schema, raw, overrides, config_path=str(Path(path).resolve()), check=check,
-                        keep_relative=keep_relative)
+                        keep_relative=keep_relative, expand=expand)
 
 
 def build_config(schema: type[T], raw: Optional[dict], overrides: tuple | list = (), *,
-                 config_path: Optional[str] = None, check: Optional[Check] = None, keep_relative: bool = False) -> T:
+                 config_path: Optional[str] = None, check: Optional[Check] = None, keep_relative: bool = False,
+                 expand: Optional[Expand] = None) -> T:
     """:func:`load_yaml_config` for a mapping already read (YAML paths relative to
     ``config_path``'s folder, or to the working directory when there is no file)."""
     problems: list[str] = []
@@ -387,7 +472,9 @@ def build_config(schema: type[T], raw: Optional[dict], overrides: tuple | list =
     if not problems:
         if any(f.name == "config_path" for f in dataclasses.fields(schema)):
             cfg = dataclasses.replace(cfg, config_path=config_path)
-        if check is not None:
+        if expand is not None:
+            cfg = expand(cfg, raw, problems)
+        if check is not None and not problems:
             check(cfg, problems)
     if problems:
         raise ConfigError(f"{config_path or 'config'}: {len(problems)} problem(s): " + "; ".join(problems))

@@ -57,7 +57,7 @@ def non_default_params(params: Any) -> dict:
         else:
             default = dataclasses.MISSING
         if _canonical(value) != _canonical(default):
-            out[f.name] = value
+            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value  # JSON for the manifest
     return out
 
 

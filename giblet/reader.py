@@ -213,10 +213,22 @@ class StoreView:
         return int(self.array(MASK).attrs["n_voxels"])
 
     def fmri(self, subject: str, run: Optional[str] = None, trs: Optional[slice] = None) -> np.ndarray:
-        """``(tr, voxel) float32`` z-scored BOLD of one (subject, run): the TRs it serves."""
+        """``(tr, voxel) float32`` z-scored BOLD of one (subject, run): the TRs it serves (rows of
+        NaN at TRs ``censored(subject, run)`` marks)."""
         run, trs = _run_or_trs(run, trs)
         arr = self.array(f"{self._pair(subject, run)}/bold")
         return arr[slice(None) if trs is None else trs]
+
+    def censored(self, subject: str, run: Optional[str] = None) -> np.ndarray:
+        """``(tr,) bool`` over the TRs ``fmri(subject, run)`` serves: True where ``fmri.confounds``
+        censored the TR (scrubbing, non-steady-state volumes). ``bold`` is NaN there and its
+        statistics leave it out; readers that score or train must skip it. All False without
+        confounds (and in stores built before giblet recorded it)."""
+        run = self.run(run)
+        name = f"{self._pair(subject, run)}/censored"
+        if name not in self._arrays:
+            return np.zeros(self.n_trs(run, subject), dtype=bool)
+        return self.array(name)[...]
 
     def fmri_stats(self, subject: str, run: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
         """``(mean, std)``, each ``(voxel,) float32`` in raw scanner units (std 0: zero-variance)."""

@@ -116,13 +116,20 @@ def _check_zscore(view, subject: str, runs: list[str]) -> list[str]:
             problems.append(f"fmri/{subject}/{run}/bold: shape {bold.shape}, expected ({view.n_trs(run, subject)}, "
                             f"{view.n_voxels}) (served TRs, voxels)")
             return problems
+        censored, problem = _censored(view, subject, run, bold.shape[0])
+        if problem:
+            return problems + [problem]
         step = bold.chunks[0]
         for t0 in range(0, bold.shape[0], step):
             block = bold[t0:t0 + step].astype(np.float64)
-            if not np.isfinite(block).all():
+            cut = censored[t0:t0 + step]
+            if not np.isfinite(block[~cut]).all():
                 return problems + [f"fmri/{subject}/{run}/bold: NaN/inf in TRs {t0}-{t0 + len(block) - 1}"]
-            _moments(block, s1, s2)
-        n += bold.shape[0]
+            if not np.isnan(block[cut]).all():
+                return problems + [f"fmri/{subject}/{run}/bold: censored TRs in {t0}-{t0 + len(block) - 1} hold "
+                                   f"values (censored TRs are NaN rows)"]
+            _moments(block[~cut], s1, s2)
+        n += int((~censored).sum())
     m = s1 / n
     sd = np.sqrt(np.maximum(s2 / n - m**2, 0))
     zero = std == 0
@@ -134,6 +141,25 @@ def _check_zscore(view, subject: str, runs: list[str]) -> list[str]:
                         f"TRs (first: voxel {v}, mean {m[v]:.4g}, std {sd[v]:.4g}; expected 0 and 1, or 0 and 0 "
                         f"for zero-variance voxels)")
     return problems
+
+
+def _censored(view, subject: str, run: str, n: int) -> tuple[np.ndarray, str | None]:
+    """The (subject, run)'s ``censored`` flags and a problem with them (shape, dtype, the
+    manifest's count), or None."""
+    name = f"fmri/{subject}/{run}/censored"
+    if not view.has(name):
+        return np.zeros(n, dtype=bool), None
+    arr = view.array(name)
+    if arr.dtype != np.bool_ or arr.shape != (n,):
+        return np.zeros(n, dtype=bool), f"{name}: {arr.dtype} {arr.shape}, expected bool ({n},) (one per served TR)"
+    flags = arr[...]
+    key = f"fmri/{subject}/{run}" if view.manifest["units"].get(f"fmri/{subject}/{run}") else f"fmri/{subject}"
+    want = ((view.unit_meta(key).get("runs") or {}).get(run) or {}).get("n_censored", 0)
+    if int(flags.sum()) != want:
+        return flags, f"{name}: {int(flags.sum())} TRs censored, the manifest counts {want}"
+    if flags.all():
+        return flags, f"{name}: every served TR is censored"
+    return flags, None
 
 
 def _check_video(view, run: str) -> list[str]:

@@ -1,4 +1,4 @@
-"""``giblet-preprocess``: run, status, verify, stats.
+"""``giblet-preprocess``: init, run, status, verify, stats.
 
 Exit codes: 0 success, 1 failure (one line naming the file/subject/stage, the value and
 the fix; the traceback only with ``--debug``), 2 usage error.
@@ -19,6 +19,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Build and check giblet study stores.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="write a config for a BIDS dataset (stdout) and summarize it (stderr)")
+    init.add_argument("root", metavar="BIDS_ROOT", help="the raw BIDS dataset")
+    init.add_argument("--derivatives", metavar="DIR", help="its fMRIPrep output (BOLD, masks and confounds from there)")
+    init.add_argument("--task", action="append", metavar="T", help="read only this task (repeat for several)")
+    init.add_argument("--space", metavar="S", help="the derivatives' space (needed when they hold several)")
+    init.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     run = sub.add_parser("run", help="build or update the store of CONFIG")
     run.add_argument("config", nargs="?", help="YAML config (omit with --demo)")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. fmri.detrend=true")
@@ -91,6 +97,12 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_init(args) -> int:
+    from pipelines.bids_init import init
+
+    return init(args.root, args.derivatives, args.task, args.space)
+
+
 def cmd_status(args) -> int:
     from giblet.config import load_config
     from pipelines.engine import plan_for
@@ -137,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     if args.command == "run" and not args.demo and not args.config:
         args.usage_error("CONFIG is required (or use --demo)")
-    commands = {"run": cmd_run, "status": cmd_status, "verify": cmd_verify, "stats": cmd_stats}
+    commands = {"init": cmd_init, "run": cmd_run, "status": cmd_status, "verify": cmd_verify, "stats": cmd_stats}
     return one_line_errors(PROG, lambda: commands[args.command](args), debug=args.debug,
                            interrupted="rerun the same command to resume")
 

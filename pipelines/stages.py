@@ -30,9 +30,15 @@ def build_plan(ctx: PlanContext, only: Optional[list[str]] = None) -> list[Unit]
         if stage.enabled(ctx.cfg) and (not only or stage.name in only):
             for unit in stage.plan(ctx, units):
                 units[unit.key] = unit
-    for unit in units.values():  # dependencies come first
-        if unit.bind is not None and all(d not in units or is_current(units[d], ctx.manifest_units)
-                                         for d in unit.deps):
+    current: dict[str, bool] = {}  # per dependency, asked once (an fmriprep mask hashes every run's mask)
+
+    def dep_current(key: str) -> bool:
+        if key not in current:
+            current[key] = key not in units or is_current(units[key], ctx.manifest_units)
+        return current[key]
+
+    for unit in units.values():  # dependencies come first (and are bound before they are asked about)
+        if unit.bind is not None and all(dep_current(d) for d in unit.deps):
             unit.bind_from(ctx.manifest_units)
     return list(units.values())
 

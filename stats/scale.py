@@ -13,6 +13,7 @@ from giblet.reader import StoreView
 
 def _summary(x: np.ndarray) -> dict:
     x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)] if np.isnan(x).any() else x  # censored fMRI TRs are NaN rows: not data
     return {"min": float(x.min()), "max": float(x.max()), "mean": float(x.mean()), "std": float(x.std())}
 
 

@@ -69,7 +69,9 @@ class GibletDataset(Dataset):
     """Map-style dataset over the (subject, run, TR) triples of one split of a giblet store.
 
     Samples are laid out (subject, run) pair after pair, in store order, each pair's TRs of
-    the split consecutive (cut to the TRs served for that subject in that run). A sample is
+    the split consecutive (cut to the TRs served for that subject in that run). TRs the store
+    marks censored for a subject (``StoreView.censored``: scrubbed or non-steady-state
+    volumes, ``fmri.confounds``) are left out of that subject's samples. A sample is
     a dict of tensors with only the modalities served --
 
     - ``fmri``: ``(voxel,) float32`` z-scored (as stored);
@@ -181,7 +183,8 @@ class GibletDataset(Dataset):
         return tuple(chosen)
 
     def _pairs(self, view) -> list[tuple[int, int, int, int]]:
-        """Every (subject, run) stretch of the split, in store order (subject -1: no fMRI served)."""
+        """Every (subject, run) stretch of the split, in store order (subject -1: no fMRI served),
+        cut around the subject's censored TRs (``view.censored``: they have no fMRI to serve)."""
         out = []
         for si, subject in enumerate(self.subjects or [None]):
             for ri, run in enumerate(self.runs):
@@ -190,8 +193,11 @@ class GibletDataset(Dataset):
                 start, stop = view.split_trs(self.split, run, subject)
                 if self.edge == "drop" and self.stimulus:
                     start = max(start, self.window + self.lag)
-                if stop > start:
-                    out.append((si if subject is not None else -1, ri, int(start), int(stop)))
+                if stop <= start:
+                    continue
+                censored = view.censored(subject, run)[start:stop] if subject is not None else np.zeros(0, bool)
+                for a, b in _kept_spans(censored, int(start), int(stop)):
+                    out.append((si if subject is not None else -1, ri, a, b))
         return out
 
     def _array_names(self, view) -> list[str]:
@@ -487,6 +493,16 @@ def _stack(arrays: list, wire: bool = False):
         out = out.new_empty(shape)
     np.stack(arrays, out=out.numpy())
     return out
+
+
+def _kept_spans(censored: np.ndarray, start: int, stop: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` without its censored TRs, as contiguous ``(a, b)`` spans (``censored``
+    covers ``start .. stop - 1``; empty: nothing censored)."""
+    if not censored.any():
+        return [(start, stop)]
+    keep = np.r_[False, ~censored, False].astype(np.int8)
+    edges = np.flatnonzero(np.diff(keep))
+    return [(start + int(a), start + int(b)) for a, b in zip(edges[::2], edges[1::2])]
 
 
 def _bold(subject: str, run: str) -> str:

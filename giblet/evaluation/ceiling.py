@@ -5,7 +5,8 @@ For subject ``s`` and target ``v``: the Pearson r, over the split's TRs of every
 has (each run cut to the TRs ``s`` serves, concatenated over runs), between ``s``'s z-scored
 BOLD and the mean of the *other* subjects' z-scored BOLD at the same TRs. A subject that
 lacks the run or the TR is left out of that mean; a TR that no other subject has is left
-out altogether (a subject alone in a run contributes nothing there). r is 0 where either
+out altogether (a subject alone in a run contributes nothing there), and so is a TR the
+store marks censored for a subject (``view.censored``: NaN rows, like a TR it lacks). r is 0 where either
 side has no variance over those TRs, NaN for a subject sharing fewer than 2 TRs of the
 split with anyone (no ceiling can be measured).
 
@@ -74,8 +75,8 @@ def run_stack(view, run: str, split: str):
 
     Returns:
         A dask array ``(subject, tr, voxel) float32`` -- rows in ``view.subjects`` order, NaN
-        where a subject lacks the run or the TR -- chunked as the store's ``bold`` (one chunk
-        along subjects), or None when no subject has a TR of the split in this run.
+        where a subject lacks the run or the TR, or the TR is censored -- chunked as the store's
+        ``bold`` (one chunk along subjects), or None when no subject has a TR of the split in this run.
     """
     import dask.array as da
 
@@ -88,6 +89,9 @@ def run_stack(view, run: str, split: str):
     for s in view.subjects:
         stop = served.get(s, a)
         part = [da.from_zarr(view.array(f"{fmri_prefix(s, run)}/bold"))[a:stop]] if stop > a else []
+        censored = view.censored(s, run)[a:stop] if stop > a else None
+        if censored is not None and censored.any():  # stored as NaN already; said here, not assumed
+            part = [da.where(censored[:, None], np.float32(np.nan), part[0])]
         voxel_chunks = voxel_chunks or (part[0].chunks[1] if part else None)
         rows.append((part, stop))
     layers = []

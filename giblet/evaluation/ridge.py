@@ -2,7 +2,8 @@
 
 Per subject: the store's stimulus features (:mod:`giblet.evaluation.features`: z-scored over
 the training TRs, FIR-delayed within each run) at the (run, TR) samples the subject serves
-in the training split -> the subject's z-scored targets ``view.fmri(subject, run)``; one
+in the training split -> the subject's z-scored targets ``view.fmri(subject, run)``, less
+the TRs the store marks censored for the subject (``view.censored``: no fMRI there); one
 ridge penalty per target chosen by cross-validation over ``alphas``; then the Pearson r per
 target between prediction and target over the subject's val (and test) TRs, concatenated
 over runs.
@@ -71,7 +72,7 @@ class Samples:
 
 
 def subject_samples(view, features: StoreFeatures, subject: str, split: str) -> Optional[Samples]:
-    """The subject's ``split`` TRs of every run it has (None if it has none).
+    """The subject's ``split`` TRs of every run it has, censored TRs left out (None if it has none).
 
     Args:
         view: the open store.
@@ -82,10 +83,11 @@ def subject_samples(view, features: StoreFeatures, subject: str, split: str) -> 
     xs, ys, lengths = [], [], []
     for run in view.subject_runs(subject):
         a, b = view.split_trs(split, run, subject)
-        if b > a:
-            xs.append(features.runs[run][a:b])
-            ys.append(view.fmri(subject, run, slice(a, b)))
-            lengths.append(b - a)
+        keep = ~view.censored(subject, run)[a:b]  # censored TRs have no fMRI (NaN): neither fitted nor scored
+        if b > a and keep.any():
+            xs.append(features.runs[run][a:b][keep])
+            ys.append(view.fmri(subject, run, slice(a, b))[keep])
+            lengths.append(int(keep.sum()))
     if not lengths:
         return None
     return Samples(np.concatenate(xs), np.concatenate(ys), lengths)

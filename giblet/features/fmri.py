@@ -18,7 +18,7 @@ from giblet import store
 from giblet.errors import InputError, InputMissingError
 from giblet.normalize import ZScorer
 
-VERSION = 2
+VERSION = 3  # 3: every (subject, run) also stores `censored` (fmri.confounds); statistics over kept TRs
 
 
 def load_bold(path: str | Path, label: str) -> nib.Nifti1Image:
@@ -136,18 +136,64 @@ def mean_image(path: Path, label: str, block_trs: int, max_trs: int | None = Non
     return nib.Nifti1Image((total / n).astype(np.float32), img.affine)
 
 
+def mask_grid(path: str | Path, label: str) -> tuple[tuple, np.ndarray]:
+    """``(shape, affine)`` of a mask from its header alone (a tenth of ``nib.load``'s time: the
+    plan checks every run's fMRIPrep mask)."""
+    import gzip
+
+    path = Path(path)
+    if not path.exists():
+        raise InputMissingError(f"{label}: fMRIPrep brain mask {path} does not exist; fmri.mask_strategy=fmriprep "
+                                f"reads each run's *_desc-brain_mask.nii.gz beside its BOLD -- use another "
+                                f"fmri.mask_strategy or add the mask")
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as fh:
+            header = nib.Nifti1Header.from_fileobj(fh)
+        return tuple(header.get_data_shape()), header.get_best_affine()
+    except Exception:  # not NIfTI-1 (NIfTI-2, another format): let nibabel decide
+        img = nib.load(str(path))
+        return tuple(img.shape), img.affine
+
+
+def load_mask(path: str | Path, label: str, ref: nib.Nifti1Image, ref_label: str,
+              load: bool = True) -> nib.Nifti1Image | None:
+    """One run's fMRIPrep brain mask (``load=False``: only checked), checked to lie on the BOLD
+    grid (``label``: subject/run)."""
+    shape, affine = mask_grid(path, label)
+    if shape[:3] != ref.shape[:3] or len(shape) > 3 and shape[3] > 1 or not np.allclose(affine, ref.affine, atol=1e-4):
+        raise InputError(f"{label}: fMRIPrep mask {path} grid {shape} differs from the BOLD grid of {ref_label} "
+                         f"{ref.shape[:3]} (or its affine does); every run must be in one space -- set bids.space, or "
+                         f"resample the masks (nilearn.image.resample_to_img, interpolation='nearest')")
+    return nib.load(str(path)) if load else None
+
+
+def combine_masks(masks: list[tuple[str, str]], ref: nib.Nifti1Image, ref_label: str, threshold: float) -> np.ndarray:
+    """``(x, y, z) bool``: voxels in at least ``threshold`` of the masks (nilearn's
+    ``intersect_masks``: 1 intersection, 0 union), ``masks`` as ``[(label, path)]``."""
+    from nilearn.masking import intersect_masks
+
+    imgs = [load_mask(path, label, ref, ref_label) for label, path in masks]
+    combined = intersect_masks(imgs, threshold=threshold, connected=False)
+    return np.asanyarray(combined.dataobj).astype(bool).reshape(ref.shape[:3])
+
+
 def compute_mask(strategy: str, reference: Path, ref_label: str, mask_file: Path | None,
-                 block_trs: int, mask_trs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 block_trs: int, mask_trs: int | None = None, masks: list | None = None,
+                 threshold: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """The study's mask ``(x, y, z) bool`` and its affine ``(4, 4)``.
 
     ``epi``/``background`` run nilearn's ``compute_epi_mask``/``compute_background_mask`` on
     the reference run's mean image over its first ``mask_trs`` TRs, so adding a subject or
-    a run never changes the mask; ``file`` loads a NIfTI mask on the same grid.
+    a run never changes the mask; ``file`` loads a NIfTI mask on the same grid; ``fmriprep``
+    combines every run's fMRIPrep brain mask (``masks``: ``[(label, path)]``) by
+    ``threshold`` (:func:`combine_masks`), so adding a run may change it.
     """
     from nilearn.masking import compute_background_mask, compute_epi_mask
 
     ref_img = load_bold(reference, ref_label)
-    if strategy == "file":
+    if strategy == "fmriprep":
+        mask = combine_masks(masks or [], ref_img, ref_label, threshold)
+    elif strategy == "file":
         if mask_file is None or not Path(mask_file).exists():
             raise InputMissingError(f"fmri: mask file {mask_file} does not exist; fix fmri.mask_file")
         mimg = nib.load(str(mask_file))
@@ -162,6 +208,10 @@ def compute_mask(strategy: str, reference: Path, ref_label: str, mask_file: Path
             fn = compute_epi_mask if strategy == "epi" else compute_background_mask
             mask = np.asanyarray(fn(mean).dataobj).astype(bool)
     if not mask.any():
+        if strategy == "fmriprep":
+            raise InputError(f"fmri: the fMRIPrep brain masks of {len(masks or [])} runs have no voxel in common "
+                             f"under fmri.mask_rule (threshold {threshold:g}); use fmri.mask_rule=fraction:0.5 or "
+                             f"union, or check the runs' spaces")
         raise InputError(f"fmri: the {strategy} mask of {ref_label} ({reference}) is empty; "
                          f"set fmri.mask_strategy=background (or give fmri.mask_file)")
     return mask, ref_img.affine
@@ -218,13 +268,16 @@ def clean(x: np.ndarray, detrend: bool, high_pass: float | None, tr_s: float, bl
 
 
 def build_mask(staging: str, strategy: str, reference: str, ref_label: str, mask_file: str | None,
-               block_trs: int, mask_trs: int | None = None) -> dict:
+               block_trs: int, mask_trs: int | None = None, masks: list | None = None, rule: str = "intersection",
+               threshold: float = 1.0) -> dict:
     """Task: write ``fmri/mask`` (x, y, z) bool and ``fmri/voxels`` (voxel, 3) int32."""
     mask, affine = compute_mask(strategy, Path(reference), ref_label,
-                                Path(mask_file) if mask_file else None, block_trs, mask_trs)
+                                Path(mask_file) if mask_file else None, block_trs, mask_trs, masks, threshold)
     voxels = np.argwhere(mask).astype(np.int32)
     attrs = {"affine": affine.tolist(), "n_voxels": int(len(voxels)), "strategy": strategy,
              "reference": ref_label, "mean_of_first_trs": mask_trs, "order": "C (np.argwhere(mask))"}
+    if strategy == "fmriprep":
+        attrs.update(rule=rule, n_masks=len(masks or []), mean_of_first_trs=None)
     m = store.create_array(Path(staging), store.MASK, mask.shape, "bool", mask.shape, (store.X, store.Y, store.Z),
                            attrs, fill_value=False)
     m[...] = mask
@@ -235,25 +288,27 @@ def build_mask(staging: str, strategy: str, reference: str, ref_label: str, mask
 
 
 def array_names(subject: str, run: str) -> dict[str, str]:
-    """Store paths of one (subject, run): ``bold``, ``mean`` and ``std``."""
+    """Store paths of one (subject, run): ``bold``, ``mean``, ``std`` and ``censored``."""
     prefix = store.fmri_prefix(subject, run)
-    return {k: f"{prefix}/{k}" for k in ("bold", "mean", "std")}
+    return {k: f"{prefix}/{k}" for k in ("bold", "mean", "std", "censored")}
 
 
 def build_subject(staging: str, store_path: str, subject: str, runs: list[dict], tr_s: float, detrend: bool,
                   high_pass: float | None, zero_variance: str, chunk_trs: int, block_trs: int,
-                  zscore: str = "run") -> dict:
-    """Task: z-score one subject's runs into ``fmri/<subject>/<run>/{bold,mean,std}``.
+                  zscore: str = "run", confounds: dict | None = None) -> dict:
+    """Task: z-score one subject's runs into ``fmri/<subject>/<run>/{bold,mean,std,censored}``.
 
     Args:
-        runs: ``[{"run", "path", "n_trs"}]`` -- ``n_trs`` is the TRs served (the first
-            ``n_trs`` of the file: its run's stimulus covers no more).
+        runs: ``[{"run", "path", "n_trs", "file_trs"}]`` -- ``n_trs`` is the TRs served (the
+            first ``n_trs`` of the file: its run's stimulus covers no more).
         zscore: ``run`` -- statistics over each run's served TRs; ``subject`` -- over the
-            served TRs of all ``runs`` together.
+            served TRs of all ``runs`` together. Censored TRs never enter them.
+        confounds: the ``fmri.confounds`` settings (``giblet.config.ConfoundsParams`` as a
+            dict) when confounds are regressed (``giblet.features.confounds``).
 
     Returns:
-        The record kept in the manifest: per run, served and file TR counts, zero-variance
-        count, raw range.
+        The record kept in the manifest: per run, served and file TR counts, censored count,
+        zero-variance count, raw range.
     """
     import zarr
 
@@ -263,19 +318,44 @@ def build_subject(staging: str, store_path: str, subject: str, runs: list[dict],
         label = f"{subject}/{r['run']}"
         x = read_masked(Path(r["path"]), label, mask, block_trs, stop=r["n_trs"])
         meta[r["run"]] = {"n_trs": int(x.shape[0]), "raw_min": float(x.min()), "raw_max": float(x.max())}
-        data[r["run"]] = clean(x, detrend, high_pass, tr_s, label=label)
+        data[r["run"]] = _clean_run(x, r, label, tr_s, detrend, high_pass, confounds, meta[r["run"]])
     groups = [[r["run"]] for r in runs] if zscore == "run" else [[r["run"] for r in runs]]
     for group in groups:
         scaler = ZScorer()
         for run in group:
-            for t0 in range(0, len(data[run]), block_trs):
-                scaler.partial_fit(data[run][t0:t0 + block_trs])
+            _fit(scaler, *data[run], block_trs)
         n_zero = _zero_variance(scaler, f"{subject}/{'+'.join(group)}", zero_variance)
         for run in group:
             _write_run(Path(staging), subject, run, data.pop(run), scaler, chunk_trs, zscore)
             meta[run].update(n_zero_variance=n_zero, first_zero_variance_voxel=int(np.argmax(scaler.zero_variance_))
                              if n_zero else None)
     return {"runs": meta, "n_voxels": int(mask.sum()), "zscore": zscore}
+
+
+def _clean_run(x: np.ndarray, r: dict, label: str, tr_s: float, detrend: bool, high_pass: float | None,
+               settings: dict | None, meta: dict) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """``(x, offset, censored)``: the cleaned run -- ``x + offset`` on the scanner's scale
+    (``offset`` None: ``x`` is) -- and its ``(tr,) bool`` censored TRs."""
+    if not settings:
+        meta["n_censored"] = 0
+        return clean(x, detrend, high_pass, tr_s, label=label), None, np.zeros(len(x), dtype=bool)
+    from giblet.config import ConfoundsParams
+    from giblet.features import confounds
+
+    c = ConfoundsParams(**settings)
+    table, censored = confounds.load(r["path"], c, r["file_trs"], len(x), label)
+    residual, offset = confounds.regress(x, table, censored, detrend, high_pass, tr_s, label)
+    meta.update(n_censored=int(censored.sum()), n_confounds=int(table.shape[1]),
+                confounds_file=confounds.confounds_file(r["path"], label).name)
+    return residual, offset, censored
+
+
+def _fit(scaler: ZScorer, x: np.ndarray, offset: np.ndarray | None, censored: np.ndarray, block_trs: int) -> None:
+    """Accumulate the statistics of the kept (uncensored) TRs, ``block_trs`` at a time."""
+    rows = np.flatnonzero(~censored)
+    for i in range(0, len(rows), block_trs):
+        block = x[rows[i:i + block_trs]]
+        scaler.partial_fit(block if offset is None else block.astype(np.float64) + offset)
 
 
 def _zero_variance(scaler: ZScorer, label: str, rule: str) -> int:
@@ -290,18 +370,26 @@ def _zero_variance(scaler: ZScorer, label: str, rule: str) -> int:
     return n_zero
 
 
-def _write_run(staging: Path, subject: str, run: str, x: np.ndarray, scaler: ZScorer, chunk_trs: int,
+def _write_run(staging: Path, subject: str, run: str, cleaned: tuple, scaler: ZScorer, chunk_trs: int,
                zscore: str) -> None:
+    x, offset, censored = cleaned
     names = array_names(subject, run)
     attrs = {"subject": subject, "run": run, "convention": {**ZScorer.convention, "over": zscore},
-             "n_zero_variance": int(scaler.zero_variance_.sum())}
+             "n_zero_variance": int(scaler.zero_variance_.sum()), "n_censored": int(censored.sum())}
     bold = store.create_array(staging, names["bold"], x.shape, "float32", (chunk_trs, x.shape[1]),
                               (store.TR, store.VOXEL), attrs)
     for t0 in range(0, x.shape[0], chunk_trs):  # whole chunks only
-        bold[t0:t0 + chunk_trs] = scaler.transform(x[t0:t0 + chunk_trs])
+        rows = x[t0:t0 + chunk_trs]
+        z = scaler.transform(rows if offset is None else rows.astype(np.float64) + offset)
+        z[censored[t0:t0 + chunk_trs]] = np.nan  # censored: no value (zero-variance voxels would say 0)
+        bold[t0:t0 + chunk_trs] = z
     units = {"mean": "raw scanner units: the voxel mean over the TRs the statistics cover",
              "std": "raw scanner units: population std (ddof 0) of the cleaned signal; 0 marks zero variance"}
     for name, values in (("mean", scaler.mean_), ("std", scaler.std_)):
         arr = store.create_array(staging, names[name], values.shape, "float32", values.shape, (store.VOXEL,),
                                  {"units": units[name], "over": zscore})
         arr[...] = values
+    cen = store.create_array(staging, names["censored"], censored.shape, "bool", censored.shape, (store.TR,),
+                             {"meaning": "True: censored by fmri.confounds (scrubbing / non-steady-state); bold is "
+                                         "NaN there and the statistics leave it out"}, fill_value=False)
+    cen[...] = censored
