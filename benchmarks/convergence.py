@@ -16,8 +16,8 @@ the expected r of the planted response with the noisy BOLD over the **val** TRs,
 mean over subjects. On the main study also the ablations of the prototype's choices
 (one change at a time; ``--no-ablations`` skips them) and giblet-diagnose's plots.
 
-    python benchmarks/convergence.py /tmp/conv                 # ~40 min on 2 shared cores
-    python benchmarks/convergence.py /tmp/conv --no-ablations  # ~20 min
+    python benchmarks/convergence.py /tmp/conv                 # ~20 min on 2 shared cores
+    python benchmarks/convergence.py /tmp/conv --no-ablations  # ~10 min
 
 Work (studies, stores, runs, evaluations) goes under WORK and is reused on a second call
 (a run is redone only if its ``result.json`` is missing); ``--json`` (default
@@ -64,7 +64,7 @@ def sh(*cmd: str, log: Path) -> float:
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout, whatever is installed
     t0 = time.perf_counter()
     with open(log, "w") as f:
-        done = subprocess.run([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        done = subprocess.run([str(c) for c in cmd], check=False, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     if done.returncode:
         raise SystemExit(f"convergence.py: {' '.join(map(str, cmd))} failed (exit {done.returncode}); see {log}")
     return time.perf_counter() - t0
@@ -119,6 +119,30 @@ def independent_study(work: Path) -> tuple[Path, dict, dict]:
     return Path(saved["store"]), saved["achievable"], saved["hand_ridge"]
 
 
+def context(truth_path: Path, store: Path) -> dict:
+    """References beside the store's ridge: ridge on fewer modalities (one band for all hides the
+    useful ones among 3,072 text columns) and an oracle -- least squares on the *planted*
+    regressors, fit on the train TRs -- each ``{"r", "subjects"}`` on the val TRs."""
+    from giblet.evaluation.features import FeatureParams
+    from giblet.evaluation.metrics import pearson_r, per_subject
+    from giblet.evaluation.ridge import ridge_baseline
+    from giblet.reader import open_store
+
+    out = {}
+    for mods in (("video",), ("video", "audio")):
+        summary = per_subject(ridge_baseline(store, params=FeatureParams(modalities=mods)).r["val"])
+        out[f"ridge, {' + '.join(mods)} only"] = summary
+    truth, view = np.load(truth_path), open_store(store)
+    run, rs = view.runs[0], {}
+    for s in view.subjects:
+        (a, b), (c, d) = view.split_trs("train", run, s), view.split_trs("val", run, s)
+        x = np.column_stack([truth["regressors"][: view.n_trs(run)], np.ones(view.n_trs(run))])
+        y = view.fmri(s, run).astype(np.float64)
+        rs[s] = pearson_r(x[c:d] @ np.linalg.lstsq(x[a:b], y[a:b], rcond=None)[0], y[c:d])
+    out["oracle: least squares on the planted regressors"] = per_subject(rs)
+    return {k: {"r": v["mean"], "subjects": {s: x["mean"] for s, x in v["subjects"].items()}} for k, v in out.items()}
+
+
 # -- runs and evaluations ------------------------------------------------------------------------------
 def train_and_evaluate(name: str, yml: str, overrides: list[str], store: Path, runs: Path, val_every: int) -> dict:
     """Train one config (timed), evaluate it; returns (and caches) its result."""
@@ -164,14 +188,15 @@ def study(name: str, store: Path, achievable: dict, work: Path, val_every: int, 
     ceiling = base["ceiling"]
     res = {"achievable": achievable,
            "ridge": {"r": base["mean"], "subjects": {s: v["mean"] for s, v in base["subjects"].items()},
-                     "wall_s": base["wall_s"]},
+                     "wall_s": base["wall_s"], "of_ceiling": base["fraction_of_ceiling"]},
            "ceiling": {"r": ceiling["mean"], "subjects": {s: v["mean"] for s, v in ceiling["subjects"].items()}},
            "runs": {}}
     for run, (yml, overrides) in configs.items():
         print(f"[{name}] {run} ...", flush=True)
         r = train_and_evaluate(run, yml, overrides, store, work / name / "runs", val_every)
+        evaluation = json.loads((Path(r["evaluation"]) / "summary.json").read_text())
         r.update(of_achievable=r["r"] / achievable["mean"], of_ridge=r["r"] / res["ridge"]["r"],
-                 of_ceiling=r["r"] / ceiling["mean"])
+                 of_ceiling=evaluation["fraction_of_ceiling"])  # giblet-evaluate's (docs/evaluation.md)
         bar = 0.8 * achievable["mean"]
         r["s_to_80"] = next((v["s"] for v in r["val"] if v["r"] >= bar), None)
         r["step_to_80"] = next((v["step"] for v in r["val"] if v["r"] >= bar), None)
@@ -225,7 +250,8 @@ def figures(results: dict, work: Path, out: Path) -> None:
     plt.close(fig)
 
     main = results["main"]["runs"]
-    shutil.copy(Path(main["demo"]["evaluation"]) / "r_glass_brain.png", out / "demo_r_glass_brain.png")
+    folders = {run: Path(main[run]["evaluation"]) for run in ("demo", "shared readout")}
+    r_maps(plt, {**folders, "ridge": work / "main" / "ridge"}, out / "r_maps.png")
     for run in ("demo", "prototype"):  # giblet-diagnose's plots of the two runs
         tmp = work / "diagnose" / run
         plot(read_log(Path(main[run]["evaluation"]).parent / "log.jsonl"), tmp)
@@ -233,27 +259,52 @@ def figures(results: dict, work: Path, out: Path) -> None:
             shutil.copy(tmp / png, out / f"{run}_{png}")
 
 
+def r_maps(plt, folders: dict, path: Path, subject: str = "sub-01") -> None:
+    """Glass brains of one subject's val r map (giblet-evaluate's ``r_SUBJECT.nii.gz``), one
+    panel per evaluation, on one 0..1 scale (giblet-evaluate's own PNG uses a signed scale)."""
+    import nibabel as nib
+    from nilearn import plotting
+
+    fig = plt.figure(figsize=(4 * len(folders), 2.6))
+    for i, (name, folder) in enumerate(folders.items()):
+        ax = fig.add_subplot(1, len(folders), i + 1)
+        plotting.plot_glass_brain(nib.load(folder / f"r_{subject}.nii.gz"), axes=ax, figure=fig, title=name,
+                                  plot_abs=False, threshold=1e-6, vmin=0, vmax=1, cmap="viridis",
+                                  colorbar=i == len(folders) - 1, annotate=False, display_mode="xz")
+    fig.suptitle(f"{subject}: val r per voxel (maximum projection)", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def row(name: str, r: float, per_subject: list[float], res: dict, of_ceiling=None, run: dict | None = None) -> str:
+    """One markdown row: r, its fractions of the achievable r, the ridge and (giblet-evaluate's
+    ``fraction_of_ceiling``; n/a where the mean ceiling is ~0, i.e. subjects share no response)
+    the ceiling, per subject, and for a training run its wall time and when it reached 80 %."""
+    ceiling = "" if of_ceiling is None else f"{100 * of_ceiling:.0f} %" if res["ceiling"]["r"] > 0.1 else "n/a"
+    cells = [name, f"{r:.3f}", f"{100 * r / res['achievable']['mean']:.1f} %",
+             f"{100 * r / res['ridge']['r']:.1f} %", ceiling, *(f"{v:.3f}" for v in per_subject), "", ""]
+    if run:
+        cells[-2] = f"{run['wall_s']:.0f} ({run['train_s']:.0f} training)"
+        cells[-1] = f"step {run['step_to_80']}, {run['s_to_80']:.1f} s" if run["step_to_80"] else "never"
+    return "| " + " | ".join(cells) + " |"
+
+
 def tables(results: dict) -> str:
     lines = []
     for name, res in results.items():
-        ach, rid, ceil = res["achievable"], res["ridge"], res["ceiling"]
-        subjects = list(ach["subjects"])
-        lines += [f"\n### {name}\n", "| | val r | of achievable | of ridge | of ceiling | "
-                  + " | ".join(subjects) + " | train wall (s) | 80 % reached |", "|---" * (7 + len(subjects)) + "|"]
+        subjects = list(res["achievable"]["subjects"])
+        lines += [f"\n### {name}\n", "| | val r | of achievable | of ridge | of ceiling | " + " | ".join(subjects)
+                  + " | train wall (s) | 80 % reached |", "|---" * (7 + len(subjects)) + "|"]
         for run, r in res["runs"].items():
-            reached = f"step {r['step_to_80']}, {r['s_to_80']:.1f} s" if r["step_to_80"] else "never"
-            lines.append(f"| {run} | {r['r']:.3f} | {100 * r['of_achievable']:.1f} % | {100 * r['of_ridge']:.1f} % | "
-                         f"{100 * r['of_ceiling']:.0f} % | " + " | ".join(f"{r['subjects'][s]:.3f}" for s in subjects)
-                         + f" | {r['wall_s']:.0f} ({r['train_s']:.0f} training) | {reached} |")
-        for ref, src in (("ridge", rid), ("ceiling", ceil), ("achievable", ach)):
-            r = src["r"] if "r" in src else src["mean"]
-            lines.append(f"| {ref} | {r:.3f} | {100 * r / ach['mean']:.1f} % | {100 * r / rid['r']:.1f} % | "
-                         f"{100 * r / ceil['r']:.0f} % | " + " | ".join(f"{src['subjects'][s]:.3f}" for s in subjects)
-                         + " | | |")
+            lines.append(row(run, r["r"], [r["subjects"][s] for s in subjects], res, r["of_ceiling"], r))
+        refs = {"ridge": res["ridge"], "ceiling": res["ceiling"],
+                "achievable": {**res["achievable"], "r": res["achievable"]["mean"]}, **res.get("context", {})}
         if "hand_ridge" in res:
-            h = res["hand_ridge"]
-            lines.append(f"| hand ridge (mean colour, 12 delays) | {h['mean']:.3f} | {100 * h['mean'] / ach['mean']:.1f}"
-                         f" % | | | " + " | ".join(f"{h['subjects'][s]['mean']:.3f}" for s in subjects) + " | | |")
+            hand = res["hand_ridge"]
+            refs["hand ridge (mean colour, 12 delays)"] = {"r": hand["mean"], "subjects": {
+                s: v["mean"] for s, v in hand["subjects"].items()}}
+        for ref, src in refs.items():
+            lines.append(row(ref, src["r"], [src["subjects"][s] for s in subjects], res, src.get("of_ceiling")))
     abl = results["main"].get("ablations")
     if abl:
         lines += ["\n### ablations (main study)\n", "| run | val r | of achievable |", "|---|---|---|"]
@@ -271,6 +322,7 @@ def main(argv=None) -> int:
     work = args.work.resolve()
     main_store, ach = main_study(work)
     results = {"main": study("main", main_store, ach, work, 23, CONFIGS)}
+    results["main"]["context"] = context(work / "main" / "truth.npz", main_store)
     store, ach, hand = independent_study(work)
     results["independent"] = study("independent", store, ach, work, 27, CONFIGS)
     results["independent"]["hand_ridge"] = hand
