@@ -43,7 +43,7 @@ def hash_obj(*parts: Any) -> str:
 
 def non_default_params(params: Any) -> dict:
     """Fields of a params dataclass whose value differs from the field default -- except fields
-    declared ``metadata={"fingerprint": False}`` (``giblet.config.runtime``: how the work runs,
+    declared ``metadata={"fingerprint": False}`` (``giblet.config_loader.runtime``: how the work runs,
     not what it stores), the one rule every stage follows."""
     out = {}
     for f in dataclasses.fields(params):

@@ -209,21 +209,6 @@ def _mark(folder: str) -> None:
     Path(folder, str(os.getpid())).touch()
 
 
-def test_audio_runs_on_one_worker_then_every_worker_drops_its_caches(study, tmp_path, monkeypatch):
-    """audio.workers=1 (the default): one model copy in the tree; once the stage's last unit is
-    committed, every worker runs the stage's cleanup (here a marker, by default
-    release_caches). Where the audio ran is not what it stores: no rebuild with more workers."""
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    monkeypatch.setattr(audio, "release_caches", functools.partial(_mark, str(marks)))
-    report = engine.run(load_config(study), only=["fmri", "audio"], workers=2, progress=False)
-    entry = giblet.open_store(report.store).manifest["units"]["audio/run-1"]
-    assert entry["meta"]["n_tasks"] == 3 and len(entry["ran_on"]) == 1
-    assert len(list(marks.iterdir())) == 2
-    again = engine.run(load_config(study, ["audio.workers=null"]), only=["audio"], workers=2, progress=False)
-    assert again.ran == []
-
-
 _REAL_ENCODE = audio.encode_trs
 
 
@@ -236,17 +221,28 @@ def _encode_or_die(**kwargs):
     return _REAL_ENCODE(**kwargs)
 
 
-def test_audio_tasks_move_on_when_their_worker_is_gone(study, tmp_path, monkeypatch):
-    """Audio tasks are pinned to one worker (strictly: Dask would steal loosely pinned ones);
-    when it dies, the engine re-pins the waiting tasks to a worker still there."""
+def test_audio_runs_on_one_worker_moves_on_when_it_dies_then_every_worker_drops_its_caches(study, tmp_path,
+                                                                                          monkeypatch):
+    """audio.workers=1 (the default): one model copy in the tree, pinned strictly (Dask would
+    steal loosely pinned tasks). The first audio task kills its worker: the engine re-pins the
+    waiting tasks to a worker still there, and they all run on that one. Once the stage's last
+    unit is committed, every worker runs the stage's cleanup (here a marker; by default
+    release_caches). Where the audio ran is not what it stores: no rebuild with any worker."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
     monkeypatch.setenv("GIBLET_TEST_DIE_MARK", str(tmp_path / "died"))
     monkeypatch.setattr(audio, "encode_trs", _encode_or_die)
+    monkeypatch.setattr(audio, "release_caches", functools.partial(_mark, str(marks)))
     monkeypatch.setattr(engine, "POOL_CHECK_S", 1.0)
     lines = []
-    report = engine.run(load_config(study), only=["audio"], workers=2, progress=False, log=lines.append)
-    assert (tmp_path / "died").exists() and report.ran == ["audio/run-1"]
+    report = engine.run(load_config(study), only=["fmri", "audio"], workers=2, progress=False, log=lines.append)
+    assert (tmp_path / "died").exists() and sorted(report.ran) == ["audio/run-1", "fmri/mask", "fmri/sub-01/run-1"]
     assert any("audio: its workers left" in line for line in lines), lines
-    assert giblet.open_store(report.store).unit_meta("audio/run-1")["n_trs"] == 8
+    entry = giblet.open_store(report.store).manifest["units"]["audio/run-1"]
+    assert entry["meta"]["n_tasks"] == 3 and entry["meta"]["n_trs"] == 8 and len(entry["ran_on"]) == 1
+    assert len(list(marks.iterdir())) == 2  # both workers (the restarted one too) were told
+    again = engine.run(load_config(study, ["audio.workers=null"]), only=["audio"], workers=2, progress=False)
+    assert again.ran == []
 
 
 def test_release_caches_drops_the_soundtrack_and_the_model(study):

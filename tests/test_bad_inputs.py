@@ -143,7 +143,7 @@ def test_bad_text_model_dir(study, models, case):
 @pytest.mark.parametrize("override,needle", [
     ("videoo.width=10", "did you mean 'video'"),
     ("video.width=wide", "video.width: expected int, got 'wide'"),
-    ("fmri.mask_strategy=fancy", "must be epi, background or file"),
+    ("fmri.mask_strategy=fancy", "must be epi, background, file or fmriprep"),
     # an override's path is relative to the working directory; '..' may not climb out of it either
     ("output=../../../elsewhere.zarr", "output: '../../../elsewhere.zarr' escapes the working directory via '..'"),
     ("audio.bandwidth=-3", "audio.bandwidth"),

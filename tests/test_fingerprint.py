@@ -42,7 +42,7 @@ def test_file_hash_is_content_based_and_cached(tmp_path):
 def test_one_declared_rule_says_which_parameters_key_the_cache(tmp_path):
     """How a stage runs (batch sizes, devices, read blocks, task sizes) never enters a unit's
     fingerprint, in every stage alike; what it stores always does. The rule is declared on the
-    field (``giblet.config.runtime``), not written by hand in each stage."""
+    field (``giblet.config_loader.runtime``), not written by hand in each stage."""
     import dataclasses
 
     import yaml
