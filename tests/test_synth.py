@@ -249,7 +249,7 @@ def test_the_sherlock_preset_builds_as_printed_at_a_small_scale(tmp_path, monkey
 
     small = {**synth.SHERLOCK, "n_trs": (24, 30), "shape": (10, 12, 8), "movie_size": (48, 28), "fps": 10}
     monkeypatch.setattr(synth, "SHERLOCK", small)
-    monkeypatch.setitem(synth.SHERLOCK_STAGES, "audio", {"model": "random", "segment_s": 10.0})
+    monkeypatch.setitem(synth.SHERLOCK_STAGES, "audio", {"model": "random", "segment_s": 10.0, "workers": None})
     synth.main([str(tmp_path / "s"), "--preset", "sherlock", "--subjects", "2", "--annotations", str(REAL_XLSX),
                 "--workers", "1"])
     config = tmp_path / "s" / "study.yaml"
