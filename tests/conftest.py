@@ -32,3 +32,14 @@ def fmri_study(fmri_study_template, tmp_path) -> Path:
     shutil.copytree(fmri_study_template.parent, dst)
     return dst / fmri_study_template.name
 
+
+def write_nifti(path, data, tr_s: float) -> None:
+    """float32 NIfTI with 3 mm voxels; a 4D image states its TR (``tr_s``, seconds) in the header."""
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.Nifti1Image(np.asarray(data).astype(np.float32), np.diag([3.0, 3.0, 3.0, 1.0]))
+    img.header.set_xyzt_units("mm", "sec")
+    if np.ndim(data) == 4:
+        img.header.set_zooms((3.0, 3.0, 3.0, tr_s))
+    nib.save(img, str(path))

@@ -21,6 +21,7 @@ from giblet.evaluation.ceiling import ceiling_name, noise_ceiling, run_stack
 from giblet.store import StoreLock
 from giblet.verify import verify_store
 from tests.test_cli import cli
+from tests.conftest import write_nifti as _write_nifti
 
 SHAPE, TR = (4, 3, 2), 2.0
 SCANS = {("sub-01", "run-1"): 40, ("sub-02", "run-1"): 34, ("sub-03", "run-1"): 30,
@@ -29,11 +30,7 @@ CONSTANT, CONSTANT_IN_SUB02 = (0, 0, 0), (3, 2, 1)
 
 
 def write_nifti(path, data):
-    img = nib.Nifti1Image(data.astype(np.float32), np.diag([3.0, 3.0, 3.0, 1.0]))
-    img.header.set_xyzt_units("mm", "sec")
-    if data.ndim == 4:
-        img.header.set_zooms((3.0, 3.0, 3.0, TR))
-    nib.save(img, str(path))
+    _write_nifti(path, data, TR)
 
 
 def make_study(root):

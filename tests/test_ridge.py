@@ -20,6 +20,7 @@ from giblet.evaluation.features import (FeatureParams, audio_histograms, default
                                         text_features, video_features)
 from giblet.evaluation.ridge import cv_folds, ridge_baseline
 from tests.test_cli import cli
+from tests.conftest import write_nifti as _write_nifti
 
 SHAPE, TR, FPS = (4, 3, 2), 1.5, 8
 RUN_TRS = {"run-1": 96, "run-2": 80}
@@ -43,11 +44,7 @@ def write_movie(path, n_trs, rng):
 
 
 def write_nifti(path, data):
-    img = nib.Nifti1Image(data.astype(np.float32), np.diag([3.0, 3.0, 3.0, 1.0]))
-    img.header.set_xyzt_units("mm", "sec")
-    if data.ndim == 4:
-        img.header.set_zooms((3.0, 3.0, 3.0, TR))
-    nib.save(img, str(path))
+    _write_nifti(path, data, TR)
 
 
 def planted_bold(x, weights):
