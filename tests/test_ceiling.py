@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 
-import nibabel as nib
 import numpy as np
 import pytest
 import yaml

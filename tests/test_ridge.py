@@ -9,7 +9,6 @@ map per voxel over both runs, so the planted map stays exactly linear after z-sc
 from __future__ import annotations
 
 import av
-import nibabel as nib
 import numpy as np
 import pytest
 import yaml
