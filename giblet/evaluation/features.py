@@ -32,6 +32,7 @@ from typing import Optional
 import numpy as np
 
 from giblet.errors import ConfigError, StoreError
+from giblet.normalize import ZScorer
 
 MODALITIES = ("video", "audio", "text")
 HRF_SPAN_S = 12.0  # the canonical HRF has decayed by ~12 s after a stimulus
@@ -189,10 +190,9 @@ def _pca(runs: dict[str, np.ndarray], train: np.ndarray, dim: int) -> dict[str, 
 
 
 def _zscore(runs: dict[str, np.ndarray], train: np.ndarray) -> dict[str, np.ndarray]:
-    mean, std = train.mean(0, dtype=np.float64), train.std(0, dtype=np.float64)
-    live = std > 1e-6 * np.maximum(np.abs(mean), 1)
-    scale = np.where(live, 1 / np.where(live, std, 1), 0)
-    return {r: ((x - mean) * scale).astype(np.float32) for r, x in runs.items()}
+    """Every run z-scored with the training rows' statistics (``ZScorer``: constant columns -> 0)."""
+    scaler = ZScorer().fit(train)
+    return {r: scaler.transform(x) for r, x in runs.items()}
 
 
 def _modalities(view, params: FeatureParams) -> list[str]:
