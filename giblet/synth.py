@@ -53,6 +53,7 @@ import yaml
 
 from giblet.errors import ConfigError
 from giblet.hrf import hrf_convolve
+from giblet.synth_bold import brain, expected_r, make_bold, write_bold, write_scan  # noqa: F401  (public)
 from giblet.synth_stimulus import (INDEX_BITS, LABELS, N_LATENT, SHERLOCK_COLUMNS,  # noqa: F401  (public names)
                                    decode_frame_index, frame_code_blocks, latents, scenes, write_annotations,
                                    write_movie, write_run_annotations)
@@ -74,67 +75,6 @@ def _rng(seed: int, *key: int) -> np.random.Generator:
 # _rng keys of the newer draws: tags no subject number reaches (numpy's SeedSequence reads
 # [a, b] and [a, b, 0] alike, so every tag keeps one key length and avoids trailing zeros).
 _SCENES, _OPENING, _LAYOUT, _SUBJECT = 1_000_001, 1_000_002, 1_000_003, 1_000_004
-
-
-def brain(shape: tuple[int, int, int], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """An ellipsoid 'brain' mask and a raw baseline image (~600-1400 inside, ~15 outside)."""
-    grid = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
-    r = np.sqrt(sum((g / 0.8) ** 2 for g in grid))
-    inside = r < 1.0
-    base = np.where(inside, 1000 + 400 * np.cos(3 * grid[0]) * np.sin(2 * grid[1]), 15.0)
-    base = base * rng.uniform(0.95, 1.05, size=shape)
-    return inside, base
-
-
-def write_bold(path: Path, data: np.ndarray, affine: np.ndarray, tr_s: float) -> None:
-    """Write float data as int16 NIfTI with slope/intercept scaling, like scanner output."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(data.astype(np.float32), affine)
-    img.header.set_data_dtype(np.int16)
-    img.header.set_xyzt_units("mm", "sec")
-    zooms = list(img.header.get_zooms()[:3]) + [tr_s]
-    img.header.set_zooms(zooms)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(img, str(path))
-
-
-def make_bold(shape, n_trs, tr_s, regressors, weights, inside, base, rng, amplitude=0.03, noise=0.01,
-              drift: float = 0.02, block: int = 64) -> np.ndarray:
-    """``(x, y, z, tr)`` float32 raw BOLD: ``base * (1 + drift + amplitude * weights . x + noise * e)``.
-
-    Args:
-        regressors: ``(>= n_trs, N_LATENT)`` the planted regressors ``x`` (standardized).
-        weights: ``(x, y, z, N_LATENT)``; zero outside ``inside``.
-        noise: std of the white noise ``e`` as a fraction of ``base``.
-        drift: largest linear drift over the scan (fraction of ``base``), plus a slow cosine
-            of up to half of it; drawn per voxel.
-
-    Built in blocks of TRs so a Sherlock-sized scan (61x73x61x1030) needs one float32 copy,
-    not several float64 ones.
-    """
-    t = np.arange(n_trs) / max(n_trs - 1, 1)
-    lin = rng.uniform(-drift, drift, size=shape).astype(np.float32)
-    cos = rng.uniform(0, drift / 2, size=shape).astype(np.float32)
-    x = np.asarray(regressors[:n_trs], dtype=np.float32)
-    w = (weights * inside[..., None]).astype(np.float32)
-    base32 = base.astype(np.float32)
-    out = np.empty(tuple(shape) + (n_trs,), dtype=np.float32)
-    for t0 in range(0, n_trs, block):
-        tb = slice(t0, min(n_trs, t0 + block))
-        response = np.tensordot(w, x[tb].T, axes=([3], [0]))  # (x, y, z, b)
-        slow = lin[..., None] * t[tb].astype(np.float32) + cos[..., None] * np.cos(2 * np.pi * t[tb]).astype(np.float32)
-        sig = base32[..., None] * (1.0 + slow + amplitude * response)
-        sig += rng.standard_normal(size=sig.shape, dtype=np.float32) * (noise * base32[..., None])
-        out[..., tb] = sig
-    return out
-
-
-def _write_scan(path, shape, n_trs, tr_s, regressors, weights, inside, base, key, amplitude, noise, drift,
-                affine) -> None:
-    data = make_bold(shape, n_trs, tr_s, regressors, weights, inside, base, np.random.default_rng(key), amplitude,
-                     noise, drift)
-    write_bold(path, data, affine, tr_s)
 
 
 def _run_jobs(jobs: list, workers: int, progress: bool) -> None:
@@ -239,15 +179,6 @@ def _regressors(run: dict, n: int, tr_s: float) -> None:
     run.update(latents=z, latents_hrf=z_hrf, regressors=(z_hrf - seen.mean(0)) / (seen.std(0) + 1e-9))
 
 
-def expected_r(weights: np.ndarray, inside: np.ndarray, regressors: np.ndarray, amplitude: float,
-               noise: float) -> np.ndarray:
-    """``(x, y, z) float32`` expected correlation of each voxel's planted response with its
-    drift-free BOLD, over the TRs of ``regressors`` (``(tr, K)``, the subject's TRs)."""
-    cov = np.cov(regressors, rowvar=False, bias=True)
-    sd = amplitude * np.sqrt(np.maximum(np.einsum("...k,kl,...l->...", weights, cov, weights), 0.0))
-    return np.where(inside, sd / np.sqrt(sd**2 + noise**2), 0.0).astype(np.float32)
-
-
 def make_study(root: str | Path, *, n_subjects: int = 3, n_trs: int | Sequence[int] = 60, shape: tuple = (20, 24, 16),
                tr_s: float = 1.5, seed: int = 0, movie: bool = True, audio_track: bool = True,
                annotations: bool = True, movie_size: tuple = (192, 108), fps: int = 25, extra_s: float = 3.0,
@@ -323,7 +254,7 @@ def make_study(root: str | Path, *, n_subjects: int = 3, n_trs: int | Sequence[i
     jobs = [(write_movie, (files["movie"][run["name"]], run["scenes"], run["duration_s"], movie_size, fps, 44100,
                            np.random.default_rng(_key(seed, 0, j)), audio_track))
             for j, run in enumerate(runs) if movie]
-    jobs += [(_write_scan, (files["bold"][s, run["name"]], tuple(shape), int(scans[i, j]), tr_s, run["regressors"],
+    jobs += [(write_scan, (files["bold"][s, run["name"]], tuple(shape), int(scans[i, j]), tr_s, run["regressors"],
                             people[i]["weights"], inside, base * people[i]["intensity"], _key(seed, i + 1, j),
                             amplitude, people[i]["noise"], drift, affine))
              for j, run in enumerate(runs) for i, s in enumerate(subjects) if scans[i, j] > 0]

@@ -8,14 +8,14 @@ so consecutive samples from one chunk decode it once and memory stays flat over 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 
+from giblet.data.chunks import ArrayInfo, ChunkCache, stack
 from giblet.data.context import convolve_windows, frame_indices, hrf_kernel, source_trs
 from giblet.data.frames import pool_frames
 from giblet.errors import ConfigError, ModalityMissingError
@@ -27,42 +27,6 @@ MODALITIES = ("fmri", "video", "audio", "text")
 SPLITS = ("train", "val", "test", "all")
 EDGES = ("zeros", "drop")
 CACHE_CHUNK_SETS = 8  # default cache: this many TR-chunks of every array a sample reads
-
-
-class ChunkCache:
-    """Least-recently-used decoded chunks, bounded by their total bytes.
-
-    The newest chunk is always kept, so the bound is ``max_bytes`` plus at most one chunk.
-    """
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = int(max_bytes)
-        self._items: OrderedDict = OrderedDict()
-        self.nbytes = self.hits = self.misses = 0
-
-    def get(self, key, load: Callable[[], np.ndarray]) -> np.ndarray:
-        if key in self._items:
-            self._items.move_to_end(key)
-            self.hits += 1
-            return self._items[key]
-        self.misses += 1
-        value = load()
-        value.setflags(write=False)  # samples are copies or read-only views: nobody edits the cache
-        self._items[key] = value
-        self.nbytes += value.nbytes
-        while self.nbytes > self.max_bytes and len(self._items) > 1:
-            self.nbytes -= self._items.popitem(last=False)[1].nbytes
-        return value
-
-
-class _ArrayInfo:
-    """What a reader needs to know of one stored array (small, picklable)."""
-
-    def __init__(self, arr):
-        shards = getattr(arr, "shards", None)
-        self.read_trs = int((shards or arr.chunks)[0])  # TRs decoded per read: a shard or a chunk
-        self.tail = tuple(int(s) for s in arr.shape[1:])
-        self.dtype = np.dtype(arr.dtype)
 
 
 class GibletDataset(Dataset):
@@ -139,7 +103,7 @@ class GibletDataset(Dataset):
                                        f"{ {k: sorted(v) for k, v in view.split.items()} }); choose another split, "
                                        f"runs or subjects")
         self.offsets = np.cumsum([0] + [b - a for _, _, a, b in self.pairs])
-        self._info = {name: _ArrayInfo(view.array(name)) for name in self._array_names(view)}
+        self._info = {name: ArrayInfo(view.array(name)) for name in self._array_names(view)}
         self.frames = self._pick_frames(frames)
         self.video_pool = self._pick_pool(video_pool)
         self._served = {name: self._served_row(name, info) for name, info in self._info.items()}
@@ -242,7 +206,7 @@ class GibletDataset(Dataset):
                               f"the stored frame size {list(stored)}")
         return int(pool[0]), int(pool[1])
 
-    def _served_row(self, name: str, info: _ArrayInfo) -> tuple[tuple[int, ...], np.dtype]:
+    def _served_row(self, name: str, info: ArrayInfo) -> tuple[tuple[int, ...], np.dtype]:
         """Shape (after the TR axis) and dtype of the rows a chunk holds once decoded, frames
         kept and pooled."""
         if not name.endswith("/video/frames"):
@@ -345,7 +309,7 @@ class GibletDataset(Dataset):
         one passed file descriptor each; the loader makes them tensors on arrival.
         """
         samples = [self._read(int(i)) for i in indices]
-        return {k: _stack([x[k] for x in samples], wire) for k in samples[0]}
+        return {k: stack([x[k] for x in samples], wire) for k in samples[0]}
 
     def _read(self, index: int) -> dict[str, np.ndarray]:
         """One sample as numpy arrays, possibly read-only views of cached chunks."""
@@ -473,26 +437,6 @@ class GibletDataset(Dataset):
         return (f"GibletDataset({Path(self.store_path).name!r}, split={self.split!r}, subjects={len(self.subjects)}, "
                 f"runs={self.runs}, samples={len(self)}, modalities={self.modalities}, window={self.window}, "
                 f"lag={self.lag}, hrf={self.hrf})")
-
-
-WIRE_BYTES = 64 * 1024  # below this, a batch entry is sent by value (see GibletDataset.get_batch)
-
-
-def _stack(arrays: list, wire: bool = False):
-    """``np.stack`` into a new tensor -- in a DataLoader worker, one in shared memory, so that
-    handing the batch to the main process copies nothing more (as ``default_collate`` does)."""
-    first = np.asarray(arrays[0])
-    shape = (len(arrays),) + first.shape
-    if wire and first.nbytes * len(arrays) < WIRE_BYTES:
-        return np.stack(arrays)
-    out = torch.from_numpy(np.empty(0, dtype=first.dtype))
-    if get_worker_info() is not None:
-        storage = out._typed_storage()._new_shared(int(np.prod(shape)), device=out.device)
-        out = out.new(storage).resize_(shape)
-    else:
-        out = out.new_empty(shape)
-    np.stack(arrays, out=out.numpy())
-    return out
 
 
 def _kept_spans(censored: np.ndarray, start: int, stop: int) -> list[tuple[int, int]]:

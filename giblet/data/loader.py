@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from giblet.data.dataset import WIRE_BYTES
+from giblet.data.chunks import WIRE_BYTES
 from giblet.data.partition import ChunkLayout, partition, rank_sequence, rank_share, unit_bounds
 from giblet.data.world import World, get_world, get_worker
 from giblet.errors import ConfigError
