@@ -333,7 +333,8 @@ class StoreView:
     def to_xarray(self, run: Optional[str] = None):
         """Lazy, dask-backed, named dims. One run (or ``run`` given): an ``xarray.Dataset`` with
         ``fmri`` ``(subject, tr, voxel)`` (NaN where a subject lacks the run or its TRs), its
-        stats, the mask and the run's stimulus arrays. Several runs and ``run=None``: an
+        stats, ``fmri_censored`` ``(subject, tr)`` (``censored()``, False past a subject's
+        served TRs), the mask and the run's stimulus arrays. Several runs and ``run=None``: an
         ``xarray.DataTree`` with one such Dataset per run."""
         import xarray as xr
 
@@ -358,6 +359,9 @@ class StoreView:
                 data_vars[f"fmri_{stat}"] = (("subject", "voxel"), da.stack(
                     [da.from_zarr(self.array(f"{fmri_prefix(s, run)}/{stat}")) for s in subs]))
             data_vars["served_trs"] = (("subject",), np.array([self.n_trs(run, s) for s in subs]))
+            # True where fmri.confounds censored a served TR (bold NaN there); False past served_trs.
+            data_vars["fmri_censored"] = (("subject", "tr"), np.stack(
+                [np.pad(self.censored(s, run), (0, n - self.n_trs(run, s))) for s in subs]))
             data_vars["mask"] = (("x", "y", "z"), self.mask)
             data_vars["voxels"] = (("voxel", "ijk"), self.voxels)
         prefix = f"{stimulus_prefix(run, '')}"

@@ -366,3 +366,16 @@ def test_options_list_matches_nilearns_signature():
     from giblet.features.confounds import OPTIONS
 
     assert set(OPTIONS) == set(inspect.signature(load_confounds).parameters) - {"img_files", "strategy"}
+
+
+def test_xarray_view_carries_the_censored_trs(built):
+    s = giblet.open_store(built)
+    run = s.runs[0]
+    ds = s.to_xarray(run)
+    subs = list(ds["subject"].values)
+    for i, subject in enumerate(subs):
+        n = s.n_trs(run, subject)
+        got = ds["fmri_censored"].values[i]
+        assert np.array_equal(got[:n], s.censored(subject, run)) and not got[n:].any()
+        assert np.isnan(ds["fmri"].values[i][got]).all()
+    assert ds["fmri_censored"].values.any()  # the study censors some TRs
