@@ -97,9 +97,13 @@ def nifti(vol: np.ndarray, affine: np.ndarray):
     return nib.Nifti1Image(vol, affine)
 
 
-def cuts(mask: np.ndarray, affine: np.ndarray, n: int = 8) -> int:
-    """Axial cuts nilearn can draw: at most the slices the mask spans."""
-    return max(1, min(n, int(_canonical(mask, affine).any(axis=(0, 1)).sum())))
+def cuts(mask: np.ndarray, affine: np.ndarray, n: int = 8) -> list[float]:
+    """``n`` axial cuts (world z, mm) spread over the mask's extent, at most one per slice it
+    spans (the same cuts for every nilearn figure; nilearn's own choice skips slices)."""
+    z = np.unique((np.argwhere(mask) @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3])[:, 2])
+    n = max(1, min(n, len(z)))
+    return [float(z[i]) for i in np.linspace(0, len(z) - 1, n + 2)[1:-1].round().astype(int)] if len(z) > n \
+        else [float(v) for v in z]
 
 
 def mask_figure(mean_vol, mask, affine, ref) -> str:
@@ -110,7 +114,7 @@ def mask_figure(mean_vol, mask, affine, ref) -> str:
     # contours need an edge: a mask covering the whole grid is drawn filled
     plotting.plot_roi(nifti(mask.astype(np.uint8), affine), bg_img=nifti(mean_vol, affine), display_mode="z",
                       cut_coords=cuts(mask, affine), view_type="continuous" if mask.all() else "contours",
-                      alpha=0.4, colorbar=False, draw_cross=False, annotate=True, figure=fig,
+                      alpha=0.4, cmap="autumn", colorbar=False, draw_cross=False, annotate=True, figure=fig,
                       title=f"mask over the mean of {ref[0]}/{ref[1]}", black_bg=True)
     return figure(png_bytes(fig), f"The mask's outline (red) on axial slices of the mean BOLD image of "
                   f"{ref[0]}/{ref[1]} (the mask's reference run). The store keeps only the voxels inside the mask, "
@@ -150,12 +154,17 @@ def montage_figure(view, pairs, vols: dict, mask, affine) -> str:
     m = _canonical(mask, affine)
     box = [np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != k))) for k in range(3)]
     (x0, x1), (y0, y1), (z0, z1) = [(b[0], b[-1] + 1) for b in box]
-    zs = np.linspace(z0, z1 - 1, MONTAGE_SLICES + 2)[1:-1].round().astype(int)
+    zs = np.unique(np.linspace(z0, z1 - 1, MONTAGE_SLICES + 2)[1:-1].round().astype(int))
     values = np.concatenate([v[v > 0] for v in vols.values()])
     vmax = float(np.percentile(values, 99)) if values.size else 1.0
     subjects = list(dict.fromkeys(s for s, _ in pairs))
-    fig, axes = plt.subplots(len(subjects), len(view.runs), squeeze=False,
-                             figsize=(min(14, 3.4 * len(view.runs)) + 0.8, 0.9 * len(subjects) + 0.6))
+    # size the figure from the panels' aspect, so 17 subjects get no blank margins
+    col_w, title_h = min(4.5, 12 / len(view.runs)), 0.22
+    row_h = col_w * (y1 - y0) / ((x1 - x0) * len(zs)) + title_h
+    width, height = col_w * len(view.runs) + 0.9, row_h * len(subjects) + 0.1
+    fig, axes = plt.subplots(len(subjects), len(view.runs), squeeze=False, figsize=(width, height))
+    fig.subplots_adjust(left=0.01, right=1 - 0.85 / width, bottom=0.05 / height, top=1 - (title_h + 0.05) / height,
+                        wspace=0.04, hspace=title_h / (row_h - title_h))
     for i, s in enumerate(subjects):
         for j, r in enumerate(view.runs):
             ax = axes[i, j]
@@ -168,7 +177,7 @@ def montage_figure(view, pairs, vols: dict, mask, affine) -> str:
                            vmin=0, vmax=vmax, interpolation="nearest")
             ax.set_title(f"{s} {r}", fontsize=7, pad=2)
     if values.size:
-        fig.colorbar(im, ax=axes, fraction=0.02, pad=0.01, label="tSNR")
+        fig.colorbar(im, cax=fig.add_axes((1 - 0.7 / width, 0.1, 0.12 / width, 0.8)), label="tSNR")
     return figure(png_bytes(fig), f"tSNR of every (subject, run) on {MONTAGE_SLICES} axial slices, one colour scale "
                   "(0 to the 99th percentile of all).", "tSNR per subject and run",
                   "every panel looks alike; a subject or run much darker than the others moved more or is noisier, "

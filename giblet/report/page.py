@@ -61,10 +61,11 @@ def figure(png: bytes, caption: str, alt: str, healthy: str) -> str:
             f"<figcaption>{escape(caption)} <b>Healthy:</b> {escape(healthy)}</figcaption></figure>")
 
 
-def table(header: Sequence[str], rows: Iterable[Sequence], classes: Optional[Iterable[Sequence[str]]] = None) -> str:
-    """An HTML table; cells are escaped, numbers right-aligned, ``None`` shown as a dash."""
+def table(header: Optional[Sequence[str]], rows: Iterable[Sequence],
+          classes: Optional[Iterable[Sequence[str]]] = None) -> str:
+    """An HTML table (``header`` None: none); cells are escaped, numbers right-aligned, ``None`` a dash."""
     classes = list(classes) if classes is not None else None
-    out = ["<table><tr>" + "".join(f"<th>{escape(str(h))}</th>" for h in header) + "</tr>"]
+    out = ["<table>" + ("<tr>" + "".join(f"<th>{escape(str(h))}</th>" for h in header) + "</tr>" if header else "")]
     for i, row in enumerate(rows):
         cells = []
         for j, v in enumerate(row):

@@ -34,7 +34,7 @@ def summary_section(view: StoreView) -> Section:
              ("TR (s)", view.tr_s), ("runs", len(view.runs)), ("subjects", len(view.subjects)),
              ("voxels in the mask", view.n_voxels if view.has("fmri/mask") else None),
              *((f"{m} runs", ", ".join(r) or "none") for m, r in modalities.items())]
-    sec.add(table(["", ""], facts))
+    sec.add(table(None, facts))
     sec.add(heading("Subjects × runs"), para(
         "Each cell: TRs served (of the TRs in the BOLD file; censored TRs in brackets). A dash: no scan "
         "for that run. Header: the run's TR grid, its length and its split into train / val / test TRs."),
@@ -85,7 +85,7 @@ def inputs_blocks(view: StoreView) -> list[str]:
     """Where the inputs came from: the config (paths as written, relative to its folder), the
     BIDS dataset it was expanded from, and what each stimulus unit read."""
     cfg = view.attrs.get("config") or {}
-    out = [table(["", ""], [("config", cfg.get("config_path")), ("output", cfg.get("output"))])]
+    out = [table(None, [("config", cfg.get("config_path")), ("output", cfg.get("output"))])]
     bids = cfg.get("bids")
     if bids:
         out.append(table(["BIDS", ""], [(k, compact(v) if isinstance(v, (dict, list)) else v)
