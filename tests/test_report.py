@@ -202,27 +202,34 @@ def chromium():
         shutil.rmtree(profile, ignore_errors=True)
 
 
-# -- tests -----------------------------------------------------------------------------------------
-def test_pages_open_in_headless_chromium_with_every_image_and_section(pages, engine_store, hand_store):
+def check_in_browser(d, page: Path, store: Path) -> list[str]:
+    """Open ``page`` in the session ``d``: no console error, every image loaded, the four sections
+    and every subject of ``store`` shown. Returns the images' alt texts."""
     import giblet
 
+    d.get(page.resolve().as_uri())
+    errors = [e for e in d.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+    assert not errors, f"{page}: console errors {errors}"
+    images = d.execute_script("return Array.from(document.images).map("
+                              "i => [i.complete, i.naturalWidth, i.naturalHeight, i.alt])")
+    assert len(images) >= 5, f"{page}: only {len(images)} images"
+    broken = [alt for done, w, h, alt in images if not (done and w > 0 and h > 0)]
+    assert not broken, f"{page}: images that did not load: {broken}"
+    ids = d.execute_script("return Array.from(document.querySelectorAll('section')).map(s => s.id)")
+    assert ids == ["summary", "fmri", "stimuli", "evaluation"]
+    text = d.find_element("tag name", "body").text
+    for subject in giblet.open_store(store).subjects:
+        assert subject in text, f"{page}: subject {subject} not on the page"
+    return [alt for *_, alt in images]
+
+
+# -- tests -----------------------------------------------------------------------------------------
+def test_pages_open_in_headless_chromium_with_every_image_and_section(pages, engine_store, hand_store):
     with chromium() as d:
-        for name in ("engine", "hand"):
-            page = pages[name]
-            d.get(page.resolve().as_uri())
-            errors = [e for e in d.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
-            assert not errors, f"{name}: console errors {errors}"
-            images = d.execute_script("return Array.from(document.images).map("
-                                      "i => [i.complete, i.naturalWidth, i.naturalHeight, i.alt])")
-            assert len(images) >= 5, f"{name}: only {len(images)} images"
-            broken = [alt for done, w, h, alt in images if not (done and w > 0 and h > 0)]
-            assert not broken, f"{name}: images that did not load: {broken}"
-            ids = d.execute_script("return Array.from(document.querySelectorAll('section')).map(s => s.id)")
-            assert ids == ["summary", "fmri", "stimuli", "evaluation"]
-            text = d.find_element("tag name", "body").text
-            store = engine_store[0] if name == "engine" else hand_store
-            for subject in giblet.open_store(store).subjects:
-                assert subject in text, f"{name}: subject {subject} not on the page"
+        engine = check_in_browser(d, pages["engine"], engine_store[0])
+        hand = check_in_browser(d, pages["hand"], hand_store)
+    assert "contact sheet run-2" in engine and "audio code usage" not in engine
+    assert {"audio code usage", "annotation coverage", "censored TRs", "r vs ceiling"} <= set(hand)
 
 
 def test_every_embedded_image_has_content_and_nothing_is_fetched(pages):
@@ -304,3 +311,21 @@ def test_cli_report_out_evaluation_and_errors(hand_store, engine_store, tmp_path
     assert err.startswith("giblet-preprocess: error: --evaluation") and "not " in err and len(err.splitlines()) == 1
     assert main(["report", str(tmp_path / "nothing.zarr")]) == 1
     assert "not a giblet store" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_store_report_in_chromium(tmp_path):
+    """The README's demo (every modality, a subject without run 2): `run` names the report
+    command, `report` writes the page beside the store, and it opens cleanly."""
+    r = cli("run", "--demo", "--out", tmp_path / "giblet-demo", "--no-progress", timeout=900)
+    assert r.returncode == 0, r.stderr
+    store = Path(r.stdout.strip().splitlines()[-1])
+    assert f"giblet-preprocess report {store}" in r.stderr
+    r = cli("report", store)
+    assert r.returncode == 0, r.stderr
+    page = Path(r.stdout.strip())
+    assert page == default_output(store) and page.parent == store.parent
+    with chromium() as d:
+        alts = check_in_browser(d, page, store)
+    assert {"contact sheet run-1", "contact sheet run-2", "audio code usage", "annotation coverage"} <= set(alts)
+    assert blank_images(page.read_text()) == []
