@@ -1,4 +1,4 @@
-"""``giblet-preprocess``: init, run, status, verify, stats.
+"""``giblet-preprocess``: init, run, status, verify, stats, report.
 
 Exit codes: 0 success, 1 failure (one line naming the file/subject/stage, the value and
 the fix; the traceback only with ``--debug``), 2 usage error.
@@ -56,6 +56,15 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text)
         s.add_argument("store")
         s.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    rep = sub.add_parser("report", help="write one self-contained HTML page of QC figures and results")
+    rep.add_argument("store")
+    rep.add_argument("--out", metavar="FILE", help="the HTML file (default: STORE's name + -report.html, beside it)")
+    rep.add_argument("--evaluation", action="append", default=[], metavar="DIR",
+                     help="a giblet-evaluate output folder of this store (repeat for several; others are searched)")
+    rep.add_argument("--carpets", type=int, default=3, metavar="N",
+                     help="carpet plots for the N (subject, run)s with the lowest tSNR (default 3; each reads one run)")
+    rep.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    rep.set_defaults(usage_error=rep.error)
     return p
 
 
@@ -93,6 +102,10 @@ def cmd_run(args) -> int:
         from giblet.store import atomic_write_json
 
         atomic_write_json(Path(args.report), report.as_dict())
+    from giblet.report import default_output
+
+    # not built here: the figures cost seconds, and a rerun that changed nothing should stay ~1 s
+    print(f"QC report: `{PROG} report {report.store}` writes {default_output(report.store)}", file=sys.stderr)
     print(report.store)
     return 0
 
@@ -139,6 +152,20 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from giblet.report import build_report
+    from giblet.verify import store_problem
+
+    problem = store_problem(args.store)  # not a store, or never finished: the one line verify gives
+    if problem:
+        raise StoreError(problem)
+    if args.carpets < 0:
+        args.usage_error(f"--carpets {args.carpets}: give 0 or more")
+    out = build_report(args.store, args.out, evaluations=args.evaluation, carpets=args.carpets)
+    print(out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     # KEY=VALUE overrides may come after options (`run CONFIG --force fmri.detrend=true`).
@@ -149,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     if args.command == "run" and not args.demo and not args.config:
         args.usage_error("CONFIG is required (or use --demo)")
-    commands = {"init": cmd_init, "run": cmd_run, "status": cmd_status, "verify": cmd_verify, "stats": cmd_stats}
+    commands = {"init": cmd_init, "run": cmd_run, "status": cmd_status, "verify": cmd_verify, "stats": cmd_stats,
+                "report": cmd_report}
     return one_line_errors(PROG, lambda: commands[args.command](args), debug=args.debug,
                            interrupted="rerun the same command to resume")
 
