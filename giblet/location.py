@@ -69,7 +69,8 @@ class RemoteLocation:
         self.protocol = _SCHEME.match(self.url).group(1).lower()
         self.storage_options = dict(storage_options or {})
         try:
-            self.fs, self.root = url_to_fs(self.url, **self.storage_options)
+            # listings are never cached: another process (a Dask worker, a gc) changes the prefix
+            self.fs, self.root = url_to_fs(self.url, **{"use_listings_cache": False, **self.storage_options})
         except ImportError as exc:
             raise StoreError(f"{self.url}: reading {self.protocol}:// needs a filesystem package ({exc}); install "
                              f"giblet's `remote` extra (pip install 'giblet[remote]': s3fs) or the package fsspec "
@@ -169,8 +170,7 @@ class RemoteLocation:
     def children(self, prefix: str) -> list[str]:
         """Names one level below ``prefix/`` (objects and "folders")."""
         try:
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.key(prefix), detail=False,
-                                                                                 refresh=True))
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.key(prefix), detail=False))
         except FileNotFoundError:
             return []
 

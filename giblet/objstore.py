@@ -22,9 +22,9 @@ thing that changes::
 - Concurrency: two runs on one store both read the manifest's ETag; the first PUT wins and
   the other's fails (HTTP 412): that run stops with a one-line error and its attempts become
   orphans. There is no lock object, so a killed run never leaves the store locked.
-- A killed run resumes: an unnamed attempt of the same unit and fingerprint that was
-  prepared is reused (its finished tasks kept); one already named by the manifest is never
-  written again.
+- A killed run resumes: an unnamed attempt of the same unit and fingerprint, prepared by a
+  run on this host whose process is gone, is reused (its finished tasks kept); an attempt
+  the manifest names, or that a live run (or another host's) may be writing, never is.
 - Replaced attempts are deleted once the manifest no longer names them; leftovers of killed
   or losing runs are listed and removed by ``giblet-preprocess gc`` (``giblet.orphans``).
 """
@@ -44,8 +44,8 @@ from zarr.storage import WrapperStore
 from giblet.errors import StoreError
 from giblet.fingerprint import hash_bytes
 from giblet.location import PreconditionFailed, RemoteLocation, store_location
-from giblet.store import (ALIGN_KEY, FORMAT, GROUP_META, MANIFEST, _json_default, _kill_point, check_name,
-                          group_names, manifest_digest, now_iso, parse_manifest)
+from giblet.store import (ALIGN_KEY, FORMAT, GROUP_META, MANIFEST, StoreLock, _json_default, _kill_point,
+                          check_name, group_names, manifest_digest, now_iso, parse_manifest, read_manifest)
 
 ATTEMPTS = "attempts"
 ATTEMPT_FILE = "attempt.json"
@@ -140,10 +140,10 @@ class RemoteStoreWriter:
         """An attempt prefix for the unit (URL) and the results of its finished tasks: an
         unnamed, prepared attempt of the same fingerprint is resumed, else a new one is prepared."""
         base = f"{check_name(key, 'unit key').replace('/', '__')}-{fingerprint}-"
-        named = referenced_attempts(self.manifest)
+        named = referenced_attempts(self.manifest) | referenced_attempts(read_manifest(self.loc) or {})
         for name in self.loc.children(ATTEMPTS):
             if (name.startswith(base) and len(name) == len(base) + ID_HEX and name not in named
-                    and self.loc.exists(f"{ATTEMPTS}/{name}/{ATTEMPT_FILE}")):
+                    and self._abandoned(name)):
                 tasks = f"{ATTEMPTS}/{name}/tasks"
                 found = self.loc.cat([f"{tasks}/{rel}" for rel in self.loc.files(tasks) if rel.endswith(".json")])
                 results = {rel.rsplit("/", 1)[-1][:-5]: json.loads(raw) for rel, raw in found.items()}
@@ -156,6 +156,17 @@ class RemoteStoreWriter:
             {"unit": key, "fingerprint": fingerprint, "started": now_iso(), "host": socket.gethostname(),
              "pid": os.getpid()}))
         return staging, {}
+
+    def _abandoned(self, name: str) -> bool:
+        """Whether attempt ``name`` was prepared by a run that is gone (this host, its pid dead):
+        only such an attempt is resumed -- never one a live run (or another host's) may be writing."""
+        raw = self.loc.read_bytes(f"{ATTEMPTS}/{name}/{ATTEMPT_FILE}")
+        try:
+            holder = json.loads(raw) if raw is not None else None
+        except ValueError:
+            return False
+        return isinstance(holder, dict) and holder.get("host") == socket.gethostname() and \
+            not StoreLock._alive(holder)
 
     def record_task(self, staging: str, task_id: str, result: dict) -> None:
         self.loc.write_bytes(f"{self._rel(staging)}/tasks/{task_id}.json", _json_bytes(result))
