@@ -189,6 +189,11 @@ class StudyConfig:
         return self.output if is_url(self.output) else resolve(self.root, self.output)
 
     def input_path(self, value: Optional[str]) -> Optional[Path]:
+        """A readable local path: a URL's file is fetched to local scratch (``giblet.inputs``)."""
+        if value is not None and is_url(value):
+            from giblet.inputs import fetch
+
+            return fetch(value)
         return None if value is None else resolve(self.root, value)
 
     @property

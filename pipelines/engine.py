@@ -16,9 +16,11 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
+from giblet import inputs
 from giblet.config import StudyConfig
 from giblet.errors import ConfigError, GibletError, StoreError
 from giblet.fingerprint import FileHashCache
@@ -71,13 +73,17 @@ def run(cfg: StudyConfig, *, only: Optional[list[str]] = None, force: bool = Fal
     ``scheduler``: an existing Dask scheduler (``tcp://`` or ``tls://``; ``security``: its
     ``distributed.Security``), else a LocalCluster of ``workers`` processes is started."""
     t_start = time.perf_counter()
-    ctx, units = plan_for(cfg, only)
-    _require_units(cfg, units, only)
-    report = RunReport(store=ctx.store)
-    # Driver-side writes outside a unit (store creation, lock, manifest, align): a disk
-    # error names the store; a timeout is never blamed on the disk (pipelines.failures).
-    with phase(f"{ctx.store}: writing the store", ctx.store, catch=(OSError,)):
-        _run_locked(cfg, ctx, units, report, only, force, Cluster(scheduler, workers, security, log), log, progress)
+    try:
+        ctx, units = plan_for(cfg, only)
+        _require_units(cfg, units, only)
+        report = RunReport(store=ctx.store)
+        # Driver-side writes outside a unit (store creation, lock, manifest, align): a disk
+        # error names the store; a timeout is never blamed on the disk (pipelines.failures).
+        with phase(f"{ctx.store}: writing the store", ctx.store, catch=(OSError,)):
+            _run_locked(cfg, ctx, units, report, only, force, Cluster(scheduler, workers, security, log), log,
+                        progress)
+    finally:
+        inputs.cleanup()  # local copies of inputs given by URL
     report.seconds = time.perf_counter() - t_start
     return report
 
@@ -145,6 +151,11 @@ def _execute(todo: list[Unit], writer, cluster: Cluster, log, progress,
     except BaseException:
         cluster.close()  # the first failure is the one to report
         raise
+    if inputs.FETCHED:
+        try:
+            client.run(inputs.cleanup)  # the workers' copies of inputs given by URL
+        except Exception as exc:  # scratch hygiene only
+            log(f"warning: removing the workers' copies of remote inputs failed ({describe(exc)})")
     problem = cluster.close()
     if problem is not None:
         log(f"warning: closing the Dask cluster failed ({describe(problem)}) after every unit was committed; "
@@ -203,8 +214,9 @@ def _run_units(todo: list[Unit], writer, client, bar: Progress, log,
                 if unit.stage not in pools:
                     pools[unit.stage] = sorted(client.scheduler_info()["workers"])[:unit.max_workers]
                 where = {"workers": pools[unit.stage]} if pools[unit.stage] else {}
-            fut = client.submit(task.fn, **task.kwargs, pure=False, key=f"{key}:{task.id}-{os.urandom(4).hex()}",
-                                **where)
+            fetched = {p: url for p, url in inputs.FETCHED.items() if p in repr(task.kwargs)}  # inputs given by URL
+            fn = partial(inputs.call_with_inputs, task.fn, fetched) if fetched else task.fn
+            fut = client.submit(fn, **task.kwargs, pure=False, key=f"{key}:{task.id}-{os.urandom(4).hex()}", **where)
             owner[fut.key] = (key, task.id)
             submitted[fut] = task
             futures.add(fut)
