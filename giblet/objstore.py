@@ -43,8 +43,8 @@ from zarr.storage import WrapperStore
 
 from giblet.errors import StoreError
 from giblet.fingerprint import hash_bytes
-from giblet.location import PreconditionFailed, RemoteLocation, store_location
-from giblet.store import (ALIGN_KEY, FORMAT, GROUP_META, MANIFEST, StoreLock, _json_default, _kill_point,
+from giblet.location import PreconditionFailed, RemoteLocation, is_url, local_path, store_location
+from giblet.store import (ALIGN_KEY, FORMAT, GROUP_META, MANIFEST, StoreLock, StoreWriter, _json_default, _kill_point,
                           check_name, group_names, manifest_digest, now_iso, parse_manifest, read_manifest)
 
 ATTEMPTS = "attempts"
@@ -253,6 +253,14 @@ class RemoteStoreWriter:
         current = self.loc.cat([f"{g}/{GROUP_META}" if g else GROUP_META for g in names])
         return all(g in recorded and hash_bytes(current.get(f"{g}/{GROUP_META}" if g else GROUP_META, b"\0")) ==
                    recorded[g] for g in names)
+
+
+def open_writer(output, storage_options: Optional[dict] = None):
+    """The writer of the store at ``output``: ``giblet.store.StoreWriter`` for a local folder,
+    :class:`RemoteStoreWriter` for a URL (the same methods, another commit protocol)."""
+    if is_url(output):
+        return RemoteStoreWriter(output, storage_options)
+    return StoreWriter(local_path(output))
 
 
 # -- reading ----------------------------------------------------------------------------------

@@ -99,7 +99,8 @@ class StoreView:
         entries = list(manifest["units"].values()) + list(self._derived_fresh(manifest).values())
         expected = {f"{name}/{rel}": digest for e in entries
                     for name, rec in e["arrays"].items() for rel, digest in rec["checksums"].items()}
-        self._root = zarr.open_group(self._manifest_store(entries, expected, verify == "chunks", cache_dir), mode="r")
+        self._root = zarr.open_group(self._manifest_store(entries, expected, verify == "chunks", cache_dir), mode="r",
+                                     zarr_format=3)
         self.tr_s: float = float(self.align["tr_s"])
         self.runs: list[str] = list(self.align["run_order"])
         self.subjects: list[str] = list(self.align["subjects"])

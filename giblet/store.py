@@ -285,18 +285,6 @@ def open_committed(store: str | os.PathLike, name: str) -> zarr.Array:
     return zarr.open_array(loc.url_of(recs[name].get("path", name)), mode="r")
 
 
-def open_writer(output: str | os.PathLike, storage_options: dict | None = None):
-    """The writer of the store at ``output``: :class:`StoreWriter` for a local folder,
-    ``giblet.objstore.RemoteStoreWriter`` for a URL (same methods, another commit protocol)."""
-    from giblet.location import is_url, local_path
-
-    if is_url(output):
-        from giblet.objstore import RemoteStoreWriter
-
-        return RemoteStoreWriter(output, storage_options)
-    return StoreWriter(local_path(output))
-
-
 class StoreWriter:
     """Driver-side owner of a store: manifest, staging areas, commits and the lock."""
 

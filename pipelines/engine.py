@@ -24,7 +24,8 @@ from giblet import inputs
 from giblet.config import StudyConfig
 from giblet.errors import ConfigError, GibletError, StoreError
 from giblet.fingerprint import FileHashCache
-from giblet.store import ALIGN_KEY, open_writer
+from giblet.objstore import open_writer
+from giblet.store import ALIGN_KEY
 from pipelines.align import align_record
 from pipelines.cluster import Cluster
 from pipelines.failures import describe, phase, task_failure

@@ -157,7 +157,7 @@ def test_a_few_training_steps_read_the_bucket(built, tmp_path):
 # -- the commit protocol --------------------------------------------------------------------------
 def test_a_run_that_read_the_manifest_before_another_committed_loses_in_one_line_and_gc_cleans(
         built, study, scheduler, monkeypatch, capsys):
-    from giblet.store import open_writer
+    from giblet.objstore import open_writer
     from pipelines.cli import main
 
     url = _copy(built[0], "race.zarr")
