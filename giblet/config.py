@@ -16,6 +16,7 @@ from giblet.config_loader import (  # noqa: F401  (re-exported: callers import t
     INSIDE, INTERNAL, PATH, PATH_OR_NAME, UniqueKeyLoader, build_config, load_yaml_config, read_yaml, runtime, to_dict,
 )
 from giblet.errors import ConfigError
+from giblet.location import is_url
 
 @dataclass(frozen=True)
 class InputsConfig:
@@ -183,10 +184,16 @@ class StudyConfig:
         return Path(self.config_path).parent if self.config_path else Path.cwd()
 
     @property
-    def output_path(self) -> Path:
-        return resolve(self.root, self.output)
+    def output_path(self) -> Path | str:
+        """The store: a local folder, or a URL kept as written (``s3://bucket/prefix/study.zarr``)."""
+        return self.output if is_url(self.output) else resolve(self.root, self.output)
 
     def input_path(self, value: Optional[str]) -> Optional[Path]:
+        """A readable local path: a URL's file is fetched to local scratch (``giblet.inputs``)."""
+        if value is not None and is_url(value):
+            from giblet.inputs import fetch
+
+            return fetch(value)
         return None if value is None else resolve(self.root, value)
 
     @property

@@ -194,7 +194,12 @@ class _Context:
         self.problems.append(f"{where}: {msg}" + (f" (override {src!r})" if src else ""))
 
     def path(self, value: str, where: str, spec: dict, src: Optional[str]) -> str:
-        """``value`` resolved by the one path rule (see the module docstring)."""
+        """``value`` resolved by the one path rule (see the module docstring); a URL
+        (``s3://...``) is kept as written."""
+        from giblet.location import is_url
+
+        if is_url(value):
+            return value
         p, base = Path(value).expanduser(), self.cwd if src else self.root
         if spec.get("inside") and not p.is_absolute() and ".." in p.parts:
             name = "the working directory" if src else "the config folder"

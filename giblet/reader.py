@@ -12,6 +12,7 @@ manifest lists but the disk lacks is an error, never zeros; with
 """
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Optional
@@ -22,6 +23,7 @@ from zarr.storage import LocalStore
 
 from giblet.errors import ModalityMissingError, StoreError
 from giblet.fingerprint import hash_bytes
+from giblet.location import is_remote, store_location
 from giblet.normalize import ZScorer
 from giblet.split import SPLITS, split_ranges
 from giblet.store import (ALIGN_KEY, DERIVED_KEY, GROUP_META, MASK, VOXELS, fmri_prefix, read_manifest,
@@ -31,15 +33,21 @@ VERIFY_MODES = (None, "chunks")
 STIMULUS_ARRAYS = {"video": "frames", "audio": "codes", "text": "embeddings"}
 
 
-def open_store(path: str | Path, verify: Optional[str] = None) -> "StoreView":
+def open_store(path, verify: Optional[str] = None, *, storage_options: Optional[dict] = None,
+               cache_dir: Optional[str | Path] = None) -> "StoreView":
     """Open a giblet store read-only. Raises ``StoreError`` if it is missing, incomplete or edited.
 
     Args:
+        path: a local folder, or a URL (``s3://bucket/prefix/study.zarr``; any fsspec protocol).
         verify: ``None`` (default): a missing chunk is an error; ``"chunks"``: every chunk read
             is also checked against the manifest's checksum (slower; ``giblet-preprocess
             verify`` checks everything at once).
+        storage_options: a URL's fsspec options (endpoint, credentials); default: the
+            environment's (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...). Never stored.
+        cache_dir: a URL's local chunk cache folder (default ``$GIBLET_CHUNK_CACHE``, else none):
+            every chunk read is kept there and read from there next time (``giblet.objstore``).
     """
-    return StoreView(path, verify=verify)
+    return StoreView(path, verify=verify, storage_options=storage_options, cache_dir=cache_dir)
 
 
 class ManifestStore(LocalStore):
@@ -68,11 +76,12 @@ class ManifestStore(LocalStore):
 class StoreView:
     """Read-only access to a study store (see ``docs/store.md`` for the schema)."""
 
-    def __init__(self, path: str | Path, verify: Optional[str] = None):
-        self.path = Path(path)
+    def __init__(self, path, verify: Optional[str] = None, *, storage_options: Optional[dict] = None,
+                 cache_dir: Optional[str | Path] = None):
+        self.path = store_location(path, storage_options)  # a Path, or a RemoteLocation (prints as its URL)
         if verify not in VERIFY_MODES:
             raise StoreError(f"open_store: verify={verify!r}; choose None or 'chunks'")
-        if not (self.path / GROUP_META).is_file():
+        if not (self.path.exists(GROUP_META) if is_remote(self.path) else (self.path / GROUP_META).is_file()):
             raise StoreError(f"{self.path}: not a giblet store (no zarr.json); build one with "
                              f"`giblet-preprocess run CONFIG`")
         manifest = read_manifest(self.path)
@@ -90,10 +99,25 @@ class StoreView:
         entries = list(manifest["units"].values()) + list(self._derived_fresh(manifest).values())
         expected = {f"{name}/{rel}": digest for e in entries
                     for name, rec in e["arrays"].items() for rel, digest in rec["checksums"].items()}
-        self._root = zarr.open_group(ManifestStore(self.path, expected=expected, check=verify == "chunks"), mode="r")
+        self._root = zarr.open_group(self._manifest_store(entries, expected, verify == "chunks", cache_dir), mode="r",
+                                     zarr_format=3)
         self.tr_s: float = float(self.align["tr_s"])
         self.runs: list[str] = list(self.align["run_order"])
         self.subjects: list[str] = list(self.align["subjects"])
+
+    def _manifest_store(self, entries: list, expected: dict, check: bool, cache_dir):
+        """The zarr store every read goes through: here, or on object storage (``giblet.objstore``)."""
+        if not is_remote(self.path):
+            return ManifestStore(self.path, expected=expected, check=check)
+        from giblet.objstore import manifest_store
+
+        arrays = {name: rec for e in entries for name, rec in e["arrays"].items()}
+        return manifest_store(self.path, arrays, expected, check, cache_dir or os.environ.get("GIBLET_CHUNK_CACHE"))
+
+    @property
+    def storage_options(self) -> Optional[dict]:
+        """The fsspec options the view was opened with (None: a local store, or the environment's)."""
+        return (self.path.storage_options or None) if is_remote(self.path) else None
 
     @cached_property
     def attrs(self) -> dict:

@@ -132,19 +132,31 @@ def manifest_digest(manifest: dict) -> str:
     return hash_bytes(json.dumps(body, sort_keys=True, separators=(",", ":"), default=_json_default).encode())
 
 
-def read_manifest(store: str | os.PathLike) -> dict | None:
-    """The store's manifest (None if it has none), checked before anything uses it.
+def read_manifest(store) -> dict | None:
+    """The store's manifest (None if it has none), checked before anything uses it; ``store``:
+    a local folder or a ``giblet.location.RemoteLocation``.
 
     Raises:
         StoreError: invalid JSON, another store format, a digest that does not match the
             content (edited outside giblet), or a path that is not a plain name inside the store.
     """
+    from giblet.location import is_remote, store_location
+
+    store = store_location(store)
+    if is_remote(store):
+        raw = store.read_bytes(MANIFEST)
+        return None if raw is None else parse_manifest(raw, store.url_of(MANIFEST))
     path = Path(store) / MANIFEST
     if not path.exists():
         return None
+    return parse_manifest(path.read_bytes(), path)
+
+
+def parse_manifest(raw: bytes, path) -> dict:
+    """The manifest in ``raw`` (read from ``path``), checked as :func:`read_manifest` says."""
     fix = "delete the store folder (or choose a new output path) and rerun `giblet-preprocess run CONFIG`"
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise StoreError(f"{path}: manifest is not valid JSON ({type(exc).__name__}: {exc}); {fix}") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("units"), dict):
@@ -171,6 +183,8 @@ def _check_manifest_paths(manifest: dict) -> None:
             raise StoreError(f"manifest.json: unit {key!r} has no 'arrays' mapping; rebuild into a new output path")
         for name, rec in arrays.items():
             check_name(name)
+            if isinstance(rec, dict) and "path" in rec:  # object storage: where the array's attempt put it
+                check_name(rec["path"], f"location of {name}")
             for rel in (rec.get("checksums") or {}) if isinstance(rec, dict) else ():
                 check_name(rel, f"chunk file of {name}")
 
@@ -197,12 +211,20 @@ def group_meta_path(store: Path, group: str) -> Path:
     return (member(store, group, "group") if group else Path(store)) / GROUP_META
 
 
-# -- writing ------------------------------------------------------------------------------------
-def create_array(staging: Path, name: str, shape: tuple, dtype: str, chunks: tuple,
+# -- writing -----------------------------------------------------------------------------------
+def staged(staging: str | os.PathLike, name: str) -> str:
+    """Where staged array or file ``name`` lives: a path in a local staging folder, or a URL
+    under a remote attempt prefix (``giblet.objstore``)."""
+    from giblet.location import is_url
+
+    return f"{staging}/{name}" if is_url(staging) else str(Path(staging) / name)
+
+
+def create_array(staging: str | os.PathLike, name: str, shape: tuple, dtype: str, chunks: tuple,
                  dims: tuple[str, ...], attrs: dict | None = None, fill_value: Any = 0) -> zarr.Array:
     """Create one staged Zarr v3 array (``staging/name``) with named dimensions."""
     arr = zarr.create_array(
-        store=str(Path(staging) / name), shape=tuple(int(s) for s in shape), dtype=dtype,
+        store=staged(staging, name), shape=tuple(int(s) for s in shape), dtype=dtype,
         chunks=tuple(int(c) for c in chunks), dimension_names=dims, fill_value=fill_value,
         overwrite=True, config={"write_empty_chunks": True},
     )
@@ -211,8 +233,56 @@ def create_array(staging: Path, name: str, shape: tuple, dtype: str, chunks: tup
     return arr
 
 
-def open_staged(staging: Path, name: str) -> zarr.Array:
-    return zarr.open_array(str(Path(staging) / name), mode="r+")
+def open_staged(staging: str | os.PathLike, name: str) -> zarr.Array:
+    return zarr.open_array(staged(staging, name), mode="r+")
+
+
+def write_staged_json(staging: str | os.PathLike, name: str, obj: Any) -> None:
+    """A small JSON file beside the staged arrays (e.g. the text stage's rows)."""
+    from giblet.location import is_url
+
+    if not is_url(staging):
+        return atomic_write_json(Path(staging) / name, obj)
+    import fsspec
+
+    with fsspec.open(staged(staging, name), "w") as fh:  # one PUT: whole or absent
+        json.dump(obj, fh, default=_json_default)
+
+
+def read_staged_json(staging: str | os.PathLike, name: str) -> Any:
+    import fsspec
+
+    with fsspec.open(staged(staging, name), "r") as fh:
+        return json.load(fh)
+
+
+def remove_staged_chunks(staging: str | os.PathLike, name: str, first: int) -> None:
+    """Delete the chunk files of staged array ``name`` from first-axis chunk ``first`` on
+    (zarr-python 3.1 keeps out-of-bounds chunk files after a shrink)."""
+    from fsspec.core import url_to_fs
+
+    fs, root = url_to_fs(staged(staging, f"{name}/c"))
+    if not fs.isdir(root):
+        return
+    doomed = [p for p in fs.ls(root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].isdigit()
+              and int(p.rstrip("/").rsplit("/", 1)[-1]) >= first]
+    if doomed:
+        fs.rm(doomed, recursive=True)
+
+
+def open_committed(store: str | os.PathLike, name: str) -> zarr.Array:
+    """A committed array of a store being built (a Dask task reading the study mask), read-only:
+    a local store's ``store/name``, a remote store's array at the attempt its manifest names."""
+    from giblet.location import is_url, store_location
+
+    if not is_url(store):
+        return zarr.open_array(str(Path(store) / name), mode="r")
+    loc = store_location(store)
+    manifest = read_manifest(loc) or {"units": {}}
+    recs = {a: r for e in manifest["units"].values() for a, r in e.get("arrays", {}).items()}
+    if name not in recs:
+        raise StoreError(f"{loc}: {name} is not committed (manifest.json does not list it); rerun")
+    return zarr.open_array(loc.url_of(recs[name].get("path", name)), mode="r")
 
 
 class StoreWriter:
@@ -245,6 +315,45 @@ class StoreWriter:
 
     def unit(self, key: str) -> dict | None:
         return self.manifest["units"].get(key)
+
+    remote = False
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def lock(self) -> "StoreLock":
+        return StoreLock(self.path)
+
+    @property
+    def hash_cache_path(self) -> Path:
+        """Where the input files' content hashes are cached (``FileHashCache``)."""
+        return self.meta / "file-hashes.json"
+
+    def open_staging(self, key: str, fingerprint: str, prepare=None) -> tuple[Path, dict]:
+        """The unit's staging folder and the results of its finished tasks, resumed when a killed
+        run left them; a new folder is ``prepare(staging)``-d on the driver first."""
+        staging = self.staging_dir(key, fingerprint)
+        if (staging / "commit-started").exists() or not (staging / "prepared").exists():
+            shutil.rmtree(staging, ignore_errors=True)  # half-committed or half-prepared: start clean
+        results: dict[str, dict] = {}
+        if staging.exists():
+            for marker in (staging / ".tasks").glob("*.json"):
+                results[marker.stem] = json.loads(marker.read_text())
+            return staging, results
+        # Other staging folders of this unit belong to older fingerprints: drop them.
+        prefix = key.replace("/", "__") + "-"
+        for old in staging.parent.glob(prefix + "*"):
+            if len(old.name) == len(prefix) + 16:
+                shutil.rmtree(old, ignore_errors=True)
+        (staging / ".tasks").mkdir(parents=True)
+        if prepare:
+            prepare(staging)
+        (staging / "prepared").write_text(fingerprint)
+        return staging, results
+
+    def record_task(self, staging: Path, task_id: str, result: dict) -> None:
+        """A finished task's result, kept so that a killed run resumes at task granularity."""
+        atomic_write_json(Path(staging) / ".tasks" / f"{task_id}.json", result)
 
     def save_manifest(self) -> None:
         self.manifest["format"] = FORMAT

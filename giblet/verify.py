@@ -17,6 +17,7 @@ import numpy as np
 
 from giblet.errors import StoreError
 from giblet.fingerprint import hash_file
+from giblet.location import is_remote, store_location
 from giblet.reader import open_store
 from giblet.split import plan_split
 from giblet.store import (ALIGN_KEY, DERIVED_KEY, FORMAT, GROUP_META, group_meta_path, group_names, member,
@@ -48,20 +49,25 @@ def _check_array(store: Path, name: str, rec: dict) -> list[str]:
     return problems
 
 
-def _check_groups(store: Path, manifest: dict) -> list[str]:
+def _group_digest(store: Path, group: str) -> str | None:
+    path = group_meta_path(store, group)
+    return hash_file(path) if path.is_file() else None
+
+
+def _check_groups(store, manifest: dict) -> list[str]:
     """Every group's ``zarr.json`` (the root's attributes included) against the align record."""
     recorded = manifest[ALIGN_KEY].get("groups") or {}
     arrays = [a for e in manifest["units"].values() for a in e.get("arrays", {})]
     problems = []
     for group in group_names(arrays):
-        path = group_meta_path(store, group)
-        label = f"group {group or '/'} ({path.relative_to(store).as_posix()})"
-        if not path.is_file():
+        label = f"group {group or '/'} ({group + '/' if group else ''}{GROUP_META})"
+        digest = _files(store)[2](store, group)
+        if digest is None:
             problems.append(f"{label}: missing; readers such as xarray cannot open the group -- rerun "
                             f"`giblet-preprocess run CONFIG` (it writes the group metadata again)")
         elif group not in recorded:
             problems.append(f"{label}: not covered by the align record; rerun `giblet-preprocess run CONFIG`")
-        elif hash_file(path) != recorded[group]:
+        elif digest != recorded[group]:
             problems.append(f"{label}: checksum mismatch (group metadata or the study attributes edited); rerun "
                             f"`giblet-preprocess run CONFIG` (it writes the group metadata again)")
     return problems
@@ -265,11 +271,23 @@ def _check_invariants(view) -> list[str]:
     return problems
 
 
-def store_problem(path: str | Path) -> str | None:
+def _files(store):
+    """How files are checked where the store lives: (array check, group check, group digest)."""
+    if is_remote(store):
+        from giblet import objstore
+
+        return objstore.check_array, _check_groups, objstore.group_digest
+    return _check_array, _check_groups, _group_digest
+
+
+def store_problem(path, storage_options: dict | None = None) -> str | None:
     """Why ``path`` cannot be verified at all -- not a giblet store, or one whose first run
     never finished -- or None. Worded like ``giblet.open_store``'s errors."""
-    path = Path(path)
-    if not path.is_dir() or not (path / "zarr.json").is_file():
+    path = store_location(path, storage_options)
+    if is_remote(path):
+        if not path.exists(GROUP_META):
+            return f"{path}: not a giblet store (no zarr.json); build one with `giblet-preprocess run CONFIG`"
+    elif not path.is_dir() or not (path / "zarr.json").is_file():
         why = ("no such file or folder" if not path.exists() else "a file, not a folder" if not path.is_dir()
                else "no zarr.json")
         return f"{path}: not a giblet store ({why}); build one with `giblet-preprocess run CONFIG`"
@@ -278,9 +296,10 @@ def store_problem(path: str | Path) -> str | None:
     return None
 
 
-def verify_store(path: str | Path, invariants: bool = True) -> list[str]:
-    """All problems found in the store at ``path`` (an empty list means it verified)."""
-    path = Path(path)
+def verify_store(path, invariants: bool = True, storage_options: dict | None = None) -> list[str]:
+    """All problems found in the store at ``path`` (a folder or a URL; an empty list means it verified)."""
+    path = store_location(path, storage_options)
+    check_array, check_groups, group_digest = _files(path)
     try:
         problem = store_problem(path)
         manifest = read_manifest(path)
@@ -291,15 +310,14 @@ def verify_store(path: str | Path, invariants: bool = True) -> list[str]:
     problems: list[str] = []
     for key, entry in sorted(manifest["units"].items()) + sorted((manifest.get(DERIVED_KEY) or {}).items()):
         for name, rec in entry.get("arrays", {}).items():
-            problems += _check_array(path, name, rec)
+            problems += check_array(path, name, rec)
         for group, digest in (entry.get("groups") or {}).items():  # a derived result's own groups
-            meta = group_meta_path(path, group)
-            if not meta.is_file() or hash_file(meta) != digest:
+            if group_digest(path, group) != digest:
                 problems.append(f"group {group} ({key}): zarr.json missing or changed; recompute {key}")
     if ALIGN_KEY not in manifest:
         return problems + [f"{path}: store is incomplete (manifest.json has no align record); run "
                            f"`giblet-preprocess run CONFIG` to finish it"]
-    problems += _check_groups(path, manifest)
+    problems += check_groups(path, manifest)
     try:
         view = open_store(path)
     except StoreError as exc:

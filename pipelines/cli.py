@@ -1,4 +1,4 @@
-"""``giblet-preprocess``: init, run, status, verify, stats, report.
+"""``giblet-preprocess``: init, run, status, verify, stats, report, gc.
 
 Exit codes: 0 success, 1 failure (one line naming the file/subject/stage, the value and
 the fix; the traceback only with ``--debug``), 2 usage error.
@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("verify", "re-check shapes, dtypes, checksums and invariants"),
                        ("stats", "print the data-scale report per modality")):
         s = sub.add_parser(name, help=text)
-        s.add_argument("store")
+        s.add_argument("store", help="a store folder or URL (s3://bucket/prefix/study.zarr)")
         s.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     rep = sub.add_parser("report", help="write one self-contained HTML page of QC figures and results")
     rep.add_argument("store")
@@ -65,7 +65,23 @@ def _parser() -> argparse.ArgumentParser:
                      help="carpet plots for the N (subject, run)s with the lowest tSNR (default 3; each reads one run)")
     rep.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     rep.set_defaults(usage_error=rep.error)
+    gc = sub.add_parser("gc", help="list (and with --yes remove) what killed or losing runs left in a store")
+    gc.add_argument("store", help="a store folder or URL")
+    gc.add_argument("--yes", action="store_true", help="remove them (default: only list them)")
+    gc.add_argument("--min-age", type=_hours, default=24.0, metavar="HOURS",
+                    help="only leftovers untouched for this long (default 24; a running build's are younger)")
+    gc.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     return p
+
+
+def _hours(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of hours >= 0, e.g. 0 or 24")
+    return value
 
 
 def _demo_config(out: Path) -> Path:
@@ -144,6 +160,21 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_gc(args) -> int:
+    from giblet.orphans import find_orphans, remove_orphans
+
+    orphans = find_orphans(args.store, args.min_age * 3600)
+    for o in orphans:
+        print(f"{o.name}  {o.files} file(s), {o.bytes / 2**20:.1f} MiB, untouched {o.age_s / 3600:.1f} h")
+    total = f"{len(orphans)} orphan(s), {sum(o.bytes for o in orphans) / 2**20:.1f} MiB"
+    if orphans and args.yes:
+        remove_orphans(args.store, orphans)
+        print(f"{args.store}: removed {total}")
+    else:
+        print(f"{args.store}: {total}" + (" (dry run: --yes removes them)" if orphans else ""))
+    return 0
+
+
 def cmd_stats(args) -> int:
     from giblet.reader import open_store
     from stats.scale import format_report
@@ -177,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run" and not args.demo and not args.config:
         args.usage_error("CONFIG is required (or use --demo)")
     commands = {"init": cmd_init, "run": cmd_run, "status": cmd_status, "verify": cmd_verify, "stats": cmd_stats,
-                "report": cmd_report}
+                "report": cmd_report, "gc": cmd_gc}
     return one_line_errors(PROG, lambda: commands[args.command](args), debug=args.debug,
                            interrupted="rerun the same command to resume")
 

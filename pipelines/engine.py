@@ -12,19 +12,20 @@ warning, not an error.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
+from giblet import inputs
 from giblet.config import StudyConfig
 from giblet.errors import ConfigError, GibletError, StoreError
 from giblet.fingerprint import FileHashCache
-from giblet.store import ALIGN_KEY, META_DIR, StoreLock, StoreWriter, atomic_write_json, read_manifest
+from giblet.objstore import open_writer
+from giblet.store import ALIGN_KEY
 from pipelines.align import align_record
 from pipelines.cluster import Cluster
 from pipelines.failures import describe, phase, task_failure
@@ -58,9 +59,9 @@ def plan_for(cfg: StudyConfig, only: Optional[list[str]] = None) -> tuple[PlanCo
         if bad:
             raise ConfigError(f"--only {' '.join(bad)}: unknown stage; choose from {', '.join(STAGE_NAMES)}")
     store = cfg.output_path
-    files = FileHashCache(store / META_DIR / "file-hashes.json" if store.exists() else None)
-    manifest = read_manifest(store) if store.is_dir() else None  # refuses an edited manifest before any work
-    ctx = PlanContext(cfg=cfg, store=store, files=files, manifest_units=(manifest or {}).get("units", {}))
+    writer = open_writer(store)  # reads the manifest: an edited one is refused before any work
+    files = FileHashCache(writer.hash_cache_path if writer.exists() else None)
+    ctx = PlanContext(cfg=cfg, store=store, files=files, manifest_units=writer.manifest["units"])
     return ctx, build_plan(ctx, only)
 
 
@@ -73,13 +74,17 @@ def run(cfg: StudyConfig, *, only: Optional[list[str]] = None, force: bool = Fal
     ``scheduler``: an existing Dask scheduler (``tcp://`` or ``tls://``; ``security``: its
     ``distributed.Security``), else a LocalCluster of ``workers`` processes is started."""
     t_start = time.perf_counter()
-    ctx, units = plan_for(cfg, only)
-    _require_units(cfg, units, only)
-    report = RunReport(store=ctx.store)
-    # Driver-side writes outside a unit (store creation, lock, manifest, align): a disk
-    # error names the store; a timeout is never blamed on the disk (pipelines.failures).
-    with phase(f"{ctx.store}: writing the store", ctx.store, catch=(OSError,)):
-        _run_locked(cfg, ctx, units, report, only, force, Cluster(scheduler, workers, security, log), log, progress)
+    try:
+        ctx, units = plan_for(cfg, only)
+        _require_units(cfg, units, only)
+        report = RunReport(store=ctx.store)
+        # Driver-side writes outside a unit (store creation, lock, manifest, align): a disk
+        # error names the store; a timeout is never blamed on the disk (pipelines.failures).
+        with phase(f"{ctx.store}: writing the store", ctx.store, catch=(OSError,)):
+            _run_locked(cfg, ctx, units, report, only, force, Cluster(scheduler, workers, security, log), log,
+                        progress)
+    finally:
+        inputs.cleanup()  # local copies of inputs given by URL
     report.seconds = time.perf_counter() - t_start
     return report
 
@@ -99,10 +104,10 @@ def _require_units(cfg: StudyConfig, units: list[Unit], only: Optional[list[str]
 
 
 def _run_locked(cfg, ctx, units, report, only, force, cluster, log, progress) -> None:
-    writer = StoreWriter(ctx.store)
+    writer = open_writer(ctx.store)  # a local folder, or object storage (giblet.objstore): same steps
     writer.create()
-    with StoreLock(ctx.store):
-        ctx.files.cache_path = ctx.store / META_DIR / "file-hashes.json"
+    with writer.lock():
+        ctx.files.cache_path = writer.hash_cache_path
         ctx.files.save()
         # A unit whose parameters wait on its dependencies (bind) is decided when they are committed.
         todo = [u for u in units if force or not u.ready or not is_current(u, writer.manifest["units"])]
@@ -127,7 +132,7 @@ def _run_locked(cfg, ctx, units, report, only, force, cluster, log, progress) ->
             log(f"all {len(report.skipped)} unit(s) up to date" + (" (stages: " + ", ".join(only) + ")" if only else ""))
 
 
-def _execute(todo: list[Unit], writer: StoreWriter, cluster: Cluster, log, progress,
+def _execute(todo: list[Unit], writer, cluster: Cluster, log, progress,
              force: bool = False) -> tuple[dict[str, dict], list[str]]:
     """Run the units' tasks on the cluster, committing each unit when its tasks are done.
 
@@ -147,6 +152,11 @@ def _execute(todo: list[Unit], writer: StoreWriter, cluster: Cluster, log, progr
     except BaseException:
         cluster.close()  # the first failure is the one to report
         raise
+    if inputs.FETCHED:
+        try:
+            client.run(inputs.cleanup)  # the workers' copies of inputs given by URL
+        except Exception as exc:  # scratch hygiene only
+            log(f"warning: removing the workers' copies of remote inputs failed ({describe(exc)})")
     problem = cluster.close()
     if problem is not None:
         log(f"warning: closing the Dask cluster failed ({describe(problem)}) after every unit was committed; "
@@ -157,7 +167,7 @@ def _execute(todo: list[Unit], writer: StoreWriter, cluster: Cluster, log, progr
 POOL_CHECK_S = 20.0  # how often a size-limited stage (audio.workers) checks that its workers are still there
 
 
-def _run_units(todo: list[Unit], writer: StoreWriter, client, bar: Progress, log,
+def _run_units(todo: list[Unit], writer, client, bar: Progress, log,
                force: bool) -> tuple[dict[str, dict], list[str]]:
     from distributed import as_completed, get_task_stream
 
@@ -205,8 +215,9 @@ def _run_units(todo: list[Unit], writer: StoreWriter, client, bar: Progress, log
                 if unit.stage not in pools:
                     pools[unit.stage] = sorted(client.scheduler_info()["workers"])[:unit.max_workers]
                 where = {"workers": pools[unit.stage]} if pools[unit.stage] else {}
-            fut = client.submit(task.fn, **task.kwargs, pure=False, key=f"{key}:{task.id}-{os.urandom(4).hex()}",
-                                **where)
+            fetched = {p: url for p, url in inputs.FETCHED.items() if p in repr(task.kwargs)}  # inputs given by URL
+            fn = partial(inputs.call_with_inputs, task.fn, fetched) if fetched else task.fn
+            fut = client.submit(fn, **task.kwargs, pure=False, key=f"{key}:{task.id}-{os.urandom(4).hex()}", **where)
             owner[fut.key] = (key, task.id)
             submitted[fut] = task
             futures.add(fut)
@@ -282,7 +293,7 @@ def _run_units(todo: list[Unit], writer: StoreWriter, client, bar: Progress, log
             state = started[key]
             state.setdefault("ran_on", set()).update(*client.who_has([fut]).values())
             with phase(f"{key}: recording task {task_id} in {state['staging']}", writer.path):
-                atomic_write_json(state["staging"] / ".tasks" / f"{task_id}.json", result)
+                writer.record_task(state["staging"], task_id, result)
             state["results"][task_id] = result
             state["left"].discard(task_id)
             bar.task_done()
@@ -333,27 +344,12 @@ def _stage_times(units: list[Unit], started: dict[str, dict], task_stream: list[
             for name, st in out.items()}
 
 
-def _open_staging(writer: StoreWriter, unit: Unit):
-    """The unit's staging folder, resumed when a killed run left finished tasks in it."""
-    staging = writer.staging_dir(unit.key, unit.fingerprint)
-    if (staging / "commit-started").exists() or not (staging / "prepared").exists():
-        shutil.rmtree(staging, ignore_errors=True)  # half-committed or half-prepared: start clean
-    tasks = unit.tasks(staging)
-    results: dict[str, dict] = {}
-    if staging.exists():
-        for marker in (staging / ".tasks").glob("*.json"):
-            results[marker.stem] = json.loads(marker.read_text())
-    else:
-        # Other staging folders of this unit belong to older fingerprints: drop them.
-        prefix = unit.key.replace("/", "__") + "-"
-        for old in staging.parent.glob(prefix + "*"):
-            if len(old.name) == len(prefix) + 16:
-                shutil.rmtree(old, ignore_errors=True)
-        (staging / ".tasks").mkdir(parents=True)
-        if unit.prepare:
-            unit.prepare(unit, staging)
-        (staging / "prepared").write_text(unit.fingerprint)
-    return staging, results, tasks
+def _open_staging(writer, unit: Unit):
+    """The unit's staging area (a local folder, or a remote attempt prefix), resumed when a
+    killed run left finished tasks in it."""
+    prepare = (lambda staging: unit.prepare(unit, staging)) if unit.prepare else None
+    staging, results = writer.open_staging(unit.key, unit.fingerprint, prepare)
+    return staging, results, unit.tasks(staging)
 
 
 def _merge(results: dict) -> dict:

@@ -37,9 +37,10 @@ _RUN_FIX = "pass the out= folder of a giblet-train run, or use --baseline ridge 
 
 # -- what is evaluated -----------------------------------------------------------------------------
 def open_view(store: str | Path, what: str):
+    from giblet.location import is_url
     from giblet.reader import open_store
 
-    if not Path(store).exists():
+    if not is_url(store) and not Path(store).exists():  # a URL: open_store says what is wrong with it
         raise StoreError(f"{store}: no such store ({what}); build it with `giblet-preprocess run CONFIG`, or pass "
                          f"--store with the store's path")
     return open_store(store)

@@ -80,14 +80,19 @@ class GibletDataset(Dataset):
             context reaches before the run's TR 0).
         cache_bytes: bound of each process's decoded-chunk cache (default: 8 TR-chunks of
             every array one sample reads: one fMRI run and each stimulus array).
+        storage_options, cache_dir: a store on object storage (``store_path`` a URL): its
+            fsspec options (default: the environment's) and an optional local folder that
+            keeps every chunk read, shared by the processes (``giblet.open_store``).
     """
 
     def __init__(self, store_path: str | os.PathLike, split: str = "train", subjects: Optional[Sequence[str]] = None,
                  *, runs: Optional[Sequence[str]] = None, window: int = 0, lag: int = 0, hrf: bool = False,
                  modalities: Optional[Sequence[str]] = None, normalize: bool = False, edge: str = "zeros",
                  cache_bytes: Optional[int] = None, frames: Optional[int] = None,
-                 video_pool: Optional[Sequence[int]] = None):
-        view = open_store(store_path)
+                 video_pool: Optional[Sequence[int]] = None, storage_options: Optional[dict] = None,
+                 cache_dir: Optional[str | os.PathLike] = None):
+        self._open = {"storage_options": storage_options, "cache_dir": cache_dir}  # each process opens its own view
+        view = open_store(store_path, **self._open)
         self.store_path = str(view.path)
         self.tr_s = view.tr_s
         self.window, self.lag = _nonneg("window", window), _nonneg("lag", lag)
@@ -247,7 +252,7 @@ class GibletDataset(Dataset):
 
     def _state(self) -> dict:
         if self._local is None or self._local["pid"] != os.getpid():
-            self._local = {"pid": os.getpid(), "view": open_store(self.store_path), "arrays": {},
+            self._local = {"pid": os.getpid(), "view": open_store(self.store_path, **self._open), "arrays": {},
                            "cache": ChunkCache(self.cache_bytes), "scalers": {}}
         return self._local
 

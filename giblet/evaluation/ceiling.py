@@ -28,7 +28,6 @@ the next call computes it again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -205,9 +204,11 @@ def noise_ceiling(store, split: str = "val", *, cache: bool = True,
         StoreError: fewer than 2 subjects, a split without TRs, a store changed while
             computing, or a store locked by a running build.
     """
+    from giblet.location import is_remote
     from giblet.reader import StoreView, open_store
 
-    view = store if isinstance(store, StoreView) else open_store(Path(store))
+    view = store if isinstance(store, StoreView) else open_store(store)
+    cache = cache and not is_remote(view.path)  # derived results are not cached on object storage (yet)
     name, params = ceiling_name(split), {"split": split, "version": VERSION}
     entry = view.derived(name) if cache else None
     if entry and entry.get("params") == params:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -194,7 +193,7 @@ def ridge_baseline(store, *, subjects: Optional[list[str]] = None, params: Featu
     """
     from giblet.reader import StoreView, open_store
 
-    view = store if isinstance(store, StoreView) else open_store(Path(store))
+    view = store if isinstance(store, StoreView) else open_store(store)
     splits = _check_splits(view)
     features = features or store_features(view, params)
     out = RidgeResult(r={s: {} for s in splits}, predictions={s: {} for s in splits} if predictions else None)

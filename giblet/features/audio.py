@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,7 +354,7 @@ def encode_trs(staging: str, name: str, source: str, source_key: str, source_fp:
     hop = int(np.prod(net.config.upsampling_ratios))
     rate = net.config.sampling_rate / hop
     n_trs = count_trs(len(wave), hop, tr_s, rate)
-    arr = store.open_staged(Path(staging), name)
+    arr = store.open_staged(staging, name)
     end = min(tr1, n_trs)
     t1 = time.perf_counter()
     if end > tr0:
@@ -393,10 +392,7 @@ def finish_codes(staging: Path, name: str, results: dict, chunk_trs: int) -> dic
                          f"{arr.shape[0]}; remux the file (e.g. ffmpeg -i IN -c copy OUT) so its duration is right")
     if n_trs < arr.shape[0]:
         arr.resize((n_trs,) + tuple(arr.shape[1:]))
-        # zarr-python 3.1 keeps out-of-bounds chunk files after a shrink: drop them.
-        for chunk in (staging / name / "c").glob("*"):
-            if chunk.name.isdigit() and int(chunk.name) * chunk_trs >= n_trs:
-                shutil.rmtree(chunk)
+        store.remove_staged_chunks(staging, name, -(-n_trs // chunk_trs))  # out-of-bounds files a shrink keeps
     devices = sorted({r["device"] for r in results.values()})
     audio_s = sum(r["audio_s"] for r in results.values())
     encode_s = sum(r["encode_s"] for r in results.values())

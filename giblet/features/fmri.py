@@ -278,10 +278,10 @@ def build_mask(staging: str, strategy: str, reference: str, ref_label: str, mask
              "reference": ref_label, "mean_of_first_trs": mask_trs, "order": "C (np.argwhere(mask))"}
     if strategy == "fmriprep":
         attrs.update(rule=rule, n_masks=len(masks or []), mean_of_first_trs=None)
-    m = store.create_array(Path(staging), store.MASK, mask.shape, "bool", mask.shape, (store.X, store.Y, store.Z),
+    m = store.create_array(staging, store.MASK, mask.shape, "bool", mask.shape, (store.X, store.Y, store.Z),
                            attrs, fill_value=False)
     m[...] = mask
-    v = store.create_array(Path(staging), store.VOXELS, voxels.shape, "int32", voxels.shape,
+    v = store.create_array(staging, store.VOXELS, voxels.shape, "int32", voxels.shape,
                            (store.VOXEL, store.IJK), {"affine": affine.tolist()})
     v[...] = voxels
     return {"n_voxels": int(len(voxels)), "shape": list(mask.shape)}
@@ -310,9 +310,7 @@ def build_subject(staging: str, store_path: str, subject: str, runs: list[dict],
         The record kept in the manifest: per run, served and file TR counts, censored count,
         zero-variance count, raw range.
     """
-    import zarr
-
-    mask = zarr.open_array(str(Path(store_path) / store.MASK), mode="r")[...]
+    mask = store.open_committed(store_path, store.MASK)[...]
     data, meta = {}, {}
     for r in runs:
         label = f"{subject}/{r['run']}"
@@ -326,7 +324,7 @@ def build_subject(staging: str, store_path: str, subject: str, runs: list[dict],
             _fit(scaler, *data[run], block_trs)
         n_zero = _zero_variance(scaler, f"{subject}/{'+'.join(group)}", zero_variance)
         for run in group:
-            _write_run(Path(staging), subject, run, data.pop(run), scaler, chunk_trs, zscore)
+            _write_run(staging, subject, run, data.pop(run), scaler, chunk_trs, zscore)
             meta[run].update(n_zero_variance=n_zero, first_zero_variance_voxel=int(np.argmax(scaler.zero_variance_))
                              if n_zero else None)
     return {"runs": meta, "n_voxels": int(mask.sum()), "zscore": zscore}

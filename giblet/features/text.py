@@ -19,7 +19,6 @@ Rules (the on-disk contract is in ``docs/store.md``, "Text"):
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -313,7 +312,7 @@ def prepare_rows(staging: str | Path, path: str, start_column: str, end_column: 
     rows = read_rows(path, start_column, end_column, columns, time_unit=time_unit, tr_s=tr_s,
                      allow_unsorted=allow_unsorted, row_range=row_range, tr_offset=tr_offset)
     rows = clip_to_grid(rows, tr_s, onset_s, stimulus_end_s, path)
-    store.atomic_write_json(Path(staging) / ROWS_FILE, asdict(rows))
+    store.write_staged_json(staging, ROWS_FILE, asdict(rows))
     return rows
 
 
@@ -431,8 +430,7 @@ def build_text(staging: str, names: dict, model: str, device: str, batch_size: i
     """
     import time
 
-    staging = Path(staging)
-    rows = Rows(**json.loads((staging / ROWS_FILE).read_text()))
+    rows = Rows(**store.read_staged_json(staging, ROWS_FILE))
     t0 = time.perf_counter()
     encoder = SentenceEncoder(model, device)
     t1 = time.perf_counter()

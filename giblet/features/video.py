@@ -291,7 +291,7 @@ def decode_segment(staging: str, names: dict, path: str, tr0: int, tr1: int, tr_
         return reformatter.reformat(frame, width, height, "rgb24", interpolation=algo, threads=1,
                                     **colours[key]).to_ndarray()
 
-    out = _SegmentWriter(Path(staging), names, tr0, tr1, chunk_trs, frames_per_tr, convert)
+    out = _SegmentWriter(staging, names, tr0, tr1, chunk_trs, frames_per_tr, convert)
     cur, seen, on_screen, last_t, n_decoded = tr0, 0, None, None, 0
     for t, frame in _frames_from(Path(path), grid.start_of(tr0)):
         k = grid.tr_of(t)
