@@ -19,8 +19,8 @@ from giblet.errors import StoreError
 from giblet.fingerprint import hash_file
 from giblet.reader import open_store
 from giblet.split import plan_split
-from giblet.store import (ALIGN_KEY, DERIVED_KEY, FORMAT, GROUP_META, group_meta_path, group_names, member,
-                          read_manifest)
+from giblet.store import (ALIGN_KEY, DERIVED_KEY, FORMAT, GROUP_META, group_meta_path, group_names, is_target_unit,
+                          member, read_manifest)
 
 Z_TOL = 1e-3  # |mean| and |std - 1| of a stored z-scored column, float32 round-off included
 
@@ -75,7 +75,7 @@ def _check_align(manifest: dict, root_attrs: dict) -> list[str]:
         stim = {k: int((e.get("meta") or {})["n_trs"]) for k, e in units.items()
                 if e.get("run") == run and e.get("stage") != "fmri" and (e.get("meta") or {}).get("n_trs") is not None}
         served = {k.split("/")[1]: int(e["meta"]["runs"][run]["n_trs"]) for k, e in units.items()
-                  if e.get("stage") == "fmri" and run in (e.get("meta") or {}).get("runs", {})}
+                  if e.get("stage") == "fmri" and not is_target_unit(k) and run in (e.get("meta") or {}).get("runs", {})}
         want = min(stim.values()) if stim else max(served.values(), default=0)
         want = min(want, max(served.values())) if served else want
         if rec.get("n_trs") != want:
