@@ -75,7 +75,8 @@ def _check_align(manifest: dict, root_attrs: dict) -> list[str]:
         stim = {k: int((e.get("meta") or {})["n_trs"]) for k, e in units.items()
                 if e.get("run") == run and e.get("stage") != "fmri" and (e.get("meta") or {}).get("n_trs") is not None}
         served = {k.split("/")[1]: int(e["meta"]["runs"][run]["n_trs"]) for k, e in units.items()
-                  if e.get("stage") == "fmri" and not is_target_unit(k) and run in (e.get("meta") or {}).get("runs", {})}
+                  if e.get("stage") == "fmri" and not is_target_unit(k)
+                  and run in (e.get("meta") or {}).get("runs", {})}
         want = min(stim.values()) if stim else max(served.values(), default=0)
         want = min(want, max(served.values())) if served else want
         if rec.get("n_trs") != want:

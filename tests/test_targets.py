@@ -137,10 +137,12 @@ def test_parcels_equal_nilearn_labels_masker_on_the_cleaned_data(built):
     raw = read_masked(root / "bold" / "sub-01.nii.gz", "sub-01", view.mask, 16)  # the voxel unit's input, re-cleaned
     cleaned = cleaned_volume(view, "sub-01")
     np.testing.assert_allclose(cleaned.get_fdata()[view.mask].T, clean(raw, True, None, 1.5), rtol=1e-4, atol=1e-2)
-    masker = NiftiLabelsMasker(str(root / "atlas.nii.gz"), mask_img=str(root / "mask.nii.gz"), strategy="mean", standardize=None)
+    masker = NiftiLabelsMasker(str(root / "atlas.nii.gz"), mask_img=str(root / "mask.nii.gz"), strategy="mean",
+                               standardize=None)
     direct = masker.fit_transform(cleaned)  # the atlas on its own 6 mm grid: nilearn resamples it (nearest)
     info = view.target_info(PARCELS)
-    assert info["arrays"]["labels"].tolist() == [masker.region_ids_[i] for i in range(direct.shape[1])] == list(range(1, 9))
+    columns = [masker.region_ids_[i] for i in range(direct.shape[1])]
+    assert info["arrays"]["labels"].tolist() == columns == list(range(1, 9))
     assert info["empty"] == [9] and info["attrs"]["names"][0] == "octant-1"  # outside the brain: recorded, dropped
     np.testing.assert_allclose(served(view, "sub-01", PARCELS), direct, rtol=1e-5)
     np.testing.assert_allclose(view.fmri("sub-01", target=PARCELS), ZScorer().fit(direct).transform(direct), atol=1e-4)
@@ -157,7 +159,8 @@ def test_spheres_equal_nilearn_spheres_masker_and_the_dropped_ones_are_empty(bui
     kept = rois.set_index("roi").loc[info["arrays"]["labels"], ["x", "y", "z"]].to_numpy(float)
     np.testing.assert_array_equal(info["arrays"]["coords"], kept)
     cleaned = cleaned_volume(view, "sub-02")
-    direct = NiftiSpheresMasker(kept, radius=8.0, mask_img=mask, allow_overlap=True, standardize=None).fit_transform(cleaned)
+    masker = NiftiSpheresMasker(kept, radius=8.0, mask_img=mask, allow_overlap=True, standardize=None)
+    direct = masker.fit_transform(cleaned)
     np.testing.assert_allclose(served(view, "sub-02", "parcels/power"), direct, rtol=1e-5)
     assert info["empty"] and len(info["empty"]) + info["n_columns"] == len(rois)
     for label in info["empty"]:  # nilearn itself finds these spheres empty
@@ -302,3 +305,23 @@ def test_bad_targets_fail_in_one_line_naming_the_target_and_the_fix(built, tmp_p
     nib.save(nib.Nifti1Image(half, ATLAS_AFFINE), spec["labels"])
     with pytest.raises(InputError, match="non-integer values .*probabilistic atlas"):
         build_definition(str(tmp_path / "staging"), str(store), spec)
+
+
+def test_every_target_array_and_meta_key_is_documented(built):
+    import re
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "store.md").read_text()
+    fmri_section = doc[doc.index("## fMRI"):doc.index("## Video")]
+    view = open_store(built[1])
+    for name in (a for a in view._arrays if a.startswith("targets/") or a.count("/") > 4):
+        parts = name.split("/")
+        parts[-2] = "<name>"
+        if parts[0] == "fmri":
+            parts[1:3] = ["<subject>", "<run>"]
+        dims = tuple(view.array(name).metadata.dimension_names)
+        row = next((ln for ln in doc.splitlines() if ln.startswith(f"| `{'/'.join(parts)}`")), None)
+        assert row is not None and f"({', '.join(dims)}{',' if len(dims) == 1 else ''})" in row, (name, dims, row)
+    for key, entry in view.manifest["units"].items():
+        meta = entry["meta"] if key.startswith("targets/") else {}
+        keys = set(meta) | {k for r in (meta.get("runs") or {}).values() for k in r}
+        assert not [k for k in keys if not re.search(f"`{k}`", fmri_section)], key

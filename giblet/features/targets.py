@@ -106,8 +106,8 @@ def check_mni(img: nib.Nifti1Image, paths: list, where: str) -> None:
     cover = mni_cover(img.shape, img.affine)
     if cover < MNI_COVER:
         box = field_of_view(img.shape, img.affine)
-        raise InputError(f"{where}: the BOLD grid spans x {box[0, 0]:g}..{box[0, 1]:g}, y {box[1, 0]:g}..{box[1, 1]:g}, "
-                         f"z {box[2, 0]:g}..{box[2, 1]:g} mm, {cover:.0%} of the MNI152 brain box (rule: >= "
+        raise InputError(f"{where}: the BOLD grid spans x {box[0, 0]:g}..{box[0, 1]:g}, "
+                         f"y {box[1, 0]:g}..{box[1, 1]:g}, z {box[2, 0]:g}..{box[2, 1]:g} mm, {cover:.0%} of the MNI152 brain box (rule: >= "
                          f"{MNI_COVER:.0%}), so it is not in MNI space; {fix}")
 
 
