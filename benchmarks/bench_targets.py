@@ -147,7 +147,7 @@ def trainer_rates(store: Path, work: Path, steps: int) -> dict:
         run = work / f"train-{target.replace('/', '-')}"
         cfg = load_train_config(REPO / "configs/train/tiny.yaml", [
             f"store={store}", f"out={run}", f"data.target={target}", f"schedule.max_steps={steps}",
-            "log.every=5", f"log.val_every={steps}", f"log.ckpt_every={steps}", "log.scale_check=off"])
+            "log.every=5", f"log.val_every={steps}", f"log.ckpt_every={steps}", "log.scale_check=warn"])
         train(cfg)
         rows = [json.loads(ln) for ln in (run / "log.jsonl").read_text().splitlines()]
         rates = [r["samples_per_s"] for r in rows if r["kind"] == "train"][2:]  # after the first steps' warm-up
