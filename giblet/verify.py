@@ -152,7 +152,7 @@ def _check_targets(view) -> list[str]:
     z-scored over the same served TRs (``_check_zscore``)."""
     problems = []
     for key, entry in sorted(view.manifest["units"].items()):
-        if not is_target_unit(key) or key.count("/") < 4:
+        if not is_target_unit(key) or key.count("/") == 2:
             continue  # a definition unit (targets/<kind>/<name>): its arrays are checked by checksum
         target, rest = entry["meta"]["target"], key.split("/", 3)[3]
         voxels = view.manifest["units"].get(f"fmri/{rest}") or {}

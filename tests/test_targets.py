@@ -9,6 +9,7 @@ on the same cleaned data.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -325,3 +326,19 @@ def test_every_target_array_and_meta_key_is_documented(built):
         meta = entry["meta"] if key.startswith("targets/") else {}
         keys = set(meta) | {k for r in (meta.get("runs") or {}).values() for k in r}
         assert not [k for k in keys if not re.search(f"`{k}`", fmri_section)], key
+
+
+@pytest.mark.slow
+def test_zscore_by_subject_gives_one_target_unit_per_subject_over_its_runs(built, scheduler, tmp_path):
+    from giblet.verify import verify_store
+
+    config, store = built
+    root = tmp_path / "copy"
+    shutil.copytree(config.parent, root)
+    atlas = {**TARGETS[0], "labels": str(root / "atlas.nii.gz"), "labels_table": str(root / "atlas.tsv")}
+    cfg = load_config(root / config.name, ["fmri.zscore=subject", f"fmri.targets={json.dumps([atlas])}"])
+    engine.run(cfg, scheduler=scheduler, progress=False, log=lambda m: None)
+    view = open_store(root / store.name)
+    assert {k for k in view.manifest["units"] if k.startswith("targets/")} == {
+        f"targets/{PARCELS}", f"targets/{PARCELS}/sub-01", f"targets/{PARCELS}/sub-02"}
+    assert verify_store(root / store.name) == []
