@@ -286,6 +286,8 @@ def test_bad_targets_fail_in_one_line_naming_the_target_and_the_fix(built, tmp_p
     nib.save(prob, str(tmp_path / "prob.nii.gz"))
     assert "has shape (32, 38, 32, 3); it must be 3D" in plan([{"name": "p", "labels": str(tmp_path / "prob.nii.gz")}])
     assert "did you mean 'coords'" in plan([{"name": "s", "kind": "spheres", "cords": "power_2011"}])
+    (tmp_path / "seeds.csv").write_text("x,y,name\n0,-52,pcc\n")
+    assert "lacks columns ['z']" in plan([{"name": "s", "kind": "spheres", "coords": str(tmp_path / "seeds.csv")}])
     assert "given twice" in plan([{"name": "a", "labels": "atlas.nii.gz"}, {"name": "a", "kind": "spheres",
                                                                           "coords": "power_2011"}])
     native = np.diag([3.0, 3.0, 3.0, 1.0])  # origin at a corner: not MNI

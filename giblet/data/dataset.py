@@ -460,8 +460,6 @@ def _kept_spans(censored: np.ndarray, start: int, stop: int) -> list[tuple[int, 
     return [(start + int(a), start + int(b)) for a, b in zip(edges[::2], edges[1::2])]
 
 
-
-
 def _stim(view, modality: str, run: str, array: Optional[str] = None) -> str:
     return view.stimulus_name(modality, run, array)
 
