@@ -96,6 +96,29 @@ class ConfoundsParams:
 
 
 @dataclass(frozen=True)
+class TargetConfig:
+    """One target set served beside the voxels (``fmri.targets[i]``; ``giblet.features.targets``,
+    docs/store.md "Targets"). Its id is ``parcels/<name>`` (kinds ``parcels`` and ``spheres``)
+    or ``surface/<name>``."""
+
+    name: str = ""  # letters, digits, '-', '_', '.': part of the target id and of store paths
+    kind: str = "parcels"  # parcels: a labels image | spheres: MNI coordinates | surface: fsaverage5 vertices
+    labels: Optional[str] = field(default=None, metadata=PATH)  # parcels: 3D integer NIfTI on any grid
+    labels_table: Optional[str] = field(default=None, metadata=PATH)  # parcels: TSV/CSV with columns index, name
+    coords: Optional[str] = field(default=None, metadata=PATH_OR_NAME)  # spheres: power_2011 | dosenbach_2010 |
+    #   seitzman_2018 (bundled with nilearn) or a CSV with columns x, y, z (MNI mm) and optionally name
+    radius_mm: Optional[float] = None  # spheres: sphere radius (default 5); surface: vol_to_surf radius (line/ball)
+    mesh: str = "fsaverage5"  # surface: the mesh (nilearn bundles fsaverage5 offline)
+    sampling: str = "depth"  # surface: vol_to_surf kind: depth (pial to white matter) | line | ball
+    n_samples: Optional[int] = None  # surface: vol_to_surf n_samples (None: nilearn's default)
+    assume_mni: bool = False  # spheres/surface: skip the check that the BOLD is in MNI space
+    block_trs: int = runtime(128, "TRs put back into a volume and extracted at once: memory, not values")
+
+
+TARGET_KINDS = ("parcels", "spheres", "surface")
+
+
+@dataclass(frozen=True)
 class FmriParams:
     mask_strategy: str = "epi"  # epi | background | file | fmriprep (each run's desc-brain_mask, combined)
     mask_rule: str = "intersection"  # fmriprep masks: intersection | union | fraction:F (in >= F of them)
@@ -111,6 +134,8 @@ class FmriParams:
                                            "the header's TR is recorded in the unit's meta either way")
     chunk_trs: int = 16  # TRs per Zarr chunk of fmri/<subject>/bold
     read_block_trs: int = runtime(16, "TRs read from the NIfTI at once: how the file is read, not what is stored")
+    targets: list[TargetConfig] = field(default_factory=list)  # target sets beside the voxels (own units; they
+    #   never enter the voxel units' fingerprints)
 
 
 @dataclass(frozen=True)
@@ -325,6 +350,7 @@ def _check_values(cfg: StudyConfig, problems: list[str]) -> None:
           f"fmri.mask_reference: {f.mask_reference!r} is not a subject of the study "
           f"({', '.join(cfg.subjects) or 'none'})")
     check(f.zscore in ("run", "subject"), f"fmri.zscore: must be run or subject, got {f.zscore!r}")
+    _check_targets(f.targets, check)
     v = cfg.video
     check(v.interpolation in VIDEO_INTERPOLATIONS,
           f"video.interpolation: must be one of {', '.join(VIDEO_INTERPOLATIONS)}, got {v.interpolation!r}")
@@ -359,6 +385,41 @@ def _check_values(cfg: StudyConfig, problems: list[str]) -> None:
     check(t.time_unit in ("s", "tr"), f"text.time_unit: must be s (seconds) or tr (1-based TR numbers), got {t.time_unit!r}")
     check(bool(t.columns) and all(str(c).strip() for c in t.columns),
           f"text.columns: must name at least one column, got {t.columns!r}")
+
+
+def target_id(t: TargetConfig) -> str:
+    """``parcels/<name>`` (labels images and coordinate spheres) or ``surface/<name>``."""
+    return f"{'surface' if t.kind == 'surface' else 'parcels'}/{t.name}"
+
+
+def _check_targets(targets: list[TargetConfig], check) -> None:
+    """Names, kinds, the settings each kind needs (and only those), unique ids."""
+    ids = [target_id(t) for t in targets]
+    for i, t in enumerate(targets):
+        at = f"fmri.targets[{i}]"
+        check(bool(_NAME.fullmatch(t.name)), f"{at}.name: {t.name!r} must be letters, digits, '-', '_' or '.' "
+                                             f"(it becomes a store path), e.g. schaefer400")
+        if t.kind not in TARGET_KINDS:
+            check(False, f"{at}.kind: must be one of {', '.join(TARGET_KINDS)}, got {t.kind!r}")
+            continue
+        needs = {"parcels": "labels", "spheres": "coords", "surface": "mesh"}[t.kind]
+        check(bool(getattr(t, needs)), f"{at}.{needs}: required with kind {t.kind}")
+        only = {"labels": "parcels", "labels_table": "parcels", "coords": "spheres"}
+        for key, kind in only.items():
+            check(getattr(t, key) is None or t.kind == kind, f"{at}.{key}: only for kind {kind} (this one is "
+                                                           f"{t.kind}); drop it")
+        check(t.kind != "parcels" or not t.assume_mni, f"{at}.assume_mni: a labels image carries its own affine; "
+                                                       f"drop assume_mni")
+        check(t.radius_mm is None or t.radius_mm > 0, f"{at}.radius_mm: must be > 0 mm, got {t.radius_mm}")
+        check(t.n_samples is None or t.n_samples >= 1, f"{at}.n_samples: must be >= 1 or null, got {t.n_samples}")
+        check(isinstance(t.block_trs, int) and t.block_trs >= 1, f"{at}.block_trs: must be an integer >= 1, got "
+                                                                   f"{t.block_trs!r}")
+        if t.kind == "surface":
+            check(t.mesh == "fsaverage5", f"{at}.mesh: {t.mesh!r}; only fsaverage5 is bundled with nilearn (offline)")
+            check(t.sampling in ("depth", "line", "ball"),
+                  f"{at}.sampling: must be depth, line or ball (nilearn vol_to_surf kind), got {t.sampling!r}")
+        check(ids.count(ids[i]) == 1 or ids.index(ids[i]) == i,
+              f"{at}: target id {ids[i]} is given twice (parcels and spheres share parcels/<name>); rename one")
 
 
 def _expand(cfg: StudyConfig, raw: dict, problems: list[str]) -> StudyConfig:

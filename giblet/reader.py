@@ -26,8 +26,8 @@ from giblet.fingerprint import hash_bytes
 from giblet.location import is_remote, store_location
 from giblet.normalize import ZScorer
 from giblet.split import SPLITS, split_ranges
-from giblet.store import (ALIGN_KEY, DERIVED_KEY, GROUP_META, MASK, VOXELS, fmri_prefix, read_manifest,
-                          stimulus_prefix)
+from giblet.store import (ALIGN_KEY, DERIVED_KEY, GROUP_META, MASK, TARGETS, VOXELS, VOXELS_TARGET, fmri_prefix,
+                          is_target_unit, read_manifest, stimulus_prefix, target_prefix)
 
 VERIFY_MODES = (None, "chunks")
 STIMULUS_ARRAYS = {"video": "frames", "audio": "codes", "text": "embeddings"}
@@ -236,11 +236,13 @@ class StoreView:
     def n_voxels(self) -> int:
         return int(self.array(MASK).attrs["n_voxels"])
 
-    def fmri(self, subject: str, run: Optional[str] = None, trs: Optional[slice] = None) -> np.ndarray:
+    def fmri(self, subject: str, run: Optional[str] = None, trs: Optional[slice] = None,
+             target: Optional[str] = None) -> np.ndarray:
         """``(tr, voxel) float32`` z-scored BOLD of one (subject, run): the TRs it serves (rows of
-        NaN at TRs ``censored(subject, run)`` marks)."""
+        NaN at TRs ``censored(subject, run)`` marks). ``target``: a target set's id (``targets``)
+        serves its ``(tr, parcel)`` or ``(tr, vertex)`` series instead (None or ``"voxels"``: the voxels)."""
         run, trs = _run_or_trs(run, trs)
-        arr = self.array(f"{self._pair(subject, run)}/bold")
+        arr = self.array(f"{self._fmri_group(subject, run, target)}/bold")
         return arr[slice(None) if trs is None else trs]
 
     def censored(self, subject: str, run: Optional[str] = None) -> np.ndarray:
@@ -254,18 +256,64 @@ class StoreView:
             return np.zeros(self.n_trs(run, subject), dtype=bool)
         return self.array(name)[...]
 
-    def fmri_stats(self, subject: str, run: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
-        """``(mean, std)``, each ``(voxel,) float32`` in raw scanner units (std 0: zero-variance)."""
-        prefix = self._pair(subject, run)
+    def fmri_stats(self, subject: str, run: Optional[str] = None,
+                   target: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean, std)``, each ``(voxel,) float32`` in raw scanner units (std 0: zero-variance),
+        or ``(column,)`` of a target set (``target``)."""
+        prefix = self._fmri_group(subject, run, target)
         return self.array(f"{prefix}/mean")[...], self.array(f"{prefix}/std")[...]
 
-    def scaler(self, subject: str, run: Optional[str] = None) -> ZScorer:
+    def scaler(self, subject: str, run: Optional[str] = None, target: Optional[str] = None) -> ZScorer:
         """The fitted ``ZScorer`` that normalized this (subject, run) (use it to de-normalize)."""
-        return ZScorer.from_stats(*self.fmri_stats(subject, run))
+        return ZScorer.from_stats(*self.fmri_stats(subject, run, target))
 
-    def denormalize(self, subject: str, z, run: Optional[str] = None):
-        """Map z-scored values ``(..., voxel)`` (numpy or torch) back to raw scanner units."""
-        return self.scaler(subject, run).inverse_transform(z)
+    def denormalize(self, subject: str, z, run: Optional[str] = None, target: Optional[str] = None):
+        """Map z-scored values ``(..., voxel)`` (numpy or torch) back to raw scanner units
+        (``(..., column)`` of a target set back to its cleaned signal)."""
+        return self.scaler(subject, run, target).inverse_transform(z)
+
+    # -- target sets (fmri.targets; docs/store.md, Targets) ----------------------------------------------
+    @cached_property
+    def targets(self) -> list[str]:
+        """Ids of the target sets served beside the voxels, e.g. ``["parcels/schaefer",
+        "surface/fsaverage5"]`` (``"voxels"`` itself is not listed)."""
+        return sorted(e["meta"]["target"] for k, e in self.manifest["units"].items()
+                      if is_target_unit(k) and k.count("/") == 2)
+
+    def target(self, target: Optional[str]) -> Optional[str]:
+        """``target`` checked against the store's sets; None for the voxels (None or ``"voxels"``)."""
+        if target is None or target == VOXELS_TARGET:
+            return None
+        if target not in self.targets:
+            raise ModalityMissingError(f"{self.path}: no target set {target!r}; it serves voxels"
+                                       f"{''.join(', ' + t for t in self.targets)} -- add it to fmri.targets and rerun")
+        return target
+
+    def target_info(self, target: str) -> dict:
+        """What a target set's columns are, to map values back to a brain: ``kind`` (parcels,
+        spheres, surface), ``n_columns``, ``empty`` (labels dropped: no voxel in the mask; for
+        the surface only ``n_empty``), the definition's ``arrays`` (``labels``, ``n_voxels``,
+        ``atlas`` (x, y, z) or ``coords`` (parcel, 3) mm; ``vertex``) and their ``attrs``
+        (``names``, ``networks``, ``radius_mm``, ``mesh``, ...)."""
+        target = self.target(target)
+        if target is None:
+            raise ModalityMissingError(f"{self.path}: voxels are not a target set; use mask / voxels")
+        meta = self.unit_meta(f"{TARGETS}/{target}")
+        prefix = f"{TARGETS}/{target}/"
+        names = sorted(a for a in self._arrays if a.startswith(prefix))
+        arrays = {a[len(prefix):]: self.array(a)[...] for a in names}
+        attrs = {k: v for a in names for k, v in self.array(a).attrs.items()}
+        return {"target": target, "kind": meta.get("kind"), "n_columns": int(meta.get("n_targets", 0)),
+                "empty": meta.get("empty"), "n_empty": meta.get("n_empty"), "arrays": arrays, "attrs": attrs}
+
+    def n_columns(self, target: Optional[str] = None) -> int:
+        """Columns of ``fmri(..., target=target)``: voxels, parcels or vertices."""
+        target = self.target(target)
+        return self.n_voxels if target is None else int(self.unit_meta(f"{TARGETS}/{target}")["n_targets"])
+
+    def _fmri_group(self, subject: str, run, target: Optional[str]) -> str:
+        prefix, target = self._pair(subject, run), self.target(target)
+        return prefix if target is None else target_prefix(subject, self.run(run), target)
 
     # -- stimulus modalities -------------------------------------------------------------
     def stimulus_name(self, modality: str, run: Optional[str] = None, name: Optional[str] = None) -> str:
@@ -354,19 +402,22 @@ class StoreView:
         return self._text_stats
 
     # -- xarray --------------------------------------------------------------------------
-    def to_xarray(self, run: Optional[str] = None):
+    def to_xarray(self, run: Optional[str] = None, target: Optional[str] = None):
         """Lazy, dask-backed, named dims. One run (or ``run`` given): an ``xarray.Dataset`` with
         ``fmri`` ``(subject, tr, voxel)`` (NaN where a subject lacks the run or its TRs), its
         stats, ``fmri_censored`` ``(subject, tr)`` (``censored()``, False past a subject's
         served TRs), the mask and the run's stimulus arrays. Several runs and ``run=None``: an
-        ``xarray.DataTree`` with one such Dataset per run."""
+        ``xarray.DataTree`` with one such Dataset per run. ``target``: ``fmri`` holds that set's
+        ``(subject, tr, parcel | vertex)`` series, with its definition arrays as ``target_<name>``
+        (``target_labels``, ``target_coords``, ``target_vertex``, ...) instead of the mask."""
         import xarray as xr
 
+        target = self.target(target)
         if run is None and len(self.runs) > 1:
-            return xr.DataTree.from_dict({f"/{r}": self.to_xarray(r) for r in self.runs})
-        return self._run_dataset(self.run(run))
+            return xr.DataTree.from_dict({f"/{r}": self.to_xarray(r, target) for r in self.runs})
+        return self._run_dataset(self.run(run), target)
 
-    def _run_dataset(self, run: str):
+    def _run_dataset(self, run: str, target: Optional[str] = None):
         import dask.array as da
         import xarray as xr
 
@@ -374,20 +425,28 @@ class StoreView:
         subs = [s for s in self.subjects if self.has_run(s, run)]
         data_vars: dict = {}
         if subs:
+            def prefix(s):
+                return fmri_prefix(s, run) if target is None else target_prefix(s, run, target)
+
             def padded(s):
-                x = da.from_zarr(self.array(f"{fmri_prefix(s, run)}/bold"))
+                x = da.from_zarr(self.array(f"{prefix(s)}/bold"))
                 return da.pad(x, ((0, n - x.shape[0]), (0, 0)), constant_values=np.nan) if x.shape[0] < n else x
 
-            data_vars["fmri"] = (("subject", "tr", "voxel"), da.stack([padded(s) for s in subs]))
+            col = tuple(self.array(f"{prefix(subs[0])}/bold").metadata.dimension_names)[1]  # voxel, parcel, vertex
+            data_vars["fmri"] = (("subject", "tr", col), da.stack([padded(s) for s in subs]))
             for stat in ("mean", "std"):
-                data_vars[f"fmri_{stat}"] = (("subject", "voxel"), da.stack(
-                    [da.from_zarr(self.array(f"{fmri_prefix(s, run)}/{stat}")) for s in subs]))
+                data_vars[f"fmri_{stat}"] = (("subject", col), da.stack(
+                    [da.from_zarr(self.array(f"{prefix(s)}/{stat}")) for s in subs]))
             data_vars["served_trs"] = (("subject",), np.array([self.n_trs(run, s) for s in subs]))
             # True where fmri.confounds censored a served TR (bold NaN there); False past served_trs.
             data_vars["fmri_censored"] = (("subject", "tr"), np.stack(
                 [np.pad(self.censored(s, run), (0, n - self.n_trs(run, s))) for s in subs]))
-            data_vars["mask"] = (("x", "y", "z"), self.mask)
-            data_vars["voxels"] = (("voxel", "ijk"), self.voxels)
+            if target is None:
+                data_vars["mask"] = (("x", "y", "z"), self.mask)
+                data_vars["voxels"] = (("voxel", "ijk"), self.voxels)
+            for name in sorted(a for a in self._arrays if target and a.startswith(f"{TARGETS}/{target}/")):
+                arr = self.array(name)
+                data_vars[f"target_{name.rsplit('/', 1)[1]}"] = (tuple(arr.metadata.dimension_names), arr[...])
         prefix = f"{stimulus_prefix(run, '')}"
         for name in sorted(a for a in self._arrays if a.startswith(prefix)):
             arr = self.array(name)
@@ -398,7 +457,8 @@ class StoreView:
         if subs:
             coords["subject"] = subs
         return xr.Dataset(data_vars, coords=coords, attrs={"store": str(self.path), "run": run, "tr_s": self.tr_s,
-                                                           "n_trs": n, "split": str(self.align["runs"][run]["split"])})
+                                                           "n_trs": n, "split": str(self.align["runs"][run]["split"]),
+                                                           "target": target or VOXELS_TARGET})
 
 
 def _run_or_trs(run, trs):

@@ -45,6 +45,7 @@ KILL_ENV = "GIBLET_KILL_IN_COMMIT"  # tests only: "STEP[:UNIT]" SIGKILLs the wri
 TR, VOXEL, IJK, X, Y, Z = "tr", "voxel", "ijk", "x", "y", "z"
 FRAME, HEIGHT, WIDTH, CHANNEL = "frame", "height", "width", "channel"
 CODEBOOK, CODE_FRAME, EMBEDDING, MOMENT = "codebook", "code_frame", "embedding", "moment"
+PARCEL, VERTEX, XYZ = "parcel", "vertex", "xyz"  # target sets (fmri.targets): columns, and coordinates in mm
 
 # Store layout: fMRI per (subject, run), stimulus arrays per run (docs/store.md).
 FMRI, STIMULI = "fmri", "stimuli"
@@ -55,6 +56,22 @@ _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 def fmri_prefix(subject: str, run: str) -> str:
     """Group of one (subject, run): ``fmri/<subject>/<run>`` holding ``bold``, ``mean``, ``std``."""
     return f"{FMRI}/{subject}/{run}"
+
+
+TARGETS = "targets"  # target definitions (targets/<target id>/...) and the target units' keys
+VOXELS_TARGET = "voxels"  # the target id of the voxel columns themselves (always built)
+
+
+def target_prefix(subject: str, run: str, target: str) -> str:
+    """Group of one target set's series for one (subject, run): ``fmri/<subject>/<run>/<target id>``,
+    e.g. ``fmri/sub-01/run-1/parcels/schaefer`` (``bold``, ``mean``, ``std``)."""
+    return f"{fmri_prefix(subject, run)}/{target}"
+
+
+def is_target_unit(key: str) -> bool:
+    """Whether a unit key belongs to a target set (``targets/<id>`` or ``targets/<id>/<subject>[/<run>]``):
+    those units serve no TRs of their own (they follow their voxel unit's)."""
+    return key.startswith(f"{TARGETS}/")
 
 
 def stimulus_prefix(run: str, modality: str) -> str:

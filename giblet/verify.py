@@ -20,8 +20,8 @@ from giblet.fingerprint import hash_file
 from giblet.location import is_remote, store_location
 from giblet.reader import open_store
 from giblet.split import plan_split
-from giblet.store import (ALIGN_KEY, DERIVED_KEY, FORMAT, GROUP_META, group_meta_path, group_names, member,
-                          read_manifest)
+from giblet.store import (ALIGN_KEY, DERIVED_KEY, FORMAT, GROUP_META, group_meta_path, group_names, is_target_unit,
+                          member, read_manifest)
 
 Z_TOL = 1e-3  # |mean| and |std - 1| of a stored z-scored column, float32 round-off included
 
@@ -81,7 +81,8 @@ def _check_align(manifest: dict, root_attrs: dict) -> list[str]:
         stim = {k: int((e.get("meta") or {})["n_trs"]) for k, e in units.items()
                 if e.get("run") == run and e.get("stage") != "fmri" and (e.get("meta") or {}).get("n_trs") is not None}
         served = {k.split("/")[1]: int(e["meta"]["runs"][run]["n_trs"]) for k, e in units.items()
-                  if e.get("stage") == "fmri" and run in (e.get("meta") or {}).get("runs", {})}
+                  if e.get("stage") == "fmri" and not is_target_unit(k)
+                  and run in (e.get("meta") or {}).get("runs", {})}
         want = min(stim.values()) if stim else max(served.values(), default=0)
         want = min(want, max(served.values())) if served else want
         if rec.get("n_trs") != want:
@@ -107,20 +108,23 @@ def _moments(x: np.ndarray, s1, s2) -> None:
     s2 += (x ** 2).sum(0)
 
 
-def _check_zscore(view, subject: str, runs: list[str]) -> list[str]:
+def _check_zscore(view, subject: str, runs: list[str], target: str | None = None) -> list[str]:
     """``runs``: one run (zscore=run) or all of a subject's runs (zscore=subject), whose
-    served TRs together must have per-voxel mean 0 and std 1 (0 and 0 where std is 0)."""
-    label = f"fmri/{subject}/{'+'.join(runs)}"
-    mean, std = view.fmri_stats(subject, runs[0])
+    served TRs together must have per-voxel mean 0 and std 1 (0 and 0 where std is 0);
+    ``target``: the same for a target set's columns (censored TRs are the voxels')."""
+    where = f"/{target}" if target else ""
+    label = f"fmri/{subject}/{'+'.join(runs)}{where}"
+    mean, std = view.fmri_stats(subject, runs[0], target=target)
+    n_cols = view.n_columns(target)
     problems = []
     if not (np.isfinite(mean).all() and np.isfinite(std).all()) or (std < 0).any():
         problems.append(f"{label}: mean/std hold NaN, inf or negative values")
-    s1, s2, n = np.zeros(view.n_voxels), np.zeros(view.n_voxels), 0
+    s1, s2, n = np.zeros(n_cols), np.zeros(n_cols), 0
     for run in runs:
-        bold = view.array(f"fmri/{subject}/{run}/bold")
-        if bold.shape != (view.n_trs(run, subject), view.n_voxels):
-            problems.append(f"fmri/{subject}/{run}/bold: shape {bold.shape}, expected ({view.n_trs(run, subject)}, "
-                            f"{view.n_voxels}) (served TRs, voxels)")
+        bold = view.array(f"fmri/{subject}/{run}{where}/bold")
+        if bold.shape != (view.n_trs(run, subject), n_cols):
+            problems.append(f"fmri/{subject}/{run}{where}/bold: shape {bold.shape}, expected "
+                            f"({view.n_trs(run, subject)}, {n_cols}) (served TRs, columns)")
             return problems
         censored, problem = _censored(view, subject, run, bold.shape[0])
         if problem:
@@ -130,10 +134,10 @@ def _check_zscore(view, subject: str, runs: list[str]) -> list[str]:
             block = bold[t0:t0 + step].astype(np.float64)
             cut = censored[t0:t0 + step]
             if not np.isfinite(block[~cut]).all():
-                return problems + [f"fmri/{subject}/{run}/bold: NaN/inf in TRs {t0}-{t0 + len(block) - 1}"]
+                return problems + [f"fmri/{subject}/{run}{where}/bold: NaN/inf in TRs {t0}-{t0 + len(block) - 1}"]
             if not np.isnan(block[cut]).all():
-                return problems + [f"fmri/{subject}/{run}/bold: censored TRs in {t0}-{t0 + len(block) - 1} hold "
-                                   f"values (censored TRs are NaN rows)"]
+                return problems + [f"fmri/{subject}/{run}{where}/bold: censored TRs in {t0}-{t0 + len(block) - 1} "
+                                   f"hold values (censored TRs are NaN rows)"]
             _moments(block[~cut], s1, s2)
         n += int((~censored).sum())
     m = s1 / n
@@ -146,6 +150,24 @@ def _check_zscore(view, subject: str, runs: list[str]) -> list[str]:
         problems.append(f"{label}/bold: {int((bad_mean | bad_std).sum())} voxels are not z-scored over their served "
                         f"TRs (first: voxel {v}, mean {m[v]:.4g}, std {sd[v]:.4g}; expected 0 and 1, or 0 and 0 "
                         f"for zero-variance voxels)")
+    return problems
+
+
+def _check_targets(view) -> list[str]:
+    """Every target set's series unit: built from the voxel unit the store now holds, and
+    z-scored over the same served TRs (``_check_zscore``)."""
+    problems = []
+    for key, entry in sorted(view.manifest["units"].items()):
+        if not is_target_unit(key) or key.count("/") == 2:
+            continue  # a definition unit (targets/<kind>/<name>): its arrays are checked by checksum
+        target, rest = entry["meta"]["target"], key.split("/", 3)[3]
+        voxels = view.manifest["units"].get(f"fmri/{rest}") or {}
+        if entry.get("params", {}).get("voxel_unit") != voxels.get("fingerprint"):
+            problems.append(f"{key}: computed from voxel unit fingerprint {entry.get('params', {}).get('voxel_unit')} "
+                            f"but the store's fmri/{rest} is {voxels.get('fingerprint')}; rerun `giblet-preprocess run "
+                            f"CONFIG --only fmri`")
+            continue
+        problems += _check_zscore(view, rest.split("/")[0], list(entry["meta"]["runs"]), target)  # the unit's runs
     return problems
 
 
@@ -264,6 +286,7 @@ def _check_invariants(view) -> list[str]:
         by_subject = view.unit_meta(f"fmri/{subject}").get("zscore") == "subject"
         for group in ([runs] if by_subject else [[r] for r in runs]):
             problems += _check_zscore(view, subject, group)
+    problems += _check_targets(view)
     for run in view.runs:
         for modality, check in (("video", _check_video), ("text", _check_text), ("audio", _check_audio)):
             if view.has(view.stimulus_name(modality, run)):

@@ -16,7 +16,7 @@ from giblet.config import StudyConfig, to_dict
 from giblet.errors import StoreError
 from giblet.fingerprint import hash_obj
 from giblet.split import effective_val_fraction, plan_split
-from giblet.store import FORMAT, now_iso
+from giblet.store import FORMAT, is_target_unit, now_iso
 
 
 def _versions() -> dict:
@@ -61,7 +61,8 @@ def align_record(cfg: StudyConfig, units: list, manifest: dict, only: list | Non
                 if e.get("run") == name and e.get("stage") != "fmri" and (e.get("meta") or {}).get("n_trs") is not None}
         served = {}
         for key, e in voters.items():
-            per_run = (e.get("meta") or {}).get("runs", {}) if e.get("stage") == "fmri" else {}
+            voxel_unit = e.get("stage") == "fmri" and not is_target_unit(key)  # a target set follows its voxels
+            per_run = (e.get("meta") or {}).get("runs", {}) if voxel_unit else {}
             if name in per_run:
                 served[key.split("/")[1]] = int(per_run[name]["n_trs"])
         if not stim and not served:

@@ -183,10 +183,14 @@ def ridge_scores(view, split: str) -> tuple[dict[str, np.ndarray], dict]:
     return result.r.get(split, {}), what
 
 
-def store_ceiling(view, split: str, subjects) -> tuple[Optional[dict[str, np.ndarray]], Optional[str]]:
-    """``(subject -> (voxel,) ceiling, note)``: None and why when the store has < 2 subjects."""
+def store_ceiling(view, split: str, subjects, target: str = "voxels") -> tuple[Optional[dict[str, np.ndarray]],
+                                                                              Optional[str]]:
+    """``(subject -> (voxel,) ceiling, note)``: None and why when the store has < 2 subjects
+    (or the run predicts a target set: the ceiling is computed on voxels)."""
     from giblet.evaluation.ceiling import noise_ceiling
 
+    if target != "voxels":
+        return None, f"noise ceiling skipped: it is computed on voxels, and this run predicts {target}"
     if len(view.subjects) < 2:
         return None, (f"noise ceiling skipped: the store has {len(view.subjects)} subject(s) with fMRI, and a "
                       f"leave-one-subject-out ceiling needs >= 2")
@@ -199,9 +203,16 @@ def store_ceiling(view, split: str, subjects) -> tuple[Optional[dict[str, np.nda
 
 
 # -- outputs ---------------------------------------------------------------------------------------
-def write_outputs(out: Path, view, rs: dict, ceilings: Optional[dict], title: str) -> dict:
-    """NIfTI maps and PNGs in ``out``; returns the ``files`` entry of the summary (absolute paths)."""
+def write_outputs(out: Path, view, rs: dict, ceilings: Optional[dict], title: str, target: str = "voxels") -> dict:
+    """NIfTI maps and PNGs in ``out`` (a target set: its table or GIFTIs, and the violins);
+    returns the ``files`` entry of the summary (absolute paths)."""
     from giblet.evaluation import maps
+
+    if target != "voxels":
+        files = {"r_maps": maps.save_target_maps(rs, view.target_info(target), out, "r"),
+                 "figures": {"per_subject": maps.plot_subject_violins(rs, out / "r_per_subject.png",
+                                                                      f"{title}, {target}")}}
+        return json.loads(json.dumps(files, default=lambda p: str(Path(p).resolve())))
 
     maps.check_voxel_order(view.voxels, view.mask, str(view.path))
     mask_img = maps.mask_image(view.mask, view.affine)
@@ -245,6 +256,7 @@ def evaluate(args) -> dict:
         rs, what = ridge_scores(view, args.split)
         out = Path(args.out or f"giblet-evaluation-ridge-{args.split}")
         title = f"ridge baseline, {args.split}"
+        target = "voxels"
     else:
         model, ds, cfg, state, view = load_model(args.run_dir, args.store, args.split, args.device)
         rs, n_trs = model_scores(model, ds, cfg, args.device)
@@ -255,12 +267,13 @@ def evaluate(args) -> dict:
                 "device": args.device}
         out = Path(args.out or Path(args.run_dir) / f"evaluation-{args.split}")
         title = f"{Path(args.run_dir).name} step {state['step']}, {args.split}"
+        target = ds.target
     if not rs:
         raise StoreError(f"{view.path}: no subject could be scored on split {args.split!r}; choose another --split")
     ceilings, note = (None, "noise ceiling skipped (--no-ceiling)") if args.no_ceiling else \
-        store_ceiling(view, args.split, rs)
-    files = write_outputs(out, view, rs, ceilings, title)
-    summary = {"evaluated": what, "store": str(view.path), "split": args.split,
+        store_ceiling(view, args.split, rs, target)
+    files = write_outputs(out, view, rs, ceilings, title, target)
+    summary = {"evaluated": what, "store": str(view.path), "split": args.split, "target": target,
                "n_trs": {s: n_trs[s] for s in rs}, **maps.evaluation_summary(rs, ceilings)}
     summary["fraction_of_ceiling"] = (summary.get("ceiling") or {}).get("fraction")
     if note:

@@ -13,6 +13,7 @@ from giblet import store
 from giblet.config import mask_threshold
 from giblet.features import confounds, fmri
 from giblet.fingerprint import non_default_params
+from pipelines.targets_stage import plan_targets
 from pipelines.units import PlanContext, Stage, Task, Unit
 
 STIMULUS_STAGES = ("video", "audio", "text")
@@ -45,7 +46,8 @@ class FmriStage(Stage):
         mask_params = {k: v for k, v in params.items() if k.startswith("mask_")}
         mask_params["reference"] = ref_label
         mask = self._mask_unit(ctx, pairs, ref_label, pairs[ref_subject, ref_run], ref_img, mask_params)
-        subj_params = {k: v for k, v in params.items() if not k.startswith("mask_")}
+        # target sets are units of their own (pipelines.targets_stage): adding one rebuilds no voxel unit
+        subj_params = {k: v for k, v in params.items() if not k.startswith("mask_") and k != "targets"}
         if p.high_pass is not None:
             subj_params["tr_s"] = cfg.tr_s  # the filter depends on the sampling rate
         confound_files = _confound_files(p.confounds, pairs, lengths) if confounds.active(p.confounds) else {}
@@ -57,6 +59,8 @@ class FmriStage(Stage):
         for key, members in groups.items():
             units.append(self._unit(ctx, key, members, pairs, lengths, header_tr, mask, mask_fp, subj_params,
                                     upstream, confound_files))
+        if p.targets:
+            units += plan_targets(ctx, groups, {u.key: u for u in units}, mask, mask_fp, ref_img, list(pairs.values()))
         return units
 
     def _mask_unit(self, ctx: PlanContext, pairs: dict, ref_label: str, ref_path: Path, ref_img, params: dict) -> Unit:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from giblet.config import StudyConfig
-from giblet.store import ALIGN_KEY, read_manifest
+from giblet.store import ALIGN_KEY, is_target_unit, read_manifest
 from pipelines.units import Unit
 
 
@@ -31,7 +31,9 @@ def status_lines(cfg: StudyConfig, units: list[Unit], only: list[str] | None = N
         entry = manifest["units"].get(unit.key)
         if not unit.ready:
             waits = ", ".join(d for d in unit.deps if d != "fmri/mask") or ", ".join(unit.deps)
-            state = ("missing" if entry is None else "stale?") + f" (decided once {waits} is built: it sets the TRs served)"
+            why = f"{unit.deps[-1]} is built: the set is computed from it" if is_target_unit(unit.key) \
+                else f"{waits} is built: it sets the TRs served"
+            state = ("missing" if entry is None else "stale?") + f" (decided once {why})"
         elif entry is None:
             state = "missing"
         elif entry.get("fingerprint") == unit.fingerprint:

@@ -60,7 +60,7 @@ def model_spec(ds: GibletDataset, cfg: TrainConfig, view=None) -> ModelSpec:
         n_cb, n_frames = shapes["audio"][0][-2:]
         attrs = dict(view.array(view.stimulus_name("audio", ds.runs[0])).attrs)
         audio = (n_cb, n_frames, int(attrs.get("codebook_size", cfg.data.audio_vocab)))
-    return ModelSpec(n_voxels=view.n_voxels, window=ds.window, lag=ds.lag, tr_s=ds.tr_s,
+    return ModelSpec(n_voxels=ds.n_voxels, window=ds.window, lag=ds.lag, tr_s=ds.tr_s,
                      video=tuple(shapes["video"][0][-4:]) if "video" in ds.modalities else None, audio=audio,
                      text=shapes["text"][0][-1] if "text" in ds.modalities else None,
                      video_stats=view.video_stats() if "video" in ds.modalities else None,
@@ -80,7 +80,7 @@ def to_device(batch: dict, device: torch.device, subjects: Optional[torch.Tensor
 def dataset_kwargs(cfg: TrainConfig, view) -> dict:
     """``GibletDataset`` keyword arguments of a run (train and val alike; ``giblet-evaluate`` too)."""
     d = cfg.data
-    kw = dict(subjects=d.subjects, runs=d.runs, window=d.window, lag=d.lag, hrf=d.hrf)
+    kw = dict(subjects=d.subjects, runs=d.runs, window=d.window, lag=d.lag, hrf=d.hrf, target=d.target)
     if view.has_modality("video"):  # read and hand over only the frames the model sees, pooled as it pools them
         kw["frames"] = cfg.model.video_frames
         if d.pool_video:
@@ -205,7 +205,8 @@ def train(cfg: TrainConfig) -> dict:
     say(f"giblet-train: {rt.world.world_size} process(es) on {rt.device}, autocast {rt.amp_dtype}, "
         f"{n_params / 1e6:.3g} M parameters, optimizer {optim_name}")
     say(f"fMRI readout: {D.unwrap(model).fmri_head.describe()}")
-    say(f"data: {len(train_ds)} train / {len(val_ds)} val samples, {spec.n_voxels} voxels, "
+    say(f"data: {len(train_ds)} train / {len(val_ds)} val samples, {spec.n_voxels} "
+        f"{'voxels' if train_ds.target == 'voxels' else 'columns of ' + train_ds.target}, "
         f"modalities {', '.join(spec.modalities)}, window {spec.window} lag {spec.lag}")
     say(sched.describe())
     warn = check_warmup(sched)

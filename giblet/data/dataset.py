@@ -21,7 +21,7 @@ from giblet.data.frames import pool_frames
 from giblet.errors import ConfigError, ModalityMissingError
 from giblet.normalize import ZScorer
 from giblet.reader import STIMULUS_ARRAYS, open_store
-from giblet.store import STIMULI, fmri_prefix
+from giblet.store import STIMULI, VOXELS_TARGET, fmri_prefix, target_prefix
 
 MODALITIES = ("fmri", "video", "audio", "text")
 SPLITS = ("train", "val", "test", "all")
@@ -38,7 +38,8 @@ class GibletDataset(Dataset):
     volumes, ``fmri.confounds``) are left out of that subject's samples. A sample is
     a dict of tensors with only the modalities served --
 
-    - ``fmri``: ``(voxel,) float32`` z-scored (as stored);
+    - ``fmri``: ``(voxel,) float32`` z-scored (as stored), or the ``(parcel,)`` / ``(vertex,)``
+      columns of the target set ``target`` (``fmri.targets``; ``StoreView.targets``);
     - ``video``: ``(frame, height, width, channel) uint8``; ``frames=n`` keeps ``n`` evenly
       spaced frames of each TR; ``video_pool=(h, w)`` serves ``(frame, h, w, channel)
       float32`` [0, 1] pixels average-pooled (:func:`pool_frames`); ``normalize=True``
@@ -83,6 +84,9 @@ class GibletDataset(Dataset):
         storage_options, cache_dir: a store on object storage (``store_path`` a URL): its
             fsspec options (default: the environment's) and an optional local folder that
             keeps every chunk read, shared by the processes (``giblet.open_store``).
+        target: what ``fmri`` serves: ``"voxels"`` (default) or a target set's id, e.g.
+            ``"parcels/schaefer"`` or ``"surface/fsaverage5"`` (``n_voxels`` is then its column
+            count, and ``scaler`` / ``denormalize`` its statistics).
     """
 
     def __init__(self, store_path: str | os.PathLike, split: str = "train", subjects: Optional[Sequence[str]] = None,
@@ -90,9 +94,10 @@ class GibletDataset(Dataset):
                  modalities: Optional[Sequence[str]] = None, normalize: bool = False, edge: str = "zeros",
                  cache_bytes: Optional[int] = None, frames: Optional[int] = None,
                  video_pool: Optional[Sequence[int]] = None, storage_options: Optional[dict] = None,
-                 cache_dir: Optional[str | os.PathLike] = None):
+                 cache_dir: Optional[str | os.PathLike] = None, target: str = VOXELS_TARGET):
         self._open = {"storage_options": storage_options, "cache_dir": cache_dir}  # each process opens its own view
         view = open_store(store_path, **self._open)
+        self.target = view.target(target) or VOXELS_TARGET
         self.store_path = str(view.path)
         self.tr_s = view.tr_s
         self.window, self.lag = _nonneg("window", window), _nonneg("lag", lag)
@@ -170,7 +175,7 @@ class GibletDataset(Dataset):
         return out
 
     def _array_names(self, view) -> list[str]:
-        names = sorted({_bold(self.subjects[s], self.runs[r]) for s, r, _, _ in self.pairs if s >= 0})
+        names = sorted({self._bold(self.subjects[s], self.runs[r]) for s, r, _, _ in self.pairs if s >= 0})
         for run in self.runs:
             names += [_stim(view, m, run) for m in self.stimulus]
             names += [_stim(view, "text", run, "has_text")] if "text" in self.modalities else []
@@ -228,11 +233,16 @@ class GibletDataset(Dataset):
         the first stimulus array's when no fMRI is served)."""
         sizes: list[int] = []
         for s, r, start, stop in self.pairs:
-            name = _bold(self.subjects[s], self.runs[r]) if s >= 0 else self._name(self.stimulus[0], r)
+            name = self._bold(self.subjects[s], self.runs[r]) if s >= 0 else self._name(self.stimulus[0], r)
             step = self._info[name].read_trs
             cuts = [start] + list(range((start // step + 1) * step, stop, step)) + [stop]
             sizes += [b - a for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
         return tuple(sizes)
+
+    def _bold(self, subject: str, run: str) -> str:
+        """The ``bold`` array served for one (subject, run): the voxels' or the target set's."""
+        prefix = fmri_prefix(subject, run) if self.target == VOXELS_TARGET else target_prefix(subject, run, self.target)
+        return f"{prefix}/bold"
 
     def _name(self, modality: str, run: int, array: Optional[str] = None) -> str:
         return f"{STIMULI}/{self.runs[run]}/{modality}/{array or STIMULUS_ARRAYS[modality]}"
@@ -321,7 +331,7 @@ class GibletDataset(Dataset):
         s, r, t = self.locate(index)
         out = {"index": np.int64(index), "subject": np.int64(s), "run": np.int64(r), "tr": np.int64(t)}
         if "fmri" in self.modalities:
-            out["fmri"] = self._span(_bold(self.subjects[s], self.runs[r]), t, t + 1)[0]
+            out["fmri"] = self._span(self._bold(self.subjects[s], self.runs[r]), t, t + 1)[0]
         if self.stimulus:
             src = source_trs(t, self.window, self.lag)
             valid = src >= 0
@@ -362,7 +372,7 @@ class GibletDataset(Dataset):
             elif key == "text":
                 st["scalers"][key] = ZScorer.from_stats(*view.text_stats())
             else:
-                st["scalers"][key] = view.scaler(*key)
+                st["scalers"][key] = view.scaler(*key, target=self.target)
         return st["scalers"][key]
 
     def _index(self, names: list[str], value, what: str) -> int:
@@ -420,7 +430,8 @@ class GibletDataset(Dataset):
     # -- shapes ----------------------------------------------------------------------------
     @property
     def n_voxels(self) -> int:
-        return int(self._state()["view"].n_voxels)
+        """Columns of the ``fmri`` served: voxels, or the target set's parcels / vertices."""
+        return int(self._state()["view"].n_columns(self.target))
 
     def sample_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of every entry of a sample (without the batch axis)."""
@@ -441,7 +452,7 @@ class GibletDataset(Dataset):
     def __repr__(self) -> str:
         return (f"GibletDataset({Path(self.store_path).name!r}, split={self.split!r}, subjects={len(self.subjects)}, "
                 f"runs={self.runs}, samples={len(self)}, modalities={self.modalities}, window={self.window}, "
-                f"lag={self.lag}, hrf={self.hrf})")
+                f"lag={self.lag}, hrf={self.hrf}, target={self.target!r})")
 
 
 def _kept_spans(censored: np.ndarray, start: int, stop: int) -> list[tuple[int, int]]:
@@ -452,10 +463,6 @@ def _kept_spans(censored: np.ndarray, start: int, stop: int) -> list[tuple[int, 
     keep = np.r_[False, ~censored, False].astype(np.int8)
     edges = np.flatnonzero(np.diff(keep))
     return [(start + int(a), start + int(b)) for a, b in zip(edges[::2], edges[1::2])]
-
-
-def _bold(subject: str, run: str) -> str:
-    return f"{fmri_prefix(subject, run)}/bold"
 
 
 def _stim(view, modality: str, run: str, array: Optional[str] = None) -> str:

@@ -2,6 +2,8 @@
 
 - :func:`to_image` / :func:`save_maps`: a ``(voxel,)`` value per store column -> a 3-D NIfTI
   on the store's mask and affine, through ``nilearn.masking.unmask`` (0 outside the mask).
+- :func:`save_target_maps`: a value per column of a target set (``fmri.targets``) -> a parcel
+  table (TSV) or a GIFTI per fsaverage5 hemisphere.
 - :func:`plot_glass_brains`: one nilearn glass-brain panel per subject.
 - :func:`plot_subject_violins`: the distribution of voxel r per subject (violins, with each
   subject's mean and, when there is one, its mean ceiling).
@@ -74,6 +76,42 @@ def save_maps(maps: Mapping[str, np.ndarray], mask_img, out_dir: str | Path, pre
     for name, values in maps.items():
         paths[name] = out_dir / f"{prefix}_{name}.nii.gz"
         to_image(values, mask_img).to_filename(str(paths[name]))
+    return paths
+
+
+def save_target_maps(maps: Mapping[str, np.ndarray], info: dict, out_dir: str | Path, prefix: str) -> dict[str, Path]:
+    """Values per column of a target set (``StoreView.target_info``), in the set's own space.
+
+    Parcels and spheres: ``<prefix>_<name>.tsv`` per entry, one row per parcel (``label``,
+    ``name``, ``n_voxels``, for spheres ``x``, ``y``, ``z`` mm, then ``value``). Surface:
+    ``<prefix>_<name>_hemi-L.func.gii`` and ``..._hemi-R.func.gii`` per entry, one float32 value
+    per mesh vertex (NaN at vertices the store does not serve). Returns file key -> path.
+    """
+    import nibabel as nib
+
+    out_dir, arrays, attrs = Path(out_dir), info["arrays"], info["attrs"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for name, values in maps.items():
+        values = np.asarray(values, dtype=np.float32)
+        if info["kind"] == "surface":
+            per_hemi = int(attrs["vertices_per_hemisphere"])
+            full = np.full(2 * per_hemi, np.nan, dtype=np.float32)
+            full[arrays["vertex"]] = values
+            for h, part in zip("LR", (full[:per_hemi], full[per_hemi:])):
+                paths[f"{name}_hemi-{h}"] = out_dir / f"{prefix}_{name}_hemi-{h}.func.gii"
+                img = nib.gifti.GiftiImage(darrays=[nib.gifti.GiftiDataArray(part, intent="NIFTI_INTENT_NONE")])
+                nib.save(img, str(paths[f"{name}_hemi-{h}"]))
+            continue
+        labels = arrays["labels"]
+        cols = {"label": labels, "name": attrs.get("names") or [str(v) for v in labels], "n_voxels": arrays["n_voxels"]}
+        if "coords" in arrays:
+            cols.update(x=arrays["coords"][:, 0], y=arrays["coords"][:, 1], z=arrays["coords"][:, 2])
+        rows = ["\t".join(cols)] + ["\t".join(str(c[i]) for c in cols.values()) + f"\t{values[i]:.6g}"
+                                    for i in range(len(labels))]
+        rows[0] += "\tvalue"
+        paths[name] = out_dir / f"{prefix}_{name}.tsv"
+        paths[name].write_text("\n".join(rows) + "\n")
     return paths
 
 

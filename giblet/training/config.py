@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -48,6 +49,8 @@ class DataConfig:
     audio_vocab: int = 1024  # codebook size, when audio/codes does not record it
     drop_last: Optional[bool] = None  # skip each epoch's last partial batch (a few samples, new ones every
     #   epoch); None: true with compile=true (one batch shape: no second graph at every epoch's end)
+    target: str = "voxels"  # what the fMRI head predicts: voxels, or a target set of the store (fmri.targets),
+    #   e.g. parcels/schaefer or surface/fsaverage5; the head is sized from the store
     pool_video: bool = True  # average-pool frames to model.video_pool in the loader workers, once per
     #   decoded chunk (90x160 -> 18x32: 6x fewer bytes per batch to the device); false: ship uint8 frames
 
@@ -127,6 +130,9 @@ def _check_data(d: DataConfig, problems: list[str]) -> None:
             problems.append(f"data.{name}: must be an integer >= 1, got {getattr(d, name)}")
     if d.subjects is not None and not d.subjects:
         problems.append("data.subjects: an empty list selects no subject; leave it null for all of the store's")
+    if d.target != "voxels" and not re.fullmatch(r"(parcels|surface)/[A-Za-z0-9][A-Za-z0-9_.-]*", d.target):
+        problems.append(f"data.target: {d.target!r}; give voxels or a target set id such as parcels/<name> or "
+                        f"surface/fsaverage5 (giblet-preprocess builds them from fmri.targets)")
     if d.runs is not None and not d.runs:
         problems.append("data.runs: an empty list selects no run; leave it null for all of the store's")
 
@@ -147,7 +153,7 @@ def run_identity(cfg: TrainConfig, world_size: int, store_fp: str) -> dict:
     return _plain({"store": store_fp, "world_size": world_size, "seed": cfg.seed,
                    "data": {"subjects": d.subjects, "runs": d.runs, "window": d.window, "lag": d.lag, "hrf": d.hrf,
                             "batch_size": d.batch_size, "drop_last": cfg.drop_last, "mix_chunks": d.mix_chunks,
-                            "lanes": d.lanes},
+                            "lanes": d.lanes, **({"target": d.target} if d.target != "voxels" else {})},
                    "schedule": dataclasses.asdict(cfg.schedule), "optim": optim,
                    "model": dataclasses.asdict(cfg.model)})
 
