@@ -21,6 +21,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from giblet.errors import ModalityMissingError, StoreError
+from giblet.features.pretrained.reading import FeatureReader
 from giblet.fingerprint import hash_bytes
 from giblet.normalize import ZScorer
 from giblet.split import SPLITS, split_ranges
@@ -65,7 +66,7 @@ class ManifestStore(LocalStore):
         return buf
 
 
-class StoreView:
+class StoreView(FeatureReader):
     """Read-only access to a study store (see ``docs/store.md`` for the schema)."""
 
     def __init__(self, path: str | Path, verify: Optional[str] = None):
