@@ -167,8 +167,9 @@ def _finalize(staging: Path, results: dict, names: dict, n_trs, p, attrs: dict, 
     stimulus_s = n * attrs["tr_s"]
     meta = {"stored_trs": n, "modality": p.modality, "model": attrs["model"], "model_hash": attrs["model_hash"],
             "layers": list(p.layers), "dims": {k: s[1] for k, s in shapes.items() if k.startswith("layer-")},
-            "pooling": attrs["pooling"], "rule": attrs["rule"], "device": ",".join(sorted({r["device"] for r in parts})),
-            "n_tasks": len(parts), "n_inputs": sum(r["n_inputs"] for r in parts), "extract_s": round(extract_s, 2),
+            "pooling": attrs["pooling"], "rule": attrs["rule"],
+            "device": ",".join(sorted({r["device"] for r in parts})), "n_tasks": len(parts),
+            "n_inputs": sum(r["n_inputs"] for r in parts), "extract_s": round(extract_s, 2),
             "stimulus_s_per_s": round(stimulus_s / extract_s, 2) if extract_s else None}
     if p.modality == "text":
         meta.update({k: parts[0][k] for k in ("n_words", "n_trs_with_words")})

@@ -101,7 +101,8 @@ def test_root_attributes_and_unit_meta_keys_are_documented(demo_store):
     for key, entry in s.manifest["units"].items():
         meta = entry.get("meta") or {}
         keys = set(meta) | {k for r in (meta.get("runs") or {}).values() for k in r}
-        section = {"fmri": "## fMRI", "video": "## Video", "audio": "## Audio", "text": "## Text"}[entry["stage"]]
+        section = {"fmri": "## fMRI", "video": "## Video", "audio": "## Audio", "text": "## Text",
+                   "features": "## Pretrained features"}[entry["stage"]]
         body = STORE_MD[STORE_MD.index(section):]
         body = body[:body.index("\n## ", 4)] if "\n## " in body[4:] else body
         undocumented = sorted(k for k in keys if f"`{k}`" not in body and not (key == "fmri/mask" and k == "shape"))

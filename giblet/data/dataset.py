@@ -482,7 +482,8 @@ class GibletDataset(Dataset):
         for m in self.stimulus:
             if m == "features":
                 width = sum(self._served[self._name(m, 0, f)][0][0] for f in self.features)
-                spec[m], spec["features_mask"] = (ctx + (width,), torch.float32), (ctx + (len(self.features),), torch.bool)
+                spec[m] = (ctx + (width,), torch.float32)
+                spec["features_mask"] = (ctx + (len(self.features),), torch.bool)
                 continue
             spec[m] = (ctx + self._served[self._name(m, 0)][0], dtypes[m])
         if "text" in self.modalities:

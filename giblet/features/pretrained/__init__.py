@@ -87,7 +87,7 @@ def extractor_problems(name: str, p) -> list[str]:
           f"pooling: must be one of {', '.join(allowed)} for {p.modality or 'this'} models, got {p.pooling!r}")
     check(p.context_s >= 0, f"context_s: must be >= 0 seconds, got {p.context_s}")
     check(p.context_s == 0 or p.modality in ("audio", "video"),
-          f"context_s: only audio and video extractors take seconds of context (text: context_words)")
+          "context_s: only audio and video extractors take seconds of context (text: context_words)")
     check(isinstance(p.context_words, int) and p.context_words >= 0,
           f"context_words: must be an integer >= 0, got {p.context_words!r}")
     check(p.context_words == 0 or p.modality == "text", "context_words: only text extractors take words of context")

@@ -117,8 +117,8 @@ def load(path: str, fingerprint: str, modality: str, device: str, dtype: str, wh
     try:
         model = transformers.AutoModel.from_pretrained(path, local_files_only=True, dtype=torch_dtype(dtype))
     except Exception as exc:  # OSError (no weights), ValueError (unknown architecture), ...
-        raise InputError(f"{where}.model: {path} could not be loaded by transformers.AutoModel ({type(exc).__name__}: "
-                         f"{first_line(exc)}); re-save it with save_pretrained") from None
+        raise InputError(f"{where}.model: {path} could not be loaded by transformers.AutoModel "
+                         f"({type(exc).__name__}: {first_line(exc)}); re-save it with save_pretrained") from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -126,8 +126,9 @@ def load(path: str, fingerprint: str, modality: str, device: str, dtype: str, wh
     try:
         processor = getattr(transformers, kind).from_pretrained(path, local_files_only=True)
     except Exception as exc:
-        raise InputError(f"{where}.model: {path} has no usable {kind} processor ({type(exc).__name__}: {first_line(exc)}); "
-                         f"save the model's processor into the same folder (processor.save_pretrained(DIR))") from None
+        raise InputError(f"{where}.model: {path} has no usable {kind} processor ({type(exc).__name__}: "
+                         f"{first_line(exc)}); save the model's processor into the same folder "
+                         f"(processor.save_pretrained(DIR))") from None
     if modality == "text" and not getattr(processor, "is_fast", False):
         raise InputError(f"{where}.model: {path} has a slow (Python) tokenizer; word alignment needs a fast one "
                          f"(tokenizer.json): save AutoTokenizer.from_pretrained(..., use_fast=True) into the folder")
@@ -175,8 +176,8 @@ def hidden_states(m: Loaded, inputs: dict, layers: list[int], where: str) -> lis
         out = m.net(**feed, output_hidden_states=True, return_dict=True)
     states = out.hidden_states
     if states is None:
-        raise InputError(f"{where}.model: the {m.model_type} model returns no hidden_states; choose a model whose forward "
-                         f"supports output_hidden_states")
+        raise InputError(f"{where}.model: the {m.model_type} model returns no hidden_states; choose a model whose "
+                         f"forward supports output_hidden_states")
     bad = [k for k in layers if k >= len(states)]
     if bad:
         raise InputError(f"{where}.layers: {bad} asked for, but the {m.model_type} model has hidden states 0.."

@@ -138,6 +138,6 @@ def extract_video(staging: str, where: str, path: str, model: str, model_fp: str
     per_layer = {f"layer-{k}": tr_means(np.concatenate([b[j] for b in per_slot]), slots, tr0, tr1, frames_per_tr,
                                         context) for j, k in enumerate(layers)}
     save_part(staging, tr0, per_layer, out_dtype)
-    return {"tr0": tr0, "tr1": tr1, "n_trs": tr1 - tr0, "n_inputs": len(slots), "device": dev,
+    return {"tr0": tr0, "tr1": tr1, "n_inputs": len(slots), "device": dev,
             "load_s": round(t1 - t0, 3), "extract_s": round(time.perf_counter() - t1, 3),
             "stimulus_s": round((tr1 - tr0) * tr_s, 3)}
