@@ -86,10 +86,12 @@ def max_batch(window_samples: int, batch_size: int, device: str) -> int:
     return max(1, min(batch_size, M.MAX_CONV_ELEMENTS // (window_samples * M.CONV_CHANNELS)))
 
 
-def _batches(wave, trs: range, processor, rate, tr_s, onset_s, context_s, size):
+def _batches(wave, trs: range, processor, rate, tr_s, onset_s, context_s, size, device: str = "cpu"):
+    """Feature-extractor inputs for ``size`` TRs at a time (on the GPU where it can)."""
+    kw = M.processor_kwargs(processor, device)
     for a in range(0, len(trs), size):
         w = windows(wave, trs[a:a + size], rate, tr_s, onset_s, context_s)
-        yield processor(list(w), sampling_rate=rate, return_tensors="pt")
+        yield processor(list(w), sampling_rate=rate, return_tensors="pt", **kw)
 
 
 def extract_audio(staging: str, where: str, source: str, source_key: str, source_fp: str, n_trs_movie: int | None,
@@ -124,7 +126,8 @@ def extract_audio(staging: str, where: str, source: str, source_key: str, source
 
     run = M.pooled_layers(m, layers, pooling, where, keep)
     size = max_batch(length, batch_size, dev)
-    pooled = [run(x) for x in M.prefetch(_batches(wave, trs, m.processor, rate, tr_s, onset_s, context_s, size))]
+    batches = _batches(wave, trs, m.processor, rate, tr_s, onset_s, context_s, size, dev)
+    pooled = [run(x) for x in M.prefetch(batches)]
     if pooled:
         save_part(staging, tr0, {f"layer-{k}": np.concatenate([b[j] for b in pooled]) for j, k in enumerate(layers)},
                   out_dtype)

@@ -17,6 +17,7 @@ with ``output_hidden_states=True``.
 from __future__ import annotations
 
 import functools
+import inspect
 import queue
 import re
 import threading
@@ -134,6 +135,17 @@ def load(path: str, fingerprint: str, modality: str, device: str, dtype: str, wh
                          f"(tokenizer.json): save AutoTokenizer.from_pretrained(..., use_fast=True) into the folder")
     net = tower(model, modality).eval().to(torch.device(device))
     return Loaded(net, processor, device, torch_dtype(dtype), str(model.config.model_type))
+
+
+def processor_kwargs(processor, device: str) -> dict:
+    """``{"device": device}`` for a processor that can run on the model's GPU (a torchvision
+    image processor, Whisper's feature extractor): preprocessing then keeps pace with the
+    forward. Else ``{}`` (PIL image processors, most feature extractors: CPU only)."""
+    if not device.startswith("cuda"):
+        return {}
+    bases = {c.__name__ for c in type(processor).__mro__}
+    takes = "device" in inspect.signature(type(processor).__call__).parameters
+    return {"device": device} if takes or bases & {"TorchvisionBackend", "BaseImageProcessorFast"} else {}
 
 
 def tower(model, modality: str):

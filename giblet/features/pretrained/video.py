@@ -97,17 +97,18 @@ def _rgb(path: str, times: list[Fraction], edge: int | None):
     frames.close()
 
 
-def _batches(path: str, times: list[Fraction], processor, batch_size: int):
-    """Processor inputs for consecutive slots, ``batch_size`` frames at a time."""
-    edge = decode_edge(processor)
+def _batches(path: str, times: list[Fraction], processor, batch_size: int, device: str = "cpu"):
+    """Processor inputs for consecutive slots, ``batch_size`` frames at a time (preprocessed on
+    the model's GPU where the processor can: ``model.processor_kwargs``)."""
+    edge, kw = decode_edge(processor), M.processor_kwargs(processor, device)
     batch = []
     for rgb in _rgb(path, times, edge):
         batch.append(rgb)
         if len(batch) == batch_size:
-            yield processor(images=batch, return_tensors="pt")
+            yield processor(images=batch, return_tensors="pt", **kw)
             batch = []
     if batch:
-        yield processor(images=batch, return_tensors="pt")
+        yield processor(images=batch, return_tensors="pt", **kw)
 
 
 def tr_means(per_slot: np.ndarray, slots: np.ndarray, tr0: int, tr1: int, frames_per_tr: int,
@@ -134,7 +135,7 @@ def extract_video(staging: str, where: str, path: str, model: str, model_fp: str
     slots, times = slot_times(tr0, tr1, tr_s, onset_s, frames_per_tr, context)
     t1 = time.perf_counter()
     run = M.pooled_layers(m, layers, pooling, where)
-    per_slot = [run(inputs) for inputs in M.prefetch(_batches(path, times, m.processor, batch_size))]
+    per_slot = [run(inputs) for inputs in M.prefetch(_batches(path, times, m.processor, batch_size, dev))]
     per_layer = {f"layer-{k}": tr_means(np.concatenate([b[j] for b in per_slot]), slots, tr0, tr1, frames_per_tr,
                                         context) for j, k in enumerate(layers)}
     save_part(staging, tr0, per_layer, out_dtype)
