@@ -43,16 +43,17 @@ def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     out = {k: root / k for k in ("vit", "w2v", "bert")}
+    big = {"initializer_range": 0.5}  # each block changes the hidden state a lot: layers are told apart
     ViTModel(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64)).save_pretrained(out["vit"])
+                       intermediate_size=64, **big)).save_pretrained(out["vit"])
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(out["vit"])
     Wav2Vec2Model(Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                                  conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=16,
-                                 num_conv_pos_embedding_groups=4)).save_pretrained(out["w2v"])
+                                 num_conv_pos_embedding_groups=4, **big)).save_pretrained(out["w2v"])
     Wav2Vec2FeatureExtractor(sampling_rate=8000, return_attention_mask=False).save_pretrained(out["w2v"])
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
     BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(out["bert"])
+                         intermediate_size=64, max_position_embeddings=64, **big)).save_pretrained(out["bert"])
     BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(out["bert"])
     return out
 
@@ -158,12 +159,14 @@ def test_video_features_equal_a_direct_forward(study, models):
     assert images[0].shape == (32, 48, 3)
     states = _direct(models["vit"], ViTImageProcessor.from_pretrained(models["vit"])(images, return_tensors="pt"),
                      ViTModel)
-    for k in (1, 2):
+    want = {}
+    for k in (0, 1, 2):
         per_frame = states[k].mean(1).numpy()  # mean over tokens
         context = 1  # round(0.5 s * 3 / 1.5 s) slot before each TR's own
-        want = np.stack([per_frame[max(0, 3 * i - context):3 * i + 3].mean(0) for i in range(n)])
-        assert _cos(s.array(f"stimuli/run-1/features/vit/layer-{k}")[...], want).min() > COS
-    assert not np.allclose(s.feature("features/vit/layer-1"), s.feature("features/vit/layer-2"))  # the layer asked for
+        want[k] = np.stack([per_frame[max(0, 3 * i - context):3 * i + 3].mean(0) for i in range(n)])
+    for k in (1, 2):  # the hidden state asked for, not a neighbour
+        got = s.array(f"stimuli/run-1/features/vit/layer-{k}")[...]
+        assert _cos(got, want[k]).min() > COS and _cos(got, want[k - 1]).mean() < 0.99
 
 
 def test_audio_features_equal_a_direct_forward(study, models):
@@ -176,11 +179,13 @@ def test_audio_features_equal_a_direct_forward(study, models):
     padded = np.concatenate([np.zeros(ctx, np.float32), wave, np.zeros(own * n, np.float32)])
     windows = [padded[i * own:i * own + ctx + own] for i in range(n)]  # TR i's window starts at i * own - ctx
     inputs = Wav2Vec2FeatureExtractor.from_pretrained(models["w2v"])(windows, sampling_rate=8000, return_tensors="pt")
-    h = _direct(models["w2v"], inputs, Wav2Vec2Model)[2].numpy()  # (tr, frame, dim)
-    centres = (np.arange(h.shape[1]) + 0.5) * 2.5 / h.shape[1]
-    want = h[:, (centres >= 1.0) & (centres < 2.5)].mean(1)
+    states = _direct(models["w2v"], inputs, Wav2Vec2Model)
+    centres = (np.arange(states[2].shape[1]) + 0.5) * 2.5 / states[2].shape[1]
+    own = (centres >= 1.0) & (centres < 2.5)  # the TR's 1.5 s after 1 s of context
     got = s.array("stimuli/run-1/features/w2v/layer-2")[...].astype(np.float32)
-    assert _cos(got, want).min() > COS
+    assert _cos(got, states[2][:, own].mean(1).numpy()).min() > COS
+    assert _cos(got, states[1][:, own].mean(1).numpy()).mean() < 0.99  # the layer asked for
+    assert _cos(got, states[2][:, ~own].mean(1).numpy()).mean() < 0.99  # the TR's frames, not the context's
 
 
 def _sheet_words(s, config):
@@ -217,6 +222,7 @@ def test_text_features_equal_a_direct_forward(study, models):
         for k in (0, 2):
             got = s.array(f"stimuli/run-1/features/bert/layer-{k}")[i]
             assert _cos(got, states[k][0, last].numpy()) > COS, (i, k)
+            assert _cos(got, states[1][0, last].numpy()) < 0.99, (i, k)  # the layer asked for
     assert not s.array("stimuli/run-1/features/bert/layer-0")[...][~has].any()  # no words: zeros
 
 
@@ -257,9 +263,9 @@ def test_an_audio_click_lands_in_its_tr_and_in_the_next_ones_context(models, tmp
 
 def test_a_word_lands_in_its_tr_with_its_context(models, tmp_path):
     csv = tmp_path / "words.csv"
-    csv.write_text("start,end,text\n0.0,1.0,the man\n1.2,2.9,walks into the room\n6.1,6.5,dog\n")
+    csv.write_text("start,end,text\n0.0,1.0,the man\n1.4,3.0,walks into the room\n6.1,6.5,dog\n")
     rec = T.prepare_words(tmp_path, str(csv), "start", "end", ["text"], "s", False, TR, 0.0, 9.0, None, 0)
-    assert rec["tr"] == [0, 0, 0, 1, 1, 1, 4] and rec["n_trs"] == 6  # "walks" at 1.2 s, "room" at 2.475 s
+    assert rec["tr"] == [0, 0, 0, 1, 1, 1, 4] and rec["n_trs"] == 6  # "walks" at 1.4 s, "into" at 1.8 s
     items = T.tr_inputs(rec["words"], np.array(rec["tr"]), 6, context_words=2)
     assert items == [(0, "the man walks", 0), (1, "man walks into the room", 10), (4, "the room dog", 9)]
     T.extract_text(str(tmp_path), "features.bert", str(models["bert"]), "bert", "cpu", "float32", [2], "mean",
