@@ -90,6 +90,9 @@ def test_every_store_array_is_documented_with_its_dims(demo_store):
         assert row is not None, f"docs/store.md has no table row for {doc}"
         assert f"({', '.join(dims)}{',' if len(dims) == 1 else ''})" in row, (doc, dims, row)
     tabled = set(re.findall(r"^\| `((?:fmri|stimuli)/[^`]+)`", STORE_MD, re.M))
+    # the demo has no pretrained-feature extractor: tests/test_pretrained.py holds those rows (and their
+    # dims) against a store that has them
+    tabled = {t for t in tabled if not t.startswith("stimuli/<run>/features/")}
     assert tabled <= seen, f"docs/store.md documents arrays no store has: {sorted(tabled - seen)}"
 
 

@@ -113,10 +113,15 @@ def test_round_trip_arrays_meta_and_their_docs(study, models):
         assert not undocumented, undocumented
     assert s.array("stimuli/run-1/features/vit/layer-1").chunks == (4, 32)
     assert s.unit_meta("features/vit/run-1")["n_tasks"] == 3  # segment_trs=4 over 10 TRs
-    for name in s._arrays:  # every array the stage writes has a row in docs/store.md
+    rows = {}
+    for name in (a for a in s._arrays if "/features/" in a):  # every array the stage writes: its row, its dims
         doc = re.sub(r"^stimuli/[^/]+/features/[^/]+/layer-\d+$", "stimuli/<run>/features/<name>/layer-<k>", name)
         doc = re.sub(r"^stimuli/[^/]+/features/[^/]+/", "stimuli/<run>/features/<name>/", doc)
-        assert "/features/" not in name or f"| `{doc}`" in STORE_MD, doc
+        rows[doc] = next(ln for ln in STORE_MD.splitlines() if ln.startswith(f"| `{doc}`"))
+        dims = tuple(s.array(name).metadata.dimension_names)
+        assert f"({', '.join(dims)}{',' if len(dims) == 1 else ''})" in rows[doc], (doc, dims)
+    tabled = set(re.findall(r"^\| `(stimuli/<run>/features/[^`]+)`", STORE_MD, re.M))
+    assert tabled == set(rows), tabled ^ set(rows)  # and the docs name no array the stage does not write
     from giblet.verify import verify_store
 
     assert verify_store(report.store) == []
