@@ -366,7 +366,10 @@ class StoreView(FeatureReader):
             arr = self.array(name)
             dims = tuple(arr.metadata.dimension_names)
             lazy = da.from_zarr(arr)
-            data_vars[name[len(prefix):].replace("/", "_")] = (dims, lazy[:n] if dims[0] == "tr" else lazy)
+            var = name[len(prefix):].replace("/", "_")
+            if name[len(prefix):].startswith("features/") and len(dims) == 2:  # widths differ between models
+                dims = (dims[0], f"{var}_{dims[1]}")  # and layers: one dimension each
+            data_vars[var] = (dims, lazy[:n] if dims[0] == "tr" else lazy)
         coords = {"tr": np.arange(n), "time_s": ("tr", np.arange(n) * self.tr_s)}
         if subs:
             coords["subject"] = subs

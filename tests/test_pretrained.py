@@ -122,6 +122,8 @@ def test_round_trip_arrays_meta_and_their_docs(study, models):
         assert f"({', '.join(dims)}{',' if len(dims) == 1 else ''})" in rows[doc], (doc, dims)
     tabled = set(re.findall(r"^\| `(stimuli/<run>/features/[^`]+)`", STORE_MD, re.M))
     assert tabled == set(rows), tabled ^ set(rows)  # and the docs name no array the stage does not write
+    ds = s.to_xarray()  # every layer its own width dimension (models and layers differ)
+    assert ds["features_w2v_layer-2"].dims == ("tr", "features_w2v_layer-2_embedding")
     from giblet.verify import verify_store
 
     assert verify_store(report.store) == []
@@ -299,6 +301,29 @@ def test_video_slots_take_the_frame_on_screen(tmp_path):
     assert V.tr_means(np.arange(5.0)[:, None], slots, 1, 3, 2, 1)[:, 0].tolist() == [1.0, 3.0]
 
 
+def test_an_out_of_memory_batch_is_split_and_later_batches_stay_small():
+    seen = []
+
+    def forward(inputs):  # a GPU with room for 2 rows
+        seen.append(len(inputs["x"]))
+        if len(inputs["x"]) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [inputs["x"].numpy() * 2]
+
+    run = M.SplitOnOOM(forward, "cuda")
+    assert run({"x": torch.arange(5.0)})[0].tolist() == [0, 2, 4, 6, 8] and seen == [5, 2, 2, 1]
+    assert run({"x": torch.arange(3.0)})[0].tolist() == [0, 2, 4] and seen[4:] == [2, 1]
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # on CPU memory errors are not retried
+        M.SplitOnOOM(forward, "cpu")({"x": torch.arange(5.0)})
+
+    def broken():
+        yield 1
+        raise ValueError("decoding failed")
+
+    with pytest.raises(ValueError, match="decoding failed"):  # the prefetch thread's error reaches the task
+        list(M.prefetch(broken()))
+
+
 # -- readers: dataset, trainer inputs, ridge ----------------------------------------------------------------
 def test_dataset_model_and_ridge_take_stored_layers(study):
     from giblet.data import GibletDataset
@@ -348,3 +373,8 @@ def test_weights_are_never_downloaded_and_configs_are_checked(tmp_path, monkeypa
         assert part in msg, msg
     ok = parse_config({**inputs, "features": {"clip": {"modality": "video", "model": "x", "layers": [3]}}})
     assert ok.features["clip"].pooling is None and ok.features["clip"].out_dtype == "float32"
+    import yaml
+
+    section = STORE_MD[STORE_MD.index("## Pretrained features"):]
+    documented = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))  # the docs' example
+    assert parse_config({**inputs, **documented}).features["clip"].layers == [6, 12]

@@ -93,6 +93,8 @@ def encode(m: M.Loaded, items: list[tuple[int, str, int]]) -> dict:
     """Tokenize a batch (cut from the left) with the tokens each TR pools (``model.KEEP``)."""
     tok = m.processor
     tok.truncation_side = "left"  # keep the TR's own words; drop the oldest context
+    if tok.pad_token is None:  # causal LMs (GPT-2, LLaMA) ship none; padding is masked and never pooled
+        tok.pad_token = tok.eos_token or tok.unk_token
     limit = max_tokens(m)
     enc = tok([t for _, t, _ in items], padding=True, truncation=limit is not None, max_length=limit,
               return_offsets_mapping=True, return_tensors="pt")
