@@ -187,6 +187,29 @@ class TextParams:
 
 
 @dataclass(frozen=True)
+class ExtractorParams:
+    """One pretrained-feature extractor, ``features.<name>`` (``giblet.features.pretrained``;
+    docs/store.md "Pretrained features"). Its checks: ``pretrained.extractor_problems``."""
+
+    modality: str = ""  # video | audio | text
+    model: Optional[str] = runtime(None, "a local save_pretrained dir or an HF repo id in the offline cache; "
+                                         "enters the fingerprint as its files' hash", PATH_OR_NAME)
+    layers: list[int] = field(default_factory=list)  # hidden_states[k]: 0 = embeddings, k = after block k
+    pooling: Optional[str] = None  # mean (default) | cls (video, text) | last (audio, text)
+    context_s: float = 0.0  # audio: seconds before the TR fed with it; video: earlier frames pooled too
+    context_words: int = 0  # text: words before the TR's own fed with them
+    frames_per_tr: int = 2  # video: frames sampled per TR, evenly spaced in time
+    dtype: str = "float32"  # the model's compute dtype: float32 | float16 | bfloat16
+    out_dtype: str = "float32"  # stored: float32 | float16
+    chunk_trs: int = 128
+    batch_size: int = runtime(16, "inputs per forward pass (halved on CUDA out-of-memory): how the model runs")
+    device: str = runtime("auto", "auto | cpu | cuda: the same features up to float noise")
+    workers: Optional[int] = runtime(1, "Dask workers that may run the model at once (each holds a copy); "
+                                        "null: any")
+    segment_trs: int = runtime(256, "TRs per Dask task (a multiple of chunk_trs): how the work is split")
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     output: str = field(default="study.zarr", metadata=INSIDE)  # giblet replaces and deletes folders in it
     tr_s: float = 1.5
@@ -201,6 +224,7 @@ class StudyConfig:
     video: VideoParams = field(default_factory=VideoParams)
     audio: AudioParams = field(default_factory=AudioParams)
     text: TextParams = field(default_factory=TextParams)
+    features: dict[str, ExtractorParams] = field(default_factory=dict)  # name -> a pretrained-feature extractor
     config_path: Optional[str] = field(default=None, metadata=INTERNAL)  # filled by load_config
 
     @property
@@ -379,6 +403,10 @@ def _check_values(cfg: StudyConfig, problems: list[str]) -> None:
           f"audio.workers: must be a whole number >= 1 or null (any worker), got {a.workers!r}")
     check(0 <= a.context_s <= a.segment_s,
           f"audio.context_s: must be in [0, audio.segment_s={a.segment_s}] seconds, got {a.context_s}")
+    from giblet.features.pretrained import extractor_problems
+
+    for name, ex in cfg.features.items():
+        problems.extend(extractor_problems(name, ex))
     t = cfg.text
     check(t.combine in ("mean", "concat"), f"text.combine: must be mean or concat, got {t.combine!r}")
     check(t.fill in ("zeros", "ffill"), f"text.fill: must be zeros or ffill, got {t.fill!r}")

@@ -22,6 +22,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from giblet.errors import ModalityMissingError, StoreError
+from giblet.features.pretrained.reading import FeatureReader
 from giblet.fingerprint import hash_bytes
 from giblet.location import is_remote, store_location
 from giblet.normalize import ZScorer
@@ -73,7 +74,7 @@ class ManifestStore(LocalStore):
         return buf
 
 
-class StoreView:
+class StoreView(FeatureReader):
     """Read-only access to a study store (see ``docs/store.md`` for the schema)."""
 
     def __init__(self, path, verify: Optional[str] = None, *, storage_options: Optional[dict] = None,
@@ -452,7 +453,10 @@ class StoreView:
             arr = self.array(name)
             dims = tuple(arr.metadata.dimension_names)
             lazy = da.from_zarr(arr)
-            data_vars[name[len(prefix):].replace("/", "_")] = (dims, lazy[:n] if dims[0] == "tr" else lazy)
+            var = name[len(prefix):].replace("/", "_")
+            if name[len(prefix):].startswith("features/") and len(dims) == 2:  # widths differ between models
+                dims = (dims[0], f"{var}_{dims[1]}")  # and layers: one dimension each
+            data_vars[var] = (dims, lazy[:n] if dims[0] == "tr" else lazy)
         coords = {"tr": np.arange(n), "time_s": ("tr", np.arange(n) * self.tr_s)}
         if subs:
             coords["subject"] = subs

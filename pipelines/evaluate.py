@@ -2,6 +2,7 @@
 
     giblet-evaluate RUN_DIR [--split val|test] [--out DIR] [--store STORE] [--device DEV] [--no-ceiling]
     giblet-evaluate --baseline ridge --store STORE [--split val|test] [--out DIR] [--no-ceiling]
+                    [--features features/<extractor>/layer-<k> ...]
 
 A run: the model is rebuilt from the run's config (the ``config`` record of ``log.jsonl``) and
 its ``checkpoint.pt`` (``weights_only``, validated, shape-checked), then run over every TR of
@@ -171,13 +172,15 @@ def model_scores(model, ds, cfg, device: str) -> tuple[dict[str, np.ndarray], di
     return rs, n_trs
 
 
-def ridge_scores(view, split: str) -> tuple[dict[str, np.ndarray], dict]:
-    """``(subject -> (voxel,) r, what)`` of the ridge baseline on ``split``."""
+def ridge_scores(view, split: str, arrays: tuple = ()) -> tuple[dict[str, np.ndarray], dict]:
+    """``(subject -> (voxel,) r, what)`` of the ridge baseline on ``split`` (``arrays``: stored
+    pretrained-feature layers as its only features)."""
     from giblet.evaluation.features import FeatureParams
     from giblet.evaluation.ridge import DEFAULT_ALPHAS, ridge_baseline
 
-    result = ridge_baseline(view)
-    what = {"kind": "ridge baseline", "features": dataclasses.asdict(FeatureParams()),
+    params = FeatureParams(arrays=tuple(arrays))
+    result = ridge_baseline(view, params=params)
+    what = {"kind": "ridge baseline", "features": dataclasses.asdict(params),
             "alphas": list(DEFAULT_ALPHAS), "solver": result.solver, "fit_s": result.fit_s,
             "skipped": result.skipped}
     return result.r.get(split, {}), what
@@ -253,7 +256,7 @@ def evaluate(args) -> dict:
     if args.baseline:
         view = open_view(args.store, "--store")
         n_trs = check_split(view, args.split)
-        rs, what = ridge_scores(view, args.split)
+        rs, what = ridge_scores(view, args.split, tuple(args.features or ()))
         out = Path(args.out or f"giblet-evaluation-ridge-{args.split}")
         title = f"ridge baseline, {args.split}"
         target = "voxels"
@@ -301,6 +304,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: RUN_DIR/evaluation-SPLIT, or "
                                  "./giblet-evaluation-ridge-SPLIT for the baseline)")
     p.add_argument("--no-ceiling", action="store_true", help="skip the noise ceiling and the fraction of it")
+    p.add_argument("--features", nargs="+", metavar="LAYER",
+                   help="ridge baseline: fit on these stored pretrained-feature layers (features/<extractor>/"
+                        "layer-<k>) instead of the raw modalities' features")
     p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu; e.g. cuda)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -315,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("RUN_DIR is required (or --baseline ridge --store STORE)")
     if args.baseline and not args.store:
         p.error("--baseline ridge needs --store STORE")
+    if args.features and not args.baseline:
+        p.error("--features chooses the ridge baseline's features; add --baseline ridge")
 
     def body() -> int:
         evaluate(args)

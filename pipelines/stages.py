@@ -1,19 +1,20 @@
 """The built-in stages, in planning order, and the plan of a config.
 
 Stimulus stages come first: an fMRI unit depends on its run's stimulus units (they decide
-how many of its TRs are served).
+how many of its TRs are served). Pretrained features come last: nothing depends on them.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 from pipelines.audio_stage import AudioStage
+from pipelines.features_stage import FeaturesStage
 from pipelines.fmri_stage import FmriStage
 from pipelines.text_stage import TextStage
 from pipelines.units import PlanContext, Stage, Unit
 from pipelines.video_stage import VideoStage
 
-STAGES: tuple[Stage, ...] = (VideoStage(), AudioStage(), TextStage(), FmriStage())
+STAGES: tuple[Stage, ...] = (VideoStage(), AudioStage(), TextStage(), FmriStage(), FeaturesStage())
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
 

@@ -65,7 +65,16 @@ def model_spec(ds: GibletDataset, cfg: TrainConfig, view=None) -> ModelSpec:
                      text=shapes["text"][0][-1] if "text" in ds.modalities else None,
                      video_stats=view.video_stats() if "video" in ds.modalities else None,
                      text_stats=view.text_stats() if "text" in ds.modalities else None, audio_loss=cfg.loss.audio,
-                     subjects=tuple(ds.subjects))
+                     subjects=tuple(ds.subjects), **_features_spec(ds, view))
+
+
+def _features_spec(ds: GibletDataset, view) -> dict:
+    """The served pretrained-feature layers' widths and statistics (side by side), if any."""
+    if not ds.features:
+        return {}
+    stats = [view.feature_stats(spec) for spec in ds.features]
+    return {"features": tuple(len(mean) for mean, _ in stats),
+            "features_stats": tuple(np.concatenate(part) for part in zip(*stats))}
 
 
 def to_device(batch: dict, device: torch.device, subjects: Optional[torch.Tensor] = None) -> dict:
@@ -81,6 +90,8 @@ def dataset_kwargs(cfg: TrainConfig, view) -> dict:
     """``GibletDataset`` keyword arguments of a run (train and val alike; ``giblet-evaluate`` too)."""
     d = cfg.data
     kw = dict(subjects=d.subjects, runs=d.runs, window=d.window, lag=d.lag, hrf=d.hrf, target=d.target)
+    if d.features:
+        kw["features"] = list(d.features)
     if view.has_modality("video"):  # read and hand over only the frames the model sees, pooled as it pools them
         kw["frames"] = cfg.model.video_frames
         if d.pool_video:

@@ -47,6 +47,11 @@ class GibletDataset(Dataset):
     - ``audio``: ``(codebook, code_frame) int64`` EnCodec codes (classes; never normalized);
     - ``text``: ``(embedding,) float32`` (z-scored with ``normalize=True``), and
       ``has_text`` ``() bool``;
+    - ``features`` (with ``features=[...]``): ``(embedding,) float32``, the named stored
+      pretrained-feature layers side by side, in the order given; ``features_mask``
+      ``(n_features,) bool``, per layer False where the TR has no input of its own (a text
+      extractor's TRs without words; the rows there are zeros, also after ``normalize``,
+      which z-scores each layer with ``StoreView.feature_stats``);
     - ``stim_valid``: ``() bool``, False where the source TR is before the run's TR 0 (see
       ``giblet.data.context``); with ``window=k > 0`` every stimulus entry gains a leading
       context axis of ``k + 1`` TRs, oldest first, and ``stim_valid`` is ``(k + 1,)``. A
@@ -66,10 +71,12 @@ class GibletDataset(Dataset):
         runs: subset of the store's runs (default: all), served in store order.
         window: stimulus context of ``window + 1`` TRs ending at the source TR.
         lag: source TR = target TR - ``lag``.
-        hrf: convolve continuous features (text) with the Glover HRF, causally.
+        hrf: convolve continuous features (text, pretrained features) with the Glover HRF, causally.
         modalities: subset of ``("fmri", "video", "audio", "text")`` (default: all the store has).
             Without ``fmri`` the samples are the (run, TR) pairs of the split (``subject`` -1).
-        normalize: z-score video and text with the store's saved stats.
+        normalize: z-score video, text and pretrained features with the store's saved stats.
+        features: stored pretrained-feature layers to serve, ``features/<extractor>/layer-<k>``
+            (``StoreView.feature_names()``); every served run must store them.
         frames: serve this many evenly spaced frames of each TR's stored frames (first and
             last included; :func:`giblet.data.context.frame_indices`) instead of all of them:
             a model that looks at 4 of 10 frames then copies and hands over 40 % of the video.
@@ -94,7 +101,8 @@ class GibletDataset(Dataset):
                  modalities: Optional[Sequence[str]] = None, normalize: bool = False, edge: str = "zeros",
                  cache_bytes: Optional[int] = None, frames: Optional[int] = None,
                  video_pool: Optional[Sequence[int]] = None, storage_options: Optional[dict] = None,
-                 cache_dir: Optional[str | os.PathLike] = None, target: str = VOXELS_TARGET):
+                 cache_dir: Optional[str | os.PathLike] = None, target: str = VOXELS_TARGET,
+                 features: Optional[Sequence[str]] = None):
         self._open = {"storage_options": storage_options, "cache_dir": cache_dir}  # each process opens its own view
         view = open_store(store_path, **self._open)
         self.target = view.target(target) or VOXELS_TARGET
@@ -104,7 +112,8 @@ class GibletDataset(Dataset):
         self.hrf, self.normalize, self.edge = bool(hrf), bool(normalize), _choice("edge", edge, EDGES)
         self.split = _choice("split", split, SPLITS)
         self.runs = _pick(view, "run", view.runs, runs)
-        self.modalities = self._pick_modalities(view, modalities)
+        self.features = self._pick_features(view, features)
+        self.modalities = self._pick_modalities(view, modalities) + (("features",) if self.features else ())
         self.subjects = _pick(view, "subject", view.subjects, subjects) if "fmri" in self.modalities else []
         self.pairs = self._pairs(view)  # (subject index or -1, run index, first TR, stop TR)
         if not self.pairs:
@@ -151,9 +160,10 @@ class GibletDataset(Dataset):
             if lacking:
                 raise ModalityMissingError(f"{view.path}: runs {lacking} have no {m}; serve runs that all have it "
                                            f"(runs=...) or drop {m} from modalities")
-        if self.hrf and "text" not in chosen:
-            raise ConfigError(f"GibletDataset: hrf=True convolves text embeddings only (never codes or frames), "
-                              f"but this dataset serves {', '.join(chosen)}; drop hrf or serve text")
+        if self.hrf and "text" not in chosen and not self.features:
+            raise ConfigError(f"GibletDataset: hrf=True convolves text embeddings and pretrained features only (never "
+                              f"codes or frames), but this dataset serves {', '.join(chosen)}; drop hrf or serve text "
+                              f"or features")
         return tuple(chosen)
 
     def _pairs(self, view) -> list[tuple[int, int, int, int]]:
@@ -177,7 +187,8 @@ class GibletDataset(Dataset):
     def _array_names(self, view) -> list[str]:
         names = sorted({self._bold(self.subjects[s], self.runs[r]) for s, r, _, _ in self.pairs if s >= 0})
         for run in self.runs:
-            names += [_stim(view, m, run) for m in self.stimulus]
+            names += [_stim(view, m, run) for m in self.stimulus if m != "features"]
+            names += [n for spec in self.features for n in _feature_arrays(view, spec, run)]
             names += [_stim(view, "text", run, "has_text")] if "text" in self.modalities else []
         return names
 
@@ -245,7 +256,25 @@ class GibletDataset(Dataset):
         return f"{prefix}/bold"
 
     def _name(self, modality: str, run: int, array: Optional[str] = None) -> str:
+        if modality == "features":  # array: a spec, features/<extractor>/layer-<k> (default: the first)
+            return f"{STIMULI}/{self.runs[run]}/{array or self.features[0]}"
         return f"{STIMULI}/{self.runs[run]}/{modality}/{array or STIMULUS_ARRAYS[modality]}"
+
+    def _pick_features(self, view, features: Optional[Sequence[str]]) -> tuple[str, ...]:
+        """The feature layers served, checked: stored by every served run."""
+        from giblet.features.pretrained import parse_spec
+
+        chosen = tuple([features] if isinstance(features, str) else features or ())
+        for spec in chosen:
+            parse_spec(spec)
+            lacking = [r for r in self.runs if r not in view.feature_runs(spec)]
+            if lacking:
+                raise ModalityMissingError(f"{view.path}: runs {lacking} do not store {spec} (stored: "
+                                           f"{', '.join(view.feature_names()) or 'none'}); serve runs that have it "
+                                           f"(runs=...), or add the extractor to the config and rerun")
+        if len(set(chosen)) != len(chosen):
+            raise ConfigError(f"GibletDataset: features={list(chosen)} names a layer twice")
+        return chosen
 
     @property
     def stimulus(self) -> tuple[str, ...]:
@@ -362,6 +391,26 @@ class GibletDataset(Dataset):
         has_text = self._span(self._name("text", run, "has_text"), src[0], src[-1] + 1)  # False before TR 0
         return {"text": rows.astype(np.float32, copy=False), "has_text": has_text}
 
+    def _features(self, run: int, src: np.ndarray, valid: np.ndarray) -> dict:
+        """Each served layer's rows (z-scored with ``normalize``; zeros where its mask is False
+        or before TR 0; HRF-convolved with ``hrf``), side by side, and the per-layer masks."""
+        reach = len(hrf_kernel(self.tr_s)) - 1 if self.hrf else 0
+        lo, hi = src[0] - reach, src[-1] + 1
+        blocks, masks = [], []
+        for spec in self.features:
+            rows = self._span(self._name("features", run, spec), lo, hi).astype(np.float32)
+            mask = np.arange(lo, hi) >= 0
+            words = _mask_name(self._name("features", run, spec))
+            if words in self._info:
+                mask &= self._span(words, lo, hi)
+            if self.normalize:
+                rows = np.where(mask[:, None], self._scaler(spec).transform(rows), 0.0).astype(np.float32)
+            if self.hrf:
+                rows = convolve_windows(rows, hrf_kernel(self.tr_s), len(src))
+            blocks.append(rows)
+            masks.append(mask[reach:])
+        return {"features": np.concatenate(blocks, axis=-1), "features_mask": np.stack(masks, axis=-1)}
+
     # -- normalization stats ---------------------------------------------------------------
     def _scaler(self, key) -> ZScorer:
         st = self._state()
@@ -369,6 +418,8 @@ class GibletDataset(Dataset):
             view = st["view"]
             if key == "video":
                 st["scalers"][key] = ZScorer.from_stats(*view.video_stats())
+            elif isinstance(key, str) and key.startswith("features/"):
+                st["scalers"][key] = ZScorer.from_stats(*view.feature_stats(key))
             elif key == "text":
                 st["scalers"][key] = ZScorer.from_stats(*view.text_stats())
             else:
@@ -404,6 +455,8 @@ class GibletDataset(Dataset):
         for m in ("video", "text"):
             if m in self.modalities:
                 out[m] = self._scaler(m)
+        if self.features:
+            out["features"] = {spec: self._scaler(spec) for spec in self.features}
         return out
 
     def denormalize(self, z, subject, run=None):
@@ -444,6 +497,11 @@ class GibletDataset(Dataset):
         dtypes = {"video": torch.float32 if self.normalize or self.video_pool else torch.uint8,
                   "audio": torch.int64, "text": torch.float32}
         for m in self.stimulus:
+            if m == "features":
+                width = sum(self._served[self._name(m, 0, f)][0][0] for f in self.features)
+                spec[m] = (ctx + (width,), torch.float32)
+                spec["features_mask"] = (ctx + (len(self.features),), torch.bool)
+                continue
             spec[m] = (ctx + self._served[self._name(m, 0)][0], dtypes[m])
         if "text" in self.modalities:
             spec["has_text"] = (ctx, torch.bool)
@@ -463,6 +521,19 @@ def _kept_spans(censored: np.ndarray, start: int, stop: int) -> list[tuple[int, 
     keep = np.r_[False, ~censored, False].astype(np.int8)
     edges = np.flatnonzero(np.diff(keep))
     return [(start + int(a), start + int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def _mask_name(array: str) -> str:
+    """The ``has_words`` array beside a stored feature layer (text extractors only)."""
+    from giblet.features.pretrained import MASK
+
+    return f"{array.rsplit('/', 1)[0]}/{MASK}"
+
+
+def _feature_arrays(view, spec: str, run: str) -> list[str]:
+    """A layer's array in ``run`` and, for a text extractor, its ``has_words``."""
+    name = f"{STIMULI}/{run}/{spec}"
+    return [name] + ([_mask_name(name)] if view.has(_mask_name(name)) else [])
 
 
 def _stim(view, modality: str, run: str, array: Optional[str] = None) -> str:

@@ -16,6 +16,10 @@ Per TR of each run's grid (``view.n_trs(run)``):
   than by binning neighbouring indices.
 - **text**: the stored embeddings, zeros where no annotation covers the TR (whatever
   ``text.fill`` stored there).
+- **stored pretrained features** (``arrays``: ``features/<extractor>/layer-<k>``, one band
+  each, named by it): the stored layer, zeros where the TR has no input of its own (a text
+  extractor's TRs without words). Given ``arrays`` and no ``modalities``, the design matrix
+  holds those layers only.
 
 A run without a modality that other runs have gets zeros for it. Each column is then
 z-scored with its mean and std over the *training* TRs of every run (a constant column is
@@ -49,6 +53,7 @@ class FeatureParams:
     audio_codebooks: int = 1  # histograms of the first k codebooks
     audio_dim: int = 16  # principal components of the code histograms kept
     block_trs: int = 32  # TRs of video decoded into memory at once
+    arrays: tuple[str, ...] = ()  # stored pretrained-feature layers, each its own band
 
 
 @dataclass
@@ -57,7 +62,8 @@ class StoreFeatures:
 
     Attributes:
         runs: run -> ``(tr, feature) float32`` over the run's whole TR grid, z-scored and delayed.
-        bands: modality -> its columns (a slice), in ``MODALITIES`` order.
+        bands: modality (or feature layer) -> its columns (a slice), in ``MODALITIES`` order, then
+            the layers in the order given.
         delays: the FIR delays in TRs; columns of a band are ordered (delay, base feature).
     """
 
@@ -196,6 +202,8 @@ def _zscore(runs: dict[str, np.ndarray], train: np.ndarray) -> dict[str, np.ndar
 
 
 def _modalities(view, params: FeatureParams) -> list[str]:
+    if params.modalities is None and params.arrays:
+        return []
     want = list(params.modalities or [m for m in MODALITIES if view.has_modality(m)])
     unknown = [m for m in want if m not in MODALITIES]
     if unknown:
@@ -227,8 +235,8 @@ def store_features(view, params: FeatureParams = FeatureParams()) -> StoreFeatur
                          f"hold out fewer runs or a smaller split.val_fraction and rerun `giblet-preprocess run`")
     delays = tuple(params.delays) if params.delays is not None else default_delays(view.tr_s)
     blocks, bands, start = {r: [] for r in view.runs}, {}, 0
-    for m in modalities:
-        raw = _modality(view, m, params)
+    for m in modalities + list(params.arrays):
+        raw = _modality(view, m, params) if m in MODALITIES else _stored_layer(view, m)
         if m == "audio":
             raw = _pca(raw, _train_rows(view, raw), params.audio_dim)
         base = _zscore(raw, _train_rows(view, raw))
@@ -237,6 +245,17 @@ def store_features(view, params: FeatureParams = FeatureParams()) -> StoreFeatur
         width = blocks[view.runs[0]][-1].shape[1]
         bands[m], start = slice(start, start + width), start + width
     return StoreFeatures({r: np.concatenate(b, axis=1) for r, b in blocks.items()}, bands, delays)
+
+
+def _stored_layer(view, spec: str) -> dict[str, np.ndarray]:
+    """One stored pretrained-feature layer in every run (zeros in runs without it and where the
+    TR has no input of its own)."""
+    have = view.feature_runs(spec)
+    if not have:
+        view.feature(spec, view.runs[0])  # the clear "no such layer" error
+    out = {r: view.feature(spec, r) * view.feature_mask(spec, r)[:, None] for r in have}
+    width = next(iter(out.values())).shape[1]
+    return {r: out.get(r, np.zeros((view.n_trs(r), width), np.float32)) for r in view.runs}
 
 
 def _modality(view, modality: str, params: FeatureParams) -> dict[str, np.ndarray]:

@@ -6,6 +6,7 @@ target TR minus ``lag``, oldest first; see ``giblet.data.context``)::
     video (W, F, H, Wd, C) uint8 --pool + z-score--> MLP --+
     audio (W, codebook, code_frame) int64 --embed--> MLP --+--> tokens (W, d_model)
     text  (W, embedding) --z-score--> MLP -----------------+        | + position
+    features (W, embedding) --z-score, mask--> MLP --------+   (stored pretrained-model layers)
                                                    transformer blocks over the W tokens
                                                                     |
                                             bottleneck (W, d_bottleneck)   <- shared
@@ -116,8 +117,11 @@ class ModelSpec:
         video: stored ``(frames_per_tr, height, width, channel)`` or None.
         audio: ``(codebooks, code_frames, vocab)`` or None.
         text: embedding width or None.
-        video_stats, text_stats: the store's ``(mean, std)`` (per channel over [0, 1]
-            pixels; per embedding dim), used to z-score inside the model.
+        features: the width of each served pretrained-feature layer (``GibletDataset(features=...)``,
+            side by side in that order) or None.
+        video_stats, text_stats, features_stats: the store's ``(mean, std)`` (per channel over
+            [0, 1] pixels; per embedding dim; per feature dim, the layers' side by side), used to
+            z-score inside the model.
         audio_loss: ``"ce"`` (logits) or ``"mse"`` (the prototype's float regression).
         subjects: the training subjects' names, in the order of the per-subject readouts
             (a checkpoint's weights fit only the same list).
@@ -132,12 +136,14 @@ class ModelSpec:
     text: Optional[int] = None
     video_stats: Optional[tuple] = None
     text_stats: Optional[tuple] = None
+    features: Optional[tuple[int, ...]] = None
+    features_stats: Optional[tuple] = None
     audio_loss: str = "ce"
     subjects: tuple[str, ...] = ()
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        return tuple(m for m in ("video", "audio", "text") if getattr(self, m) is not None)
+        return tuple(m for m in ("video", "audio", "text", "features") if getattr(self, m) is not None)
 
 
 def select_frames(frames: torch.Tensor, n: int) -> torch.Tensor:
@@ -272,6 +278,14 @@ class GibletAutoencoder(nn.Module):
             self.text_norm = _Standardize(mean, std)
             self.enc_text = _mlp(spec.text, d, d, p)
             self.dec_text = _mlp(db, d, spec.text)
+        if spec.features is not None:
+            width = sum(spec.features)
+            mean, std = spec.features_stats if spec.features_stats is not None else (np.zeros(width), np.ones(width))
+            self.features_norm = _Standardize(mean, std)
+            block = np.repeat(np.arange(len(spec.features)), spec.features)  # the layer each column belongs to
+            self.register_buffer("feature_layer", torch.as_tensor(block), persistent=False)
+            self.enc_features = _mlp(width, d, d, p)
+            self.dec_features = _mlp(db, d, width)
         self.position = nn.Parameter(torch.zeros(n_tok, d))
         self.token_norm = nn.LayerNorm(d)
         layer = nn.TransformerEncoderLayer(d, cfg.n_heads, int(cfg.mlp_ratio * d), p, activation="gelu",
@@ -309,6 +323,10 @@ class GibletAutoencoder(nn.Module):
         if self.spec.text is not None:
             normalized["text"] = t = self.text_norm(batch["text"])
             tokens = tokens + self.enc_text(t) * (valid * batch["has_text"].unsqueeze(-1).float())
+        if self.spec.features is not None:  # a layer's columns are 0 where it has no input (text without words)
+            keep = batch["features_mask"][..., self.feature_layer].float()
+            normalized["features"] = f = self.features_norm(batch["features"]) * keep
+            tokens = tokens + self.enc_features(f) * valid
         h = self.trunk(self.token_norm(tokens) + self.position)
         return self.bottleneck(h), normalized
 
@@ -351,7 +369,7 @@ def finish_batch(batch: dict, denormalize=None) -> dict[str, torch.Tensor]:
     raw ``target_fmri`` only with ``denormalize``. ``GibletLoader(transform=...)`` runs it in
     the workers."""
     if "stim_valid" in batch and batch["stim_valid"].dim() == 1:  # window=0: add the context axis
-        for k in ("video", "audio", "text", "has_text", "stim_valid"):
+        for k in ("video", "audio", "text", "has_text", "stim_valid", "features", "features_mask"):
             if k in batch:
                 batch[k] = batch[k].unsqueeze(1)
     if denormalize is not None and "fmri" in batch:

@@ -51,6 +51,8 @@ class DataConfig:
     #   epoch); None: true with compile=true (one batch shape: no second graph at every epoch's end)
     target: str = "voxels"  # what the fMRI head predicts: voxels, or a target set of the store (fmri.targets),
     #   e.g. parcels/schaefer or surface/fsaverage5; the head is sized from the store
+    features: Optional[list[str]] = None  # stored pretrained-feature layers as model inputs, e.g.
+    #   [features/clip/layer-6] (giblet-preprocess's `features` block; HRF and window as for text)
     pool_video: bool = True  # average-pool frames to model.video_pool in the loader workers, once per
     #   decoded chunk (90x160 -> 18x32: 6x fewer bytes per batch to the device); false: ship uint8 frames
 
@@ -135,6 +137,11 @@ def _check_data(d: DataConfig, problems: list[str]) -> None:
                         f"surface/fsaverage5 (giblet-preprocess builds them from fmri.targets)")
     if d.runs is not None and not d.runs:
         problems.append("data.runs: an empty list selects no run; leave it null for all of the store's")
+    from giblet.features.pretrained import SPEC
+
+    bad = [f for f in d.features or () if not SPEC.fullmatch(str(f))]
+    if bad:
+        problems.append(f"data.features: {bad} are not stored feature layers; write features/<extractor>/layer-<k>")
 
 
 # -- what defines a run ------------------------------------------------------------------------------
@@ -153,7 +160,8 @@ def run_identity(cfg: TrainConfig, world_size: int, store_fp: str) -> dict:
     return _plain({"store": store_fp, "world_size": world_size, "seed": cfg.seed,
                    "data": {"subjects": d.subjects, "runs": d.runs, "window": d.window, "lag": d.lag, "hrf": d.hrf,
                             "batch_size": d.batch_size, "drop_last": cfg.drop_last, "mix_chunks": d.mix_chunks,
-                            "lanes": d.lanes, **({"target": d.target} if d.target != "voxels" else {})},
+                            "lanes": d.lanes, **({"target": d.target} if d.target != "voxels" else {}),
+                            **({"features": d.features} if d.features else {})},
                    "schedule": dataclasses.asdict(cfg.schedule), "optim": optim,
                    "model": dataclasses.asdict(cfg.model)})
 
@@ -163,6 +171,8 @@ def shape_identity(spec: ModelSpec, model: AutoencoderConfig) -> dict:
     sizes = {k: v for k, v in dataclasses.asdict(model).items() if k not in _NOT_SHAPE}
     shape = {"n_voxels": spec.n_voxels, "window": spec.window, "lag": spec.lag, "video": spec.video,
              "audio": spec.audio, "text": spec.text, "audio_loss": spec.audio_loss, "model": sizes}
+    if spec.features is not None:  # absent otherwise: checkpoints from before features still fit
+        shape["features"] = list(spec.features)
     if model.readout == "subject":  # one readout per training subject, in this order
         shape["subjects"] = list(spec.subjects)
     return _plain(shape)

@@ -5,6 +5,8 @@ Each component starts near a known scale, so a weight means what it says:
 - ``fmri``: MSE on z-scored voxels (about 1 for a model predicting 0);
 - ``video``: MSE on the z-scored, pooled frames of the newest TR of the window (about 1);
 - ``text``: MSE on z-scored embeddings, only where an annotation covers the TR (about 1);
+- ``features``: MSE on the z-scored pretrained-feature layers (about 1; a layer without input
+  at the TR is 0 in both the target and, once learnt, the reconstruction);
 - ``audio``: cross-entropy per codebook over the code classes, averaged over codebooks and
   code frames (``ln(vocab)`` = 6.9 nats for 1024 codes at the start; hence its smaller
   default weight).
@@ -25,7 +27,7 @@ from giblet.models.autoencoder import targets
 
 FMRI_TARGETS = ("z", "raw")
 AUDIO_LOSSES = ("ce", "mse")
-COMPONENTS = ("fmri", "video", "audio", "text")
+COMPONENTS = ("fmri", "video", "audio", "text", "features")
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,7 @@ class LossConfig:
     """Per-modality weights (explicit: a modality the store has must have one) and loss kinds."""
 
     weights: dict[str, float] = field(default_factory=lambda: {"fmri": 1.0, "video": 0.1, "audio": 0.02,
-                                                                "text": 0.1})
+                                                                "text": 0.1, "features": 0.1})
     fmri_target: str = "z"  # z (store's z-scores) | raw (de-normalized scanner units: the prototype)
     audio: str = "ce"  # ce (codes are classes) | mse (codes as floats: the prototype)
 
@@ -114,6 +116,8 @@ def compute_losses(outputs: dict, batch: dict, cfg: LossConfig) -> tuple[torch.T
         parts["video"] = masked_mse(outputs["recon_video"], outputs["target_video"], valid)
     if "recon_text" in outputs:
         parts["text"] = masked_mse(outputs["recon_text"], outputs["target_text"], valid & tgt["has_text"])
+    if "recon_features" in outputs:
+        parts["features"] = masked_mse(outputs["recon_features"], outputs["target_features"], valid)
     if "recon_audio" in outputs:
         if cfg.audio == "ce":
             parts["audio"] = audio_ce(outputs["recon_audio"], tgt["audio"], valid)

@@ -1,0 +1,144 @@
+"""Video extractors: image-model features of frames sampled on the TR grid, re-decoded from the movie.
+
+Rules (docs/store.md, "Pretrained features"):
+
+- Grid: the video stage's (``giblet.features.video.make_grid``): TR ``i`` is
+  ``[onset_s + i tr, onset_s + (i + 1) tr)`` of the movie's clock (its first frame is t = 0),
+  only TRs the movie fully covers.
+- Sampling: ``F = frames_per_tr`` slots per TR at ``t_m = onset_s + (m + 1/2) tr / F``
+  (slot ``m`` belongs to TR ``floor(m / F)``; exact rational arithmetic); each slot takes
+  the frame on screen at ``t_m`` (the last frame presented at or before it).
+- Decoding: the movie is decoded again (PyAV), not read from ``video/frames``: the stored
+  frames are small (160x90 by default) and a model sees its own resolution. Each kept
+  frame becomes full-range RGB by its stream's colour flags (as the video stage does) and
+  is scaled (swscale, area) so that its shorter side is the image processor's largest
+  target size (never enlarged); the model's image processor then does its own resize,
+  crop and normalisation.
+- Pooling: each frame's tokens (``mean``, or ``cls``: token 0), then the mean over the
+  TR's slots and the ``C = round(context_s F / tr)`` slots before them (slots before the
+  movie's first frame are left out).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from giblet.features.colour import colour_of
+from giblet.features.media import resolve_device
+from giblet.features.pretrained import model as M
+from giblet.features.pretrained.parts import save_part
+from giblet.features.video import INTERPOLATIONS, _exact, _frames_from, make_grid, probe_movie
+
+RULE = ("slot m at t = onset_s + (m + 1/2) * tr_s / frames_per_tr on the movie's clock (first frame t = 0) "
+        "belongs to TR floor(m / frames_per_tr) and shows the frame on screen at t; a TR's feature is the mean over "
+        "its slots and the round(context_s * frames_per_tr / tr_s) slots before them (none before t = 0) of each "
+        "frame's pooled tokens")
+
+
+def n_trs(path: str | Path, tr_s: float, onset_s: float) -> int:
+    """The run's TR count by the video stage's rule (header only)."""
+    return make_grid(probe_movie(path), tr_s, onset_s, 1, None).n_trs
+
+
+def context_slots(context_s: float, tr_s: float, frames_per_tr: int) -> int:
+    return int(round(context_s * frames_per_tr / tr_s))
+
+
+def slot_times(tr0: int, tr1: int, tr_s: float, onset_s: float, frames_per_tr: int,
+               context: int) -> tuple[np.ndarray, list[Fraction]]:
+    """Slots ``m`` feeding TRs ``[tr0, tr1)`` (context included, none before t = 0) and their times."""
+    tr, onset, f = _exact(tr_s), _exact(onset_s), frames_per_tr
+    ms = [m for m in range(tr0 * f - context, tr1 * f) if onset + (m + Fraction(1, 2)) * tr / f >= 0]
+    return np.array(ms, dtype=np.int64), [onset + (m + Fraction(1, 2)) * tr / f for m in ms]
+
+
+def decode_edge(processor) -> int | None:
+    """The largest target size the image processor names (``size``, ``crop_size``), or None."""
+    values = []
+    for attr in ("size", "crop_size"):
+        v = getattr(processor, attr, None)
+        if isinstance(v, int):
+            values.append(v)
+        elif dataclasses.is_dataclass(v) or isinstance(v, dict):
+            d = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+            values += [int(d[k]) for k in ("height", "width", "shortest_edge") if isinstance(d.get(k), int)]
+    return max(values) if values else None
+
+
+def _rgb(path: str, times: list[Fraction], edge: int | None):
+    """Yield the RGB frame ``(h, w, 3) uint8`` on screen at each time (times ascending)."""
+    from av.video.reformatter import Interpolation, VideoReformatter
+
+    reformatter, colours = VideoReformatter(), {}
+    algo = Interpolation[INTERPOLATIONS["area"]] | Interpolation.FULL_CHR_H_INT
+    frames = _frames_from(Path(path), times[0])
+    t, frame = next(frames)
+    upcoming = next(frames, None)
+    cached = None  # (frame, rgb): a frame shown at several slots is converted once
+    for when in times:
+        while upcoming is not None and upcoming[0] <= when:
+            t, frame = upcoming
+            upcoming = next(frames, None)
+        if cached is None or cached[0] is not frame:
+            key = (frame.colorspace, frame.color_range, frame.format.name)
+            if key not in colours:
+                colours[key] = colour_of(key[0], key[1], frame.format, path).reformat_args()
+            w, h = frame.width, frame.height
+            scale = min(1.0, edge / min(w, h)) if edge else 1.0
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            rgb = reformatter.reformat(frame, size[0], size[1], "rgb24", interpolation=algo, threads=1,
+                                       **colours[key]).to_ndarray()
+            cached = (frame, rgb)
+        yield cached[1]
+    frames.close()
+
+
+def _batches(path: str, times: list[Fraction], processor, batch_size: int, device: str = "cpu"):
+    """Processor inputs for consecutive slots, ``batch_size`` frames at a time (preprocessed on
+    the model's GPU where the processor can: ``model.processor_kwargs``)."""
+    edge, kw = decode_edge(processor), M.processor_kwargs(processor, device)
+    batch = []
+    for rgb in _rgb(path, times, edge):
+        batch.append(rgb)
+        if len(batch) == batch_size:
+            yield processor(images=batch, return_tensors="pt", **kw)
+            batch = []
+    if batch:
+        yield processor(images=batch, return_tensors="pt", **kw)
+
+
+def tr_means(per_slot: np.ndarray, slots: np.ndarray, tr0: int, tr1: int, frames_per_tr: int,
+             context: int) -> np.ndarray:
+    """``(tr1 - tr0, dim)``: each TR's mean over its slots and its ``context`` slots before them."""
+    out = np.zeros((tr1 - tr0, per_slot.shape[1]), np.float32)
+    for i in range(tr0, tr1):
+        pick = (slots >= i * frames_per_tr - context) & (slots < (i + 1) * frames_per_tr)
+        out[i - tr0] = per_slot[pick].mean(0)
+    return out
+
+
+def extract_video(staging: str, where: str, path: str, model: str, model_fp: str, device: str, dtype: str,
+                  layers: list[int], pooling: str, frames_per_tr: int, context_s: float, tr_s: float, onset_s: float,
+                  tr0: int, tr1: int, batch_size: int, out_dtype: str) -> dict:
+    """Task: features of TRs ``[tr0, tr1)`` of one movie, saved as parts for the unit's finalize.
+
+    Returns the task's record: frames embedded, device, timings.
+    """
+    t0 = time.perf_counter()
+    dev = resolve_device(device, where)
+    m = M.load(model, model_fp, "video", dev, dtype, where)
+    context = context_slots(context_s, tr_s, frames_per_tr)
+    slots, times = slot_times(tr0, tr1, tr_s, onset_s, frames_per_tr, context)
+    t1 = time.perf_counter()
+    run = M.pooled_layers(m, layers, pooling, where)
+    per_slot = [run(inputs) for inputs in M.prefetch(_batches(path, times, m.processor, batch_size, dev))]
+    per_layer = {f"layer-{k}": tr_means(np.concatenate([b[j] for b in per_slot]), slots, tr0, tr1, frames_per_tr,
+                                        context) for j, k in enumerate(layers)}
+    save_part(staging, tr0, per_layer, out_dtype)
+    return {"tr0": tr0, "tr1": tr1, "n_inputs": len(slots), "device": dev,
+            "load_s": round(t1 - t0, 3), "extract_s": round(time.perf_counter() - t1, 3),
+            "stimulus_s": round((tr1 - tr0) * tr_s, 3)}
