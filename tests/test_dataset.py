@@ -192,7 +192,7 @@ def test_bad_requests_name_the_value_and_the_fix(fmri_store):
         GibletDataset(fmri_store, split="test")  # a split the store has no TR of
     with pytest.raises(ConfigError, match="window=-1"):
         GibletDataset(fmri_store, window=-1)
-    with pytest.raises(ConfigError, match="hrf=True convolves text embeddings only"):
+    with pytest.raises(ConfigError, match="hrf=True convolves text embeddings and pretrained features only"):
         GibletDataset(fmri_store, hrf=True)
 
 
