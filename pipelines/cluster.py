@@ -5,6 +5,10 @@ seconds to start a worker process), the LocalCluster start is retried once (noth
 been submitted yet, so a retry is safe), and ``close()`` never raises: the engine decides
 whether a failed close matters (it does not once every unit is committed).
 
+GPUs: a LocalCluster for a build with a model stage advertises this machine's CUDA devices
+as the Dask resource ``GPU`` on each worker; an existing cluster's GPU workers advertise it
+themselves (``dask worker ... --resources GPU=1``). ``pipelines.placement`` uses it.
+
 Security: a LocalCluster listens on 127.0.0.1 without authentication (see docs/cli.md,
 *Dask security*). An existing scheduler can be ``tls://``: its credentials come from the
 ``--tls-*`` options or from Dask's own configuration (``distributed.comm.tls.*``).

@@ -156,7 +156,7 @@ def _execute(todo: list[Unit], writer: StoreWriter, cluster: Cluster, log, progr
     return stages, current
 
 
-POOL_CHECK_S = 20.0  # how often a size-limited stage (audio.workers) checks that its workers are still there
+POOL_CHECK_S = 20.0  # how often a pinned stage (audio.workers; CPU work on a mixed cluster) checks its workers
 
 
 def _run_units(todo: list[Unit], writer: StoreWriter, client, bar: Progress, log,
@@ -241,7 +241,7 @@ def _run_units(todo: list[Unit], writer: StoreWriter, client, bar: Progress, log
 
         def next_done() -> list:
             """The next finished futures; while none finish, check every POOL_CHECK_S that
-            size-limited stages still have their workers."""
+            pinned stages still have their workers."""
             import distributed
 
             while pools and (live := [f for f in futures.futures if f.key not in superseded]):

@@ -227,7 +227,6 @@ class GibletLoader:
     def __iter__(self) -> Iterator:
         total = self._epoch_samples()
         if self.position >= total:  # nothing left of this epoch (e.g. a state saved at its very end)
-            self.close()  # a live stream would serve this (empty) remainder first
             self.epoch, self.position, self.legs = self.epoch + 1, 0, ()
             return
         if self._it is None:
