@@ -59,6 +59,7 @@ def test_cuda_without_gpu_workers_fails_up_front_in_one_line_naming_the_fix():
     Placement(MIXED).check(units, MIXED, "the cluster")  # GPU workers: fine
 
 
+@pytest.mark.timeout(300)  # without the up-front check its tasks would wait for a GPU worker forever
 def test_a_cuda_stage_on_a_localcluster_without_gpus_fails_before_any_task(tmp_path):
     """This machine has no CUDA device, so its LocalCluster advertises no GPU: audio.device=cuda
     is refused once the cluster is up, in one line, and no unit is committed."""
