@@ -86,4 +86,4 @@ class AudioStage(Stage):
         return Unit(f"audio/{run.name}", self.name, self.version, params,
                     {key: source_fp, "model": model.fingerprint}, tasks, [name], prepare=prepare,
                     finalize=finalize, label=f"audio {run.name} ({n_codebooks} codebooks, {len(spans)} task(s))",
-                    run=run.name, max_workers=p.workers, cleanup=audio.release_caches)
+                    run=run.name, max_workers=p.workers, cleanup=audio.release_caches, device=p.device)

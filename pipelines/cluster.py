@@ -5,6 +5,10 @@ seconds to start a worker process), the LocalCluster start is retried once (noth
 been submitted yet, so a retry is safe), and ``close()`` never raises: the engine decides
 whether a failed close matters (it does not once every unit is committed).
 
+GPUs: a LocalCluster for a build with a model stage advertises this machine's CUDA devices
+as the Dask resource ``GPU`` on each worker; an existing cluster's GPU workers advertise it
+themselves (``dask worker ... --resources GPU=1``). ``pipelines.placement`` uses it.
+
 Security: a LocalCluster listens on 127.0.0.1 without authentication (see docs/cli.md,
 *Dask security*). An existing scheduler can be ``tls://``: its credentials come from the
 ``--tls-*`` options or from Dask's own configuration (``distributed.comm.tls.*``).
@@ -19,6 +23,7 @@ from typing import Callable, Optional
 
 from giblet.errors import ConfigError
 from pipelines.failures import BuildError, describe, failure
+from pipelines.placement import GPU, local_gpu_count
 
 # Floors, in seconds, for Dask's own timeouts while giblet's cluster lives; a larger value
 # set by the user (dask config or DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT) is kept.
@@ -74,14 +79,17 @@ class Cluster:
         workers: LocalCluster worker processes (default ``min(4, cores)``).
         security: a ``distributed.Security`` for a ``tls://`` scheduler (``tls_security``).
         log: where retry notes go (stderr lines).
+        gpus: whether the build has model units; a LocalCluster then counts this machine's CUDA
+            devices and each worker advertises them as the Dask resource ``GPU`` (pipelines.placement).
     """
 
     def __init__(self, scheduler: Optional[str] = None, workers: Optional[int] = None, security=None,
-                 log: Callable[[str], None] = lambda m: None):
-        self.scheduler, self.security, self.log = scheduler, security, log
+                 log: Callable[[str], None] = lambda m: None, gpus: bool = False):
+        self.scheduler, self.security, self.log, self.gpus = scheduler, security, log, gpus
         self.workers = workers or max(1, min(4, os.cpu_count() or 1))
         self.client = self.local = None
         self._config = None
+        self.n_gpus = 0  # CUDA devices a LocalCluster's workers advertise
 
     def start(self):
         """Connect (or start a LocalCluster and connect); returns the ``distributed.Client``."""
@@ -118,10 +126,19 @@ class Cluster:
                              f"scheduler` and `dask worker {self.scheduler}`, or drop --scheduler to use a "
                              f"LocalCluster{tls}") from exc
 
+    def describe(self) -> str:
+        """The cluster in words, for messages."""
+        if self.scheduler:
+            return f"the cluster at {self.scheduler}"
+        return f"the LocalCluster ({self.n_gpus or 'no'} CUDA device(s) on this machine)"
+
     def _start_local(self):
         import dask
         from distributed import Client, LocalCluster
 
+        # Counted only for builds with a model stage: importing torch costs a second or two.
+        self.n_gpus = local_gpu_count() if self.gpus else 0
+        resources = {GPU: self.n_gpus} if self.n_gpus else None
         what = f"starting a LocalCluster of {self.workers} worker(s)"
         for attempt in (1, 2):
             try:
@@ -131,7 +148,7 @@ class Cluster:
                 # collide on 8787.
                 self.local = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
                                           host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                                          silence_logs=logging.CRITICAL)
+                                          silence_logs=logging.CRITICAL, resources=resources)
                 return Client(self.local, timeout=dask.config.get("distributed.comm.timeouts.connect"))
             except Exception as exc:
                 self._close_parts()

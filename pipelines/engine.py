@@ -29,6 +29,7 @@ from giblet.store import ALIGN_KEY
 from pipelines.align import align_record
 from pipelines.cluster import Cluster
 from pipelines.failures import describe, phase, task_failure
+from pipelines.placement import Placement
 from pipelines.progress import Progress
 from pipelines.stages import STAGE_NAMES, build_plan, is_current
 from pipelines.units import PlanContext, Unit
@@ -81,8 +82,9 @@ def run(cfg: StudyConfig, *, only: Optional[list[str]] = None, force: bool = Fal
         # Driver-side writes outside a unit (store creation, lock, manifest, align): a disk
         # error names the store; a timeout is never blamed on the disk (pipelines.failures).
         with phase(f"{ctx.store}: writing the store", ctx.store, catch=(OSError,)):
-            _run_locked(cfg, ctx, units, report, only, force, Cluster(scheduler, workers, security, log), log,
-                        progress)
+            cluster = Cluster(scheduler, workers, security, log,
+                              gpus=any(u.device not in (None, "cpu") for u in units))
+            _run_locked(cfg, ctx, units, report, only, force, cluster, log, progress)
     finally:
         inputs.cleanup()  # local copies of inputs given by URL
     report.seconds = time.perf_counter() - t_start
@@ -146,7 +148,7 @@ def _execute(todo: list[Unit], writer, cluster: Cluster, log, progress,
     try:
         client = cluster.start()
         try:
-            stages, current = _run_units(todo, writer, client, bar, log, force)
+            stages, current = _run_units(todo, writer, client, bar, log, force, cluster.describe())
         finally:
             bar.close()
     except BaseException:
@@ -164,12 +166,18 @@ def _execute(todo: list[Unit], writer, cluster: Cluster, log, progress,
     return stages, current
 
 
-POOL_CHECK_S = 20.0  # how often a size-limited stage (audio.workers) checks that its workers are still there
+POOL_CHECK_S = 20.0  # how often a pinned stage (audio.workers; CPU work on a mixed cluster) checks its workers
 
 
 def _run_units(todo: list[Unit], writer, client, bar: Progress, log,
-               force: bool) -> tuple[dict[str, dict], list[str]]:
+               force: bool, where: str = "the Dask cluster") -> tuple[dict[str, dict], list[str]]:
     from distributed import as_completed, get_task_stream
+
+    # GPU units request the GPU resource, CPU units stay off GPU workers (pipelines.placement);
+    # a unit that needs a GPU worker on a cluster without one fails here, before any submission.
+    workers = client.scheduler_info()["workers"]
+    placement = Placement(workers)
+    placement.check(todo, workers, where)
 
     pending = {u.key: u for u in todo}
     current: list[str] = []  # found up to date once bound
@@ -177,7 +185,8 @@ def _run_units(todo: list[Unit], writer, client, bar: Progress, log,
     started: dict[str, dict] = {}  # unit key -> {"staging", "left": set(task ids), "results", "t0", "t1"}
     futures = as_completed()
     owner = {}  # dask key -> (unit key, task id)
-    pools: dict[str, list[str]] = {}  # stage -> the workers its size-limited units run on
+    pools: dict[str, list[str]] = {}  # stage -> the workers its pinned units run on (pipelines.placement)
+    pool_unit: dict[str, Unit] = {}  # stage -> a unit of it (what its pool is chosen for)
     submitted, superseded = {}, set()  # future -> its task; keys of futures cancelled by repool()
     try:
         def start_ready() -> None:
@@ -210,28 +219,32 @@ def _run_units(todo: list[Unit], writer, client, bar: Progress, log,
 
         def submit(key: str, task) -> None:
             unit = pending[key]
-            where = {}
-            if unit.max_workers:  # strict (Dask steals loosely restricted tasks); repool() if they leave
+            opts = placement.resources(unit)
+            if placement.restricted(unit):
+                # strict pin (Dask steals loosely restricted tasks); repool() if the workers leave
                 if unit.stage not in pools:
-                    pools[unit.stage] = sorted(client.scheduler_info()["workers"])[:unit.max_workers]
-                where = {"workers": pools[unit.stage]} if pools[unit.stage] else {}
+                    pools[unit.stage] = placement.pool(unit, client.scheduler_info()["workers"])
+                    pool_unit[unit.stage] = unit
+                if pools[unit.stage]:
+                    opts["workers"] = pools[unit.stage]
             fetched = {p: url for p, url in inputs.FETCHED.items() if p in repr(task.kwargs)}  # inputs given by URL
             fn = partial(inputs.call_with_inputs, task.fn, fetched) if fetched else task.fn
-            fut = client.submit(fn, **task.kwargs, pure=False, key=f"{key}:{task.id}-{os.urandom(4).hex()}", **where)
+            fut = client.submit(fn, **task.kwargs, pure=False, key=f"{key}:{task.id}-{os.urandom(4).hex()}", **opts)
             owner[fut.key] = (key, task.id)
             submitted[fut] = task
             futures.add(fut)
 
         def repool() -> None:
             """A stage whose workers all left (a restarted worker has a new address): its
-            waiting tasks go to workers still here."""
-            alive = sorted(client.scheduler_info()["workers"])
+            waiting tasks go to workers still here (of the kind it may run on)."""
+            alive = client.scheduler_info()["workers"]
             for stage, pool in list(pools.items()):
-                if set(pool) & set(alive) or not alive:
+                new = placement.pool(pool_unit[stage], alive)
+                if set(pool) & set(alive) or not new:
                     continue
                 stuck = [f for f in submitted if not f.done() and pending[owner[f.key][0]].stage == stage]
-                pools[stage] = alive[:pending[owner[stuck[0].key][0]].max_workers] if stuck else alive[:1]
-                bar.log(log, f"{stage}: its workers left; {len(stuck)} task(s) move to {', '.join(pools[stage])}")
+                pools[stage] = new
+                bar.log(log, f"{stage}: its workers left; {len(stuck)} task(s) move to {', '.join(new)}")
                 for f in stuck:
                     superseded.add(f.key)
                     f.cancel()
@@ -239,7 +252,7 @@ def _run_units(todo: list[Unit], writer, client, bar: Progress, log,
 
         def next_done() -> list:
             """The next finished futures; while none finish, check every POOL_CHECK_S that
-            size-limited stages still have their workers."""
+            pinned stages still have their workers."""
             import distributed
 
             while pools and (live := [f for f in futures.futures if f.key not in superseded]):

@@ -100,12 +100,9 @@ class FeaturesStage(Stage):
 
         unit = Unit(f"features/{name}/{run.name}", self.name, self.version, params, inputs, tasks,
                     list(names.values()), prepare=plan.prepare, finalize=finalize, run=run.name,
-                    max_workers=p.workers, cleanup=_release,
+                    max_workers=p.workers, cleanup=_release, device=p.device,
                     label=f"features {name} {run.name} ({p.modality}, {len(plan.spans)} task(s))")
-        # Hook for the engine's Dask resource restrictions (the elastic branch): a CUDA extractor's
-        # tasks go to workers started with `--resources GPU=1`.
-        unit.resources = P.gpu_resources(p.device)
-        return unit
+        return unit  # device: cuda/auto ask the engine for a GPU worker (pipelines.placement)
 
 
 @dataclass

@@ -73,4 +73,4 @@ class TextStage(Stage):
                     "annotations": str(path), "shared_sheet_rows": list(row_range) if row_range else None}
 
         return Unit(f"text/{run.name}", self.name, self.version, params, inputs, tasks, list(names.values()),
-                    prepare=prepare, finalize=finalize, label=f"text {run.name}", run=run.name)
+                    prepare=prepare, finalize=finalize, label=f"text {run.name}", run=run.name, device=p.device)

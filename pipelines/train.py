@@ -10,9 +10,12 @@ or several (NCCL on GPU, gloo on CPU; ranks come from torchrun's RANK/WORLD_SIZE
     torchrun --nproc_per_node 2 -m pipelines.train configs/train/gpu.yaml store=/data/sherlock.zarr
 
 A run folder (``out``) holds ``log.jsonl`` and ``checkpoint.pt``; rerunning the same
-command resumes from the checkpoint, or says the run is finished. A rerun with settings
-that change the sample order or schedule is refused (``resume=weights_only`` starts a new
-schedule from the checkpoint's weights; ``resume=false`` refuses to overwrite any checkpoint).
+command resumes from the checkpoint, or says the run is finished -- with the same number
+of ranks or another (elastic: the samples of the epoch left by the saved ranks are split
+exactly over the new ones, ``giblet.data.partition`` step 5; the LR schedule, its step
+count and the per-rank batch size stay). A rerun with settings that change the sample order
+or schedule is refused (``resume=weights_only`` starts a new schedule from the checkpoint's
+weights; ``resume=false`` refuses to overwrite any checkpoint).
 The config's schema and checks are ``giblet.training.config``.
 ``python -m stats.diagnose RUN/log.jsonl`` turns the log into a verdict and plots.
 """
@@ -159,6 +162,8 @@ def train(cfg: TrainConfig) -> dict:
     run = run_identity(cfg, rt.world.world_size, store_fingerprint(view))
     ckpt_path = ckpt.checkpoint_path(run_dir)
     state = ckpt.resume_state(run_dir, cfg.resume, run)  # changed settings are refused before any dataset is built
+    if state is not None and cfg.resume is True:  # elastic: the schedule stays the one the first world size resolved
+        run["world_size"] = state["run"]["world_size"]
     if state is not None and cfg.resume is True and state["step"] >= state["total_steps"]:
         say(f"giblet-train: the run in {run_dir} is finished (step {state['step']} of {state['total_steps']}); "
             f"nothing to do (checkpoint {ckpt_path}, log {log_path}). To train further, choose another out= or set "
@@ -183,7 +188,7 @@ def train(cfg: TrainConfig) -> dict:
     # ^ its own generator: a DataLoader draws a worker seed when iterated, and drawing it from the
     #   global RNG would shift dropout after a resume (which starts one more iterator than a plain run)
     accum = cfg.optim.accum_steps
-    sched = resolve_schedule(cfg.schedule, loader.batches_per_epoch, accum)
+    sched = resolve_schedule(cfg.schedule, loader.batches_per_epoch_at(run["world_size"]), accum)
     model = GibletAutoencoder(cfg.model, spec).to(rt.device)
     train_subjects = model.subject_table(train_ds.subjects, rt.device)  # the identity: the spec is the train set's
     par = D.data_parallel(model, param_groups(model, cfg.optim.weight_decay), rt, cfg.ddp, zero=cfg.optim.zero)
@@ -192,16 +197,17 @@ def train(cfg: TrainConfig) -> dict:
         optim_name = f"ZeRO-1 over {rt.world.world_size} rank(s), flat buffers: {optim_name}"
     scheduler = build_scheduler(optimizer, sched)
     shape = shape_identity(spec, cfg.model)
-    step, weights_from = 0, None
+    step, weights_from, saved_world = 0, None, rt.world.world_size
     if state is not None:
         ckpt.check_shape(state, shape, ckpt_path)
         model.load_state_dict(state["model"])
         if cfg.resume is True:
             par.load_optimizer_state(optimizer, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            loader.load_state_dict(state["loader"])
-            step = int(state["step"])
-            D.set_rng_state(state["rng"][rt.world.rank])
+            loader.load_state_dict(state["loader"])  # another world size: the epoch's rest is split over this one
+            step, saved_world = int(state["step"]), len(state["rng"])
+            if rt.world.rank < saved_world:  # a rank the checkpoint did not have keeps its seed_everything stream
+                D.set_rng_state(state["rng"][rt.world.rank])
         else:  # weights_only: fresh optimizer, schedule, loader and RNG streams
             previous = _set_aside(log_path) if main else None
             weights_from = {"checkpoint": str(ckpt_path), "step": int(state["step"]),
@@ -225,7 +231,13 @@ def train(cfg: TrainConfig) -> dict:
         say(f"WARNING: {warn}")
     if step:
         say(f"resumed at step {step} (epoch {loader.epoch}, {loader.position} samples in)")
-        log.write("resume", step=step, epoch=loader.epoch, position=loader.position)
+        if saved_world != rt.world.world_size:
+            say(f"elastic resume: the checkpoint was written by {saved_world} rank(s), this run has "
+                f"{rt.world.world_size}; the rest of epoch {loader.epoch} is split over them ({len(loader)} batch(es) "
+                f"a rank), and the LR schedule keeps its {sched.total_steps} steps (now of "
+                f"{rt.world.world_size} x {dcfg.batch_size} samples)")
+        log.write("resume", step=step, epoch=loader.epoch, position=loader.position, world_size=rt.world.world_size,
+                  saved_world_size=saved_world, legs=[list(leg) for leg in loader.legs])
     else:
         if weights_from:
             say(f"resume=weights_only: model weights from step {weights_from['step']} of {ckpt_path}, a new schedule "
@@ -345,7 +357,14 @@ def _set_aside(log_path: Path) -> Optional[Path]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="giblet-train", description="Train the giblet autoencoder on a store.")
+    p = argparse.ArgumentParser(
+        prog="giblet-train", description="Train the giblet autoencoder on a store.",
+        epilog="Rerunning the same command resumes from OUT/checkpoint.pt, also with another number of ranks "
+               "(e.g. written by `torchrun --nproc_per_node 2`, resumed by 1 process or by 3): the samples the "
+               "saved ranks left of the current epoch are split exactly over the new ones (none lost or repeated "
+               "beyond the usual padding / drop_last rule); the LR schedule, its steps and data.batch_size per "
+               "rank stay, so a step then draws ranks x batch_size samples. Not with optim.zero=true (its "
+               "optimizer shards are per rank). See docs/scaling.md.")
     p.add_argument("config", help="train YAML, e.g. configs/train/demo.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. store=demo.zarr optim.lr=3e-4")
     p.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -54,6 +54,8 @@ class Unit:
     bound: Optional[dict] = None  # what bind returned
     max_workers: Optional[int] = None  # its tasks run on at most this many workers (each loads a big model)
     cleanup: Optional[Callable[[], None]] = None  # run on every worker once no unit of its stage is left
+    device: Optional[str] = None  # a model stage's configured device (auto | cpu | cuda[:N]): cuda asks its
+    #   tasks onto GPU workers (the Dask resource GPU, pipelines.placement); None: CPU work (fMRI, video)
 
     @property
     def ready(self) -> bool:

@@ -437,6 +437,48 @@ def test_torchrun_two_ranks_cover_the_epoch_exactly(stim_store, tmp_path):
     assert len(set(per_rank[0]) & set(per_rank[1])) == (-n) % 2  # the ranks split the epoch
 
 
+def _torchrun(n_proc: int, *args) -> dict:
+    """tests/_torchrun_partition.py under torchrun with ``n_proc`` gloo ranks; what rank 0 wrote."""
+    out = Path(args[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n_proc}", f"--master_port={_free_port()}",
+           str(REPO / "tests" / "_torchrun_partition.py"), *map(str, args)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow  # two torchrun launches (5 processes); tests/test_partition.py checks the same split in-process
+def test_torchrun_elastic_resume_two_ranks_on_one_and_one_on_three(stim_store, tmp_path):
+    """A loader state saved 2 batches into an epoch by 2 gloo ranks is resumed by 1 process, and
+    one saved by 1 process by 3 gloo ranks: the new ranks serve exactly what was left (no sample
+    consumed before, none skipped; 3 ranks pad their equal shares by wrap as any epoch)."""
+    path, _ = stim_store
+    ds = GibletDataset(path, split="train")
+    n = len(ds)
+
+    def ids(batches) -> list[int]:
+        return [i for b in batches for i in b["index"].tolist()]
+
+    got = _torchrun(2, path, tmp_path / "two.json", 2)  # 2 ranks x 2 batches of 5
+    head = sum(got["ids"], [])
+    assert got["world_size"] == 2 and got["state"]["position"] == 10 and len(head) == 20
+    one = GibletLoader(ds, batch_size=5, seed=11, world=World(0, 1))
+    one.load_state_dict(got["state"])
+    rest = ids(one)
+    assert sorted(rest) == sorted(set(range(n)) - set(head))  # none lost, none repeated (one rank: no padding)
+
+    single = GibletLoader(ds, batch_size=5, seed=11, world=World(0, 1))
+    it = iter(single)
+    head = ids(next(it) for _ in range(3))
+    (tmp_path / "one.json").write_text(json.dumps(single.state_dict()))
+    got = _torchrun(3, path, tmp_path / "three.json", "all", tmp_path / "one.json")
+    per_rank, left = got["ids"], n - 15
+    assert got["world_size"] == 3 and len({len(r) for r in per_rank}) == 1 and got["state"]["epoch"] == 1
+    rest = sum(per_rank, [])
+    assert set(rest) == set(range(n)) - set(head) and len(rest) - left == (-left) % 3  # padding only
+
+
 def test_store_from_every_registered_stage(built_store):
     s = giblet.open_store(built_store)
     ds = GibletDataset(built_store, split="all", window=1)

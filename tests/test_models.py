@@ -277,6 +277,14 @@ def test_checkpoint_round_trip_is_atomic_and_weights_only(tmp_path):
         ckpt.check_run(back, {"data": {"batch_size": 8}})
 
 
+def test_check_run_lets_the_world_size_change_and_nothing_else():
+    saved = {"run": {"world_size": 2, "seed": 0, "data": {"batch_size": 16}}}
+    ckpt.check_run(saved, {"world_size": 3, "seed": 0, "data": {"batch_size": 16}})  # elastic resume
+    with pytest.raises(ConfigError, match="seed: checkpoint 0, now 1") as err:
+        ckpt.check_run(saved, {"world_size": 3, "seed": 1, "data": {"batch_size": 16}})
+    assert "world_size" not in str(err.value)
+
+
 class _Payload:
     """Pickles as a call that creates a file: loading it must never run that call."""
 

@@ -227,6 +227,31 @@ def test_zero_sharded_optimizer_gives_the_same_losses_and_resumes(study, tmp_pat
             assert la[step][key] == pytest.approx(lb[step][key], rel=1e-6, abs=1e-9), (step, key)
 
 
+@pytest.mark.slow  # a 2-rank torchrun job, then a resume; tests/test_partition.py checks the split in every run
+def test_two_rank_run_killed_mid_epoch_resumes_on_one_process(study, tmp_path):
+    """Elastic resume: a checkpoint written mid-epoch by 2 gloo ranks is resumed by 1 process,
+    which serves the rest of that epoch (split over 1 rank) and finishes the same schedule."""
+    store, _ = study
+    common = ("schedule.max_steps=10", "log.every=1", "log.val_every=100", "log.ckpt_every=4", "data.num_workers=0")
+    launcher = ("-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}")
+    killed = run_train(TINY, store, tmp_path / "run", *common, launcher=launcher,
+                       env={"GIBLET_TRAIN_KILL_AT_STEP": "6"})
+    assert killed.returncode != 0
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True, mmap=True)
+    assert saved["step"] == 4 and saved["loader"]["position"] > 0 and saved["run"]["world_size"] == 2
+    resumed = run_train(TINY, store, tmp_path / "run", *common)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed at step 4" in resumed.stdout and "1 process(es) on cpu" in resumed.stdout
+    assert "elastic resume: the checkpoint was written by 2 rank(s), this run has 1" in resumed.stdout
+    resume = [json.loads(ln) for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+              if json.loads(ln)["kind"] == "resume"][-1]
+    assert resume["legs"] == [[2, saved["loader"]["position"]]] and resume["saved_world_size"] == 2
+    assert sorted(records(tmp_path / "run" / "log.jsonl", "train")) == list(range(1, 11))
+    final = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True, mmap=True)
+    assert final["step"] == final["total_steps"] == 10 and final["run"]["world_size"] == 2  # the schedule's
+
+
 @pytest.mark.slow  # torch.compile under 2 ranks: minutes of compiling on a loaded CPU
 def test_compile_under_two_ranks_trains_the_same_function(study, tmp_path):
     """compile=true (torch.compile of the DDP-wrapped model, gloo): without dropout (whose

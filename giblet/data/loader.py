@@ -9,7 +9,10 @@ consumed ones are the first ``k`` of the sequence, and ``{"epoch", "position", "
 is all it takes to resume -- with any number of workers.
 
 All ranks deliver the same number of batches per epoch and so share one ``position``:
-rank 0's ``state_dict()`` resumes every rank.
+rank 0's ``state_dict()`` resumes every rank -- under the same world size, or another one
+(elastic: the epoch's remaining samples are split over the new ranks exactly,
+``giblet.data.partition`` step 5; the state's ``legs`` record the stretches of the epoch
+served under earlier world sizes).
 """
 from __future__ import annotations
 
@@ -20,13 +23,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from giblet.data.chunks import WIRE_BYTES
-from giblet.data.partition import ChunkLayout, partition, rank_sequence, rank_share, unit_bounds
+from giblet.data.partition import ChunkLayout, Leg, partition, rank_sequence, rank_share, unit_bounds
 from giblet.data.world import World, get_world, get_worker
 from giblet.errors import ConfigError
 
 # Keys of the state that fix the order of an epoch's samples (besides seed and epoch).
-# ("group" also shapes the order, but a resumed loader adopts the saved one: see load_state_dict.)
-ORDER_KEYS = ("n_samples", "world_size", "batch_size", "shuffle", "drop_last", "mix_chunks", "lanes", "chunks")
+# ("group" also shapes the order, but a resumed loader adopts the saved one; a saved world_size
+# that differs becomes a leg of the epoch: see load_state_dict.)
+ORDER_KEYS = ("n_samples", "batch_size", "shuffle", "drop_last", "mix_chunks", "lanes", "chunks")
 # A worker hands over up to this many bytes (and at most MAX_GROUP batches) at once: each hand-over
 # is a shared-memory segment plus a file-descriptor exchange, a fixed cost that small batches feel.
 TRANSFER_BYTES, MAX_GROUP = 32 * 2**20, 8
@@ -43,27 +47,27 @@ class _Stream(IterableDataset):
     """
 
     def __init__(self, dataset, order: dict, epoch: int, position: int, collate_fn: Optional[Callable],
-                 transform: Optional[Callable]):
+                 transform: Optional[Callable], legs: tuple = ()):
         self.dataset, self.order, self.epoch, self.position = dataset, order, epoch, position
-        self.collate_fn, self.transform = collate_fn, transform
+        self.collate_fn, self.transform, self.legs = collate_fn, transform, legs  # legs: of the first epoch only
 
     def __iter__(self) -> Iterator:
         worker, num_workers = get_worker()
         in_worker = get_worker_info() is not None
         unit = self.order["batch_size"] * self.order["group"]
         step = unit if in_worker else self.order["batch_size"]
-        epoch, position, done = self.epoch, self.position, 0
+        epoch, position, done, legs = self.epoch, self.position, 0, self.legs
         while True:
-            seq = rank_sequence(**self.order, epoch=epoch)  # what partition() splits, kept in units here
+            seq = rank_sequence(**self.order, epoch=epoch, legs=legs)  # what partition() splits, kept in units here
             bounds = unit_bounds(len(seq), position, unit)
             for u in range((worker - done) % num_workers, len(bounds) - 1, num_workers):
                 a, b = bounds[u], bounds[u + 1]
                 for start in range(a, b, step):  # a whole unit per hand-over; in-process, a batch at a time
                     yield self._batch(seq[start:min(start + step, b)], in_worker)
             done += len(bounds) - 1
-            epoch, position = epoch + 1, 0
-            if len(seq) == 0:  # nothing to serve, ever: end rather than spin
+            if len(seq) == 0 and not legs:  # nothing to serve, ever: end rather than spin
                 return
+            epoch, position, legs = epoch + 1, 0, ()
 
     def _batch(self, ids: np.ndarray, in_worker: bool):
         if self.collate_fn is None and hasattr(self.dataset, "get_batch"):
@@ -143,6 +147,8 @@ class GibletLoader:
         self.group = self._auto_group() if group is None else group
         self.dataloader_kwargs = dataloader_kwargs
         self.epoch, self.position = 0, 0
+        self.legs: tuple[Leg, ...] = ()  # stretches of this epoch served under other world sizes (elastic resume)
+        self._share: dict = {}  # (epoch, legs) -> this rank's samples in that epoch
         self._it: Optional[Iterator] = None  # the live stream; it always serves (epoch, position) next
         self._order(0)  # validate the arguments now, not in a worker
 
@@ -173,36 +179,55 @@ class GibletLoader:
 
     @property
     def samples_per_epoch(self) -> int:
-        """Samples this rank delivers per epoch (equal on every rank)."""
+        """Samples this rank delivers per whole epoch (equal on every rank)."""
         return rank_share(len(self.dataset), self.world.world_size, self.drop_last, self.batch_size)
 
     @property
     def batches_per_epoch(self) -> int:
         """Batches of a whole epoch on this rank (equal on every rank): count LR steps with it."""
-        return -(-self.samples_per_epoch // self.batch_size)
+        return self.batches_per_epoch_at(self.world.world_size)
+
+    def batches_per_epoch_at(self, world_size: int) -> int:
+        """Batches of a whole epoch per rank had the run ``world_size`` ranks (an elastic resume
+        keeps the LR schedule its first world size resolved)."""
+        return -(-rank_share(len(self.dataset), world_size, self.drop_last, self.batch_size) // self.batch_size)
+
+    def _epoch_samples(self) -> int:
+        """Samples this rank delivers in the current epoch: a whole epoch's, or after an elastic
+        resume its share of what the legs left."""
+        key = (self.epoch, self.legs, self.seed, self.group)
+        if key not in self._share:
+            self._share = {key: self._samples_in(*key)}
+        return self._share[key]
+
+    def _samples_in(self, epoch: int, legs: tuple, seed: int, group: int) -> int:
+        if not legs:
+            return self.samples_per_epoch
+        order = {**self._order(epoch), "seed": seed, "group": group}
+        return len(rank_sequence(**order, legs=legs))  # raises ConfigError for a leg past its share
 
     def __len__(self) -> int:
         """Batches left in the current epoch."""
-        return -(-(self.samples_per_epoch - self.position) // self.batch_size)
+        return -(-(self._epoch_samples() - self.position) // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning (a live stream elsewhere is stopped and restarted there)."""
-        if (int(epoch), 0) != (self.epoch, self.position):
+        if (int(epoch), 0, ()) != (self.epoch, self.position, self.legs):
             self.close()
-        self.epoch, self.position = int(epoch), 0
+        self.epoch, self.position, self.legs = int(epoch), 0, ()
 
     # -- iteration --------------------------------------------------------------------------
     def _start(self) -> Iterator:
         """A new stream from (epoch, position): a ``DataLoader`` over :class:`_Stream`."""
         self.close()
         order = {k: v for k, v in self._order(self.epoch).items() if k != "epoch"}
-        stream = _Stream(self.dataset, order, self.epoch, self.position, self.collate_fn, self.transform)
+        stream = _Stream(self.dataset, order, self.epoch, self.position, self.collate_fn, self.transform, self.legs)
         return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers, **self.dataloader_kwargs))
 
     def __iter__(self) -> Iterator:
-        total = self.samples_per_epoch
+        total = self._epoch_samples()
         if self.position >= total:  # nothing left of this epoch (e.g. a state saved at its very end)
-            self.epoch, self.position = self.epoch + 1, 0
+            self.epoch, self.position, self.legs = self.epoch + 1, 0, ()
             return
         if self._it is None:
             self._it = self._start()
@@ -212,7 +237,7 @@ class GibletLoader:
                 # Delivered in sequence order, so this batch's size follows from the position alone.
                 self.position += min(self.batch_size, total - self.position)
                 if self.position == total:
-                    self.epoch, self.position = self.epoch + 1, 0
+                    self.epoch, self.position, self.legs = self.epoch + 1, 0, ()
                     if not self.persistent:
                         self.close()
                     yield batch
@@ -242,30 +267,40 @@ class GibletLoader:
 
     # -- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """``{"epoch", "position", "seed", "order"}``: ``position`` samples of ``epoch`` are consumed;
-        ``order`` records what fixed the sample order, checked on load."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "order": self._geometry()}
+        """``{"epoch", "position", "seed", "order", "legs"}``: ``position`` samples of ``epoch`` are
+        consumed (on every rank); ``order`` records what fixed the sample order, checked on load;
+        ``legs``: ``[world_size, position]`` of stretches of the epoch served under earlier world
+        sizes (``giblet.data.partition`` step 5; empty unless the run was resumed elastically)."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "order": self._geometry(),
+                "legs": [list(leg) for leg in self.legs]}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: the next iteration serves exactly the samples of ``state["epoch"]`` not yet consumed.
 
-        The worker count may differ from the run that saved the state. Settings that change
-        the order of the epoch may not, unless nothing of it was consumed yet (``position`` 0);
-        the saved ``group`` is adopted.
+        The worker count may differ from the run that saved the state, and so may the world
+        size: ``position`` samples consumed on each of the saved ranks become a leg of the
+        epoch, and this rank serves its equal share of what is left (every rank of the new
+        world computes the same split). Settings that change the order of the epoch may not
+        differ, unless nothing of it was consumed yet; the saved ``group`` is adopted.
         """
         position = int(state["position"])
+        legs = tuple((int(w), int(p)) for w, p in state.get("legs", ()))
         saved = state.get("order", {})
         mine = self._geometry()
         diff = {k: (saved[k], mine[k]) for k in ORDER_KEYS if k in saved and saved[k] != mine[k]}
-        if position and diff:
+        if (position or legs) and diff:
             shown = "; ".join(f"{k}: saved {a}, now {b}" if k != "chunks" else "chunk layout differs"
                               for k, (a, b) in diff.items())
             raise ConfigError(f"GibletLoader.load_state_dict: the saved epoch {state['epoch']} is {position} samples "
                               f"in, but the sample order differs ({shown}); resume with the saved settings, or "
                               f"start the next epoch with set_epoch({int(state['epoch']) + 1})")
-        if position > self.samples_per_epoch:
+        saved_world = int(saved.get("world_size", self.world.world_size))
+        if position and saved_world != self.world.world_size:  # elastic: what the saved ranks consumed is a leg
+            legs, position = legs + ((saved_world, position),), 0
+        epoch, seed, group = int(state["epoch"]), int(state["seed"]), int(saved.get("group", self.group))
+        total = self._samples_in(epoch, legs, seed, group)
+        if position > total:
             raise ConfigError(f"GibletLoader.load_state_dict: position {position} is past this rank's epoch of "
-                              f"{self.samples_per_epoch} samples; the state belongs to another dataset")
+                              f"{total} samples; the state belongs to another dataset")
         self.close()
-        self.group = int(saved.get("group", self.group))
-        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), position
+        self.group, self.seed, self.epoch, self.legs, self.position = group, seed, epoch, legs, position

@@ -4,7 +4,8 @@ Everything here is a function of its integer arguments only (no clock, no global
 torch), so every rank computes the same global order on its own and the split can be
 tested over many geometries without a process group (mosaicml/streaming's ``partition``).
 
-One epoch, step by step (:func:`epoch_order`, then :func:`rank_share`, then :func:`partition`):
+One epoch, step by step (:func:`epoch_order`, then :func:`rank_share`, then :func:`partition`;
+step 5 only when a run is resumed with another number of ranks):
 
 1. **Chunk-aware shuffle.** Sample ids ``0 .. n-1`` are grouped into *chunks*: runs of
    consecutive ids stored in one Zarr chunk (the dataset passes its layout as
@@ -35,6 +36,19 @@ So the samples consumed after ``position`` deliveries are always the first ``pos
 of the rank's sequence, which depends on (seed, epoch, n, chunk layout, world_size,
 batch_size, mix_chunks, lanes, group) and *not* on ``num_workers``: a run resumed with
 another worker count gets exactly the remaining samples.
+
+5. **Elastic resume** (:func:`remaining_order`). Every rank has consumed the same
+   ``position`` (ranks deliver equal counts), so the samples of the epoch consumed by all
+   ``N`` ranks are the union of the first ``position`` of each rank's sequence: a pure
+   function of the integers above, nothing per rank needs recording. A run resumed with
+   ``M != N`` ranks records that stretch as a *leg* ``(N, position)`` and splits what it
+   left -- the epoch's order minus the consumed ids (minus, with ``drop_last``, the samples
+   the ``N``-rank split had set aside), still in epoch order, so slices stay chunk-contiguous
+   -- over ``M`` ranks by steps 2-4, as if it were a fresh epoch of that many samples. No
+   sample consumed before is served again and none left is skipped, except by the same rule
+   as any epoch: padding repeats up to ``M - 1`` ids of the remainder, ``drop_last`` sets
+   out fewer than ``M * batch_size`` of them. A later change of world size in the same epoch
+   adds another leg; the next epoch starts whole, over the new world size.
 """
 from __future__ import annotations
 
@@ -45,6 +59,7 @@ import numpy as np
 from giblet.errors import ConfigError
 
 ChunkLayout = Union[int, Sequence[int]]
+Leg = tuple[int, int]  # (world_size, position): a stretch of an epoch served under another world size
 
 
 def _check(name: str, value: int, low: int) -> int:
@@ -105,20 +120,35 @@ def rank_share(n_samples: int, world_size: int, drop_last: bool = False, batch_s
 
 def rank_sequence(n_samples: int, *, rank: int, world_size: int, seed: int, epoch: int, shuffle: bool = True,
                   chunk_size: ChunkLayout = 1, drop_last: bool = False, batch_size: int = 1,
-                  mix_chunks: int = 1, lanes: int = 1, group: int = 1) -> np.ndarray:
+                  mix_chunks: int = 1, lanes: int = 1, group: int = 1, legs: Sequence[Leg] = ()) -> np.ndarray:
     """Every sample rank ``rank`` serves this epoch, in delivery order (steps 1-3).
 
+    ``legs``: earlier stretches of this epoch served under other world sizes (elastic
+    resume, step 5); the sequence is then this rank's share of what they left.
+
     Returns:
-        ``(rank_share(n, world_size, drop_last, batch_size),) int64`` sample ids.
+        ``(rank_share(len(order), world_size, drop_last, batch_size),) int64`` sample ids, where
+        ``order`` is the epoch's order (``n_samples`` long), or what ``legs`` left of it.
+    """
+    order = epoch_order(n_samples, seed=seed, epoch=epoch, shuffle=shuffle, chunk_size=chunk_size,
+                        mix_chunks=mix_chunks)
+    split = dict(drop_last=drop_last, batch_size=batch_size, lanes=lanes, group=group)
+    return split_order(remaining_order(order, legs, **split), rank=rank, world_size=world_size, **split)
+
+
+def split_order(order: np.ndarray, *, rank: int, world_size: int, drop_last: bool = False, batch_size: int = 1,
+                lanes: int = 1, group: int = 1) -> np.ndarray:
+    """Steps 2-3 on a given ``order``: rank ``rank``'s equal share of it, as its delivery sequence.
+
+    Returns:
+        ``(rank_share(len(order), world_size, drop_last, batch_size),) int64`` ids of ``order``.
     """
     _check("world_size", world_size, 1)
     if not 0 <= rank < world_size:
         raise ConfigError(f"partition: rank={rank} is outside 0..{world_size - 1} (world_size={world_size}); "
                           f"take rank and world_size from giblet.data.world.get_world()")
     batch_size, lanes, group = _check("batch_size", batch_size, 1), _check("lanes", lanes, 1), _check("group", group, 1)
-    order = epoch_order(n_samples, seed=seed, epoch=epoch, shuffle=shuffle, chunk_size=chunk_size,
-                        mix_chunks=mix_chunks)
-    per_rank = rank_share(n_samples, world_size, drop_last, batch_size)
+    per_rank = rank_share(len(order), world_size, drop_last, batch_size)
     if per_rank == 0:
         return np.zeros(0, dtype=np.int64)
     padded = np.resize(order, per_rank * world_size)  # np.resize repeats cyclically: pad by wrap
@@ -129,6 +159,34 @@ def rank_sequence(n_samples: int, *, rank: int, world_size: int, seed: int, epoc
                   for lane in (batches[j * per_lane:(j + 1) * per_lane] for j in range(lanes)) if lane]
     n_units = max(map(len, lane_units))
     return np.concatenate([lane[u] for u in range(n_units) for lane in lane_units if u < len(lane)])
+
+
+def remaining_order(order: np.ndarray, legs: Sequence[Leg], *, drop_last: bool = False, batch_size: int = 1,
+                    lanes: int = 1, group: int = 1) -> np.ndarray:
+    """What an epoch's ``order`` still has to serve after ``legs`` (step 5), in its order.
+
+    Args:
+        order: ``(k,) int64`` distinct ids: the epoch's order (:func:`epoch_order`).
+        legs: ``(world_size, position)`` pairs, oldest first: ``order`` was split over
+            ``world_size`` ranks (steps 2-3) and every rank consumed the first ``position``
+            samples of its sequence; the next leg splits what that left, and so on.
+
+    Returns:
+        ``(j,) int64`` distinct ids: those the legs' splits serve (all of ``order`` when padding;
+        with ``drop_last``, the part the split keeps) minus those consumed.
+    """
+    for world_size, position in legs:
+        world_size, position = _check("world_size", world_size, 1), _check("position", position, 0)
+        per_rank = rank_share(len(order), world_size, drop_last, batch_size)
+        if position > per_rank:
+            raise ConfigError(f"partition: a leg of {world_size} rank(s) consumed {position} samples each, past the "
+                              f"{per_rank} each had; the saved loader state belongs to another dataset")
+        consumed = np.concatenate([np.zeros(0, dtype=np.int64)] + [
+            split_order(order, rank=r, world_size=world_size, drop_last=drop_last, batch_size=batch_size,
+                        lanes=lanes, group=group)[:position] for r in range(world_size)])
+        served = order[:per_rank * world_size] if drop_last else order  # padding only repeats ids
+        order = served[~np.isin(served, consumed)]
+    return order
 
 
 def unit_bounds(n: int, position: int, unit: int) -> np.ndarray:
@@ -146,7 +204,7 @@ def unit_bounds(n: int, position: int, unit: int) -> np.ndarray:
 def partition(n_samples: int, *, rank: int, world_size: int, worker: int = 0, num_workers: int = 1,
               seed: int = 0, epoch: int = 0, shuffle: bool = True, chunk_size: ChunkLayout = 1,
               drop_last: bool = False, batch_size: int = 1, mix_chunks: int = 1, lanes: int = 1,
-              group: int = 1, position: int = 0) -> np.ndarray:
+              group: int = 1, position: int = 0, legs: Sequence[Leg] = ()) -> np.ndarray:
     """The sample ids one (rank, worker) reads this epoch, in order.
 
     Args:
@@ -162,6 +220,8 @@ def partition(n_samples: int, *, rank: int, world_size: int, worker: int = 0, nu
         lanes: interleaved stretches of each rank's slice (step 3).
         group: batches per unit, the amount a worker reads and hands over at once (steps 3-4).
         position: samples of this rank's sequence already consumed (resume point).
+        legs: earlier stretches of this epoch under other world sizes (step 5); ``position``
+            then counts in the sequence of what they left.
 
     Returns:
         ``(k,) int64`` sample ids; worker ``w`` reads units ``w, w + num_workers, ...`` of
@@ -172,7 +232,7 @@ def partition(n_samples: int, *, rank: int, world_size: int, worker: int = 0, nu
         raise ConfigError(f"partition: worker={worker} is outside 0..{num_workers - 1}")
     seq = rank_sequence(n_samples, rank=rank, world_size=world_size, seed=seed, epoch=epoch, shuffle=shuffle,
                         chunk_size=chunk_size, drop_last=drop_last, batch_size=batch_size,
-                        mix_chunks=mix_chunks, lanes=lanes, group=group)
+                        mix_chunks=mix_chunks, lanes=lanes, group=group, legs=legs)
     position = _check("position", position, 0)
     if position > len(seq):
         raise ConfigError(f"partition: position={position} is past the end of this rank's epoch "

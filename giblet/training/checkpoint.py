@@ -2,14 +2,17 @@
 
 One file, ``<run>/checkpoint.pt``, holds everything a run needs to continue as if never
 stopped: model and optimizer state, the LR scheduler, the optimizer step, every rank's
-RNG states and the data loader's ``{epoch, position, seed}``. It is written to a temporary
+RNG states and the data loader's ``{epoch, position, seed, legs}``. It is written to a temporary
 name in the same folder, fsynced and renamed over the old one, so a kill at any moment
 leaves either the old or the new checkpoint, never half of one.
 
 It also records what defines the run (``run``: the settings that fix the sample order and
 the LR schedule, ``giblet.training.config.run_identity``), what its weights fit (``shape``)
 and the schedule's ``total_steps``, so a rerun can refuse changed settings, or say the run
-is finished, before any dataset or model is built.
+is finished, before any dataset or model is built. The number of ranks may change
+(elastic resume): the loader's state says which samples of the epoch all ranks consumed
+(a pure function of ``position``, ``legs`` and the recorded order), and the new ranks split
+exactly the rest.
 
 Loading uses ``torch.load(map_location="cpu", mmap=True, weights_only=True)``: tensors stay
 in the page cache (shared by the ranks of a node) until copied into the model, and nothing
@@ -148,9 +151,19 @@ def resume_state(run_dir: str | os.PathLike, mode: Union[bool, str], run: dict) 
     return state
 
 
+# May differ on resume (elastic): the loader splits what is left of the epoch over the new ranks
+# (giblet.data.partition, step 5) and the LR schedule stays the one this world size resolved.
+ELASTIC_KEYS = ("world_size",)
+
+
 def check_run(state: dict, run: dict, path: str | os.PathLike = FILENAME) -> None:
-    """Refuse to resume a run whose sample order or schedule settings changed (one line: what differs, the fix)."""
-    diff = _diff(state["run"], run)
+    """Refuse to resume a run whose sample order or schedule settings changed (one line: what differs, the fix).
+
+    The world size may change (``ELASTIC_KEYS``)."""
+    def fixed(r: dict) -> dict:
+        return {k: v for k, v in r.items() if k not in ELASTIC_KEYS}
+
+    diff = _diff(fixed(state["run"]), fixed(run))
     if diff:
         raise ConfigError(f"{path}: this run was started with other settings, which fix its sample order and LR "
                           f"schedule ({diff}); resuming would silently change them. Rerun with the checkpoint's "

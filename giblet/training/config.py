@@ -6,9 +6,9 @@ working directory, and every value check -- model, losses, schedule, log, data, 
 precision, ``ddp.compress``, ``compile_mode`` -- runs there, before any store is opened.
 
 :func:`run_identity` is what a checkpoint must share with the config to be resumed: the
-settings that fix the sample order and the LR schedule (batch size, world size, seed, the
-store's content fingerprint, the schedule, the optimizer). :func:`shape_identity` is what
-its weights need to fit a model.
+settings that fix the sample order and the LR schedule (batch size, seed, the store's
+content fingerprint, the schedule, the optimizer; the world size is recorded but may
+change). :func:`shape_identity` is what its weights need to fit a model.
 """
 from __future__ import annotations
 
@@ -154,7 +154,9 @@ def store_fingerprint(view) -> str:
 
 def run_identity(cfg: TrainConfig, world_size: int, store_fp: str) -> dict:
     """The settings that fix a run's sample order and LR schedule (known before any dataset is
-    built): a checkpoint is resumed only under the same ones."""
+    built): a checkpoint is resumed only under the same ones -- except ``world_size``, the
+    world size the schedule was resolved for: a resume on another number of ranks keeps the
+    checkpoint's (``giblet.training.checkpoint.ELASTIC_KEYS``)."""
     d = cfg.data
     optim = {k: v for k, v in dataclasses.asdict(cfg.optim).items() if k != "grad_clip"}  # read every step
     return _plain({"store": store_fp, "world_size": world_size, "seed": cfg.seed,

@@ -186,7 +186,12 @@ class Zero1:
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, saved: dict) -> None:
         shards = saved.get("zero_shards") if isinstance(saved, dict) else None
-        if shards is None or len(shards) != self.world_size:
+        if shards is not None and len(shards) != self.world_size:  # flat-buffer shards are not re-split
+            raise ConfigError(f"the checkpoint's ZeRO optimizer state is sharded over {len(shards)} rank(s), this run "
+                              f"has {self.world_size}; ZeRO shards are not re-split, so an optim.zero=true run resumes "
+                              f"only on as many ranks: resume with {len(shards)}, or start a new schedule from its "
+                              f"weights with resume=weights_only")
+        if shards is None:
             raise ConfigError(f"the checkpoint's optimizer state is not sharded over {self.world_size} rank(s) "
                               f"(optim.zero differs from the run that wrote it); resume with the same optim.zero")
         optimizer.load_state_dict(shards[self.rank])

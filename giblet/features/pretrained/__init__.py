@@ -17,7 +17,6 @@ This module is imported by the config checks: it imports neither torch nor trans
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 from giblet import store
 
@@ -116,9 +115,3 @@ def spec_of(name: str, layer: int) -> str:
 def task_spans(n_trs: int, segment_trs: int) -> list[tuple[int, int]]:
     """``[tr0, tr1)`` of each task: ``segment_trs`` TRs (whole chunks), the last one shorter."""
     return [(t0, min(n_trs, t0 + segment_trs)) for t0 in range(0, max(n_trs, 1), segment_trs)]
-
-
-def gpu_resources(device: str) -> Optional[dict]:
-    """The Dask resources a task of this device asks for: ``{"GPU": 1}`` on CUDA (a worker
-    started with ``--resources GPU=1``), else None."""
-    return {"GPU": 1} if str(device).startswith("cuda") else None
