@@ -37,10 +37,14 @@ STORE_MD = (Path(__file__).resolve().parents[1] / "docs" / "store.md").read_text
 # -- tiny models, one study, one in-process cluster --------------------------------------------------------
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
+    return tiny_models(tmp_path_factory.mktemp("models"))
+
+
+def tiny_models(root: Path) -> dict[str, Path]:
+    """Random tiny ViT, wav2vec 2.0 and BERT saved under ``root`` (also benchmarks/gpu_features_smoke.py)."""
     from transformers import (BertConfig, BertModel, BertTokenizer, ViTConfig, ViTImageProcessor, ViTModel,
                               Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model)
 
-    root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     out = {k: root / k for k in ("vit", "w2v", "bert")}
     big = {"initializer_range": 0.5}  # each block changes the hidden state a lot: layers are told apart
