@@ -168,6 +168,8 @@ def _finalize(staging: Path, results: dict, names: dict, n_trs, p, attrs: dict, 
             "device": ",".join(sorted({r["device"] for r in parts})), "n_tasks": len(parts),
             "n_inputs": sum(r["n_inputs"] for r in parts), "extract_s": round(extract_s, 2),
             "stimulus_s_per_s": round(stimulus_s / extract_s, 2) if extract_s else None}
+    if p.modality in ("video", "audio"):  # torch (on the model's device) or the HF processor
+        meta["preprocess"] = ",".join(sorted({x for r in parts for x in r.get("preprocess", "").split(",") if x}))
     if p.modality == "text":
         meta.update({k: parts[0][k] for k in ("n_words", "n_trs_with_words")})
     if p.modality == "audio":

@@ -12,7 +12,7 @@ Rules (docs/store.md, "Pretrained features"):
 - Window: TR ``i`` is fed as ``L = c + n`` samples, ``c = round(context_s * rate)`` of
   context then the TR's ``n = round(tr_s * rate)``, starting at sample
   ``round((onset_s + i tr_s) * rate) - c``; the feature extractor prepares it (Whisper's
-  pads it to 30 s).
+  pads it to 30 s; on a GPU Whisper's log-mel is computed there by :func:`whisper_logmel`).
 - Pooling: the model's output frames span its input evenly (``D`` seconds: the samples fed,
   or the padded log-mel length); frame ``f`` is the TR's when its centre ``(f + 1/2) D / T``
   lies in ``[c, L) / rate``; ``mean`` over those frames or the ``last`` of them.
@@ -86,12 +86,45 @@ def max_batch(window_samples: int, batch_size: int, device: str) -> int:
     return max(1, min(batch_size, M.MAX_CONV_ELEMENTS // (window_samples * M.CONV_CHANNELS)))
 
 
-def _batches(wave, trs: range, processor, rate, tr_s, onset_s, context_s, size, device: str = "cpu"):
-    """Feature-extractor inputs for ``size`` TRs at a time (on the GPU where it can)."""
+def on_device_logmel(processor) -> bool:
+    """Whether :func:`whisper_logmel` reproduces ``processor`` (Whisper's extractor, its defaults)."""
+    return (type(processor).__name__ == "WhisperFeatureExtractor" and not getattr(processor, "dither", 0.0)
+            and getattr(processor, "padding_side", "right") == "right" and not getattr(processor, "padding_value", 0.0))
+
+
+def whisper_logmel(processor, w: np.ndarray, device: str) -> dict:
+    """``{"input_features": (batch, n_mels, frames) float32}`` on ``device``: Whisper's log-mel of
+    windows ``w`` ``(batch, L)``, zero-padded (or cut) to the extractor's ``n_samples``.
+
+    The same torch arithmetic as ``WhisperFeatureExtractor._torch_extract_fbank_features``
+    (hand-written only because the extractor pads on the host and returns host arrays: here
+    only the ``L`` samples travel and the features stay on the model's device).
+    """
+    import torch
+
+    n = int(processor.n_samples)
+    x = torch.zeros((len(w), n), dtype=torch.float32, device=device)
+    x[:, :min(n, w.shape[1])] = torch.from_numpy(np.ascontiguousarray(w[:, :n])).to(device, non_blocking=True)
+    window = torch.hann_window(processor.n_fft, device=device)
+    stft = torch.stft(x, processor.n_fft, processor.hop_length, window=window, return_complex=True)
+    magnitudes = stft[..., :-1].abs() ** 2
+    mel = torch.from_numpy(processor.mel_filters).to(device, torch.float32).T @ magnitudes
+    log_spec = torch.clamp(mel, min=1e-10).log10()
+    peak = log_spec.amax(dim=(1, 2), keepdim=True)
+    return {"input_features": (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0}
+
+
+def _batches(wave, trs: range, processor, rate, tr_s, onset_s, context_s, size, device: str = "cpu",
+             logmel: bool = False):
+    """Feature-extractor inputs for ``size`` TRs at a time: ``logmel``: :func:`whisper_logmel` on
+    ``device``; else the extractor (on the GPU where it can: ``model.processor_kwargs``)."""
     kw = M.processor_kwargs(processor, device)
     for a in range(0, len(trs), size):
         w = windows(wave, trs[a:a + size], rate, tr_s, onset_s, context_s)
-        yield processor(list(w), sampling_rate=rate, return_tensors="pt", **kw)
+        if logmel:
+            yield whisper_logmel(processor, w, device)
+        else:
+            yield processor(list(w), sampling_rate=rate, return_tensors="pt", **kw)
 
 
 def extract_audio(staging: str, where: str, source: str, source_key: str, source_fp: str, n_trs_movie: int | None,
@@ -126,13 +159,14 @@ def extract_audio(staging: str, where: str, source: str, source_key: str, source
 
     run = M.pooled_layers(m, layers, pooling, where, keep)
     size = max_batch(length, batch_size, dev)
-    batches = _batches(wave, trs, m.processor, rate, tr_s, onset_s, context_s, size, dev)
+    logmel = dev.startswith("cuda") and on_device_logmel(m.processor)
+    batches = _batches(wave, trs, m.processor, rate, tr_s, onset_s, context_s, size, dev, logmel)
     pooled = [run(x) for x in M.prefetch(batches)]
     if pooled:
         save_part(staging, tr0, {f"layer-{k}": np.concatenate([b[j] for b in pooled]) for j, k in enumerate(layers)},
                   out_dtype)
     return {"tr0": tr0, "tr1": tr1, "n_trs": n, "n_inputs": len(trs), "n_samples": int(len(wave)),
-            "sampling_rate": rate, "device": dev, "load_s": round(t1 - t0, 3),
+            "sampling_rate": rate, "device": dev, "preprocess": "torch" if logmel else "processor", "load_s": round(t1 - t0, 3),
             "extract_s": round(time.perf_counter() - t1, 3), "stimulus_s": round(len(trs) * tr_s, 3)}
 
 

@@ -12,8 +12,9 @@ Rules (docs/store.md, "Pretrained features"):
   frames are small (160x90 by default) and a model sees its own resolution. Each kept
   frame becomes full-range RGB by its stream's colour flags (as the video stage does) and
   is scaled (swscale, area) so that its shorter side is the image processor's largest
-  target size (never enlarged); the model's image processor then does its own resize,
-  crop and normalisation.
+  target size (never enlarged); then the image processor's own resize, crop and
+  normalisation, done in torch on the model's device for the processors ``imageprep``
+  knows (antialiased resize: PIL's filter within float rounding), by the processor otherwise.
 - Pooling: each frame's tokens (``mean``, or ``cls``: token 0), then the mean over the
   TR's slots and the ``C = round(context_s F / tr)`` slots before them (slots before the
   movie's first frame are left out).
@@ -21,6 +22,7 @@ Rules (docs/store.md, "Pretrained features"):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -29,6 +31,7 @@ import numpy as np
 
 from giblet.features.colour import colour_of
 from giblet.features.media import resolve_device
+from giblet.features.pretrained import imageprep as IP
 from giblet.features.pretrained import model as M
 from giblet.features.pretrained.parts import save_part
 from giblet.features.video import INTERPOLATIONS, _exact, _frames_from, make_grid, probe_movie
@@ -97,18 +100,45 @@ def _rgb(path: str, times: list[Fraction], edge: int | None):
     frames.close()
 
 
-def _batches(path: str, times: list[Fraction], processor, batch_size: int, device: str = "cpu"):
-    """Processor inputs for consecutive slots, ``batch_size`` frames at a time (preprocessed on
-    the model's GPU where the processor can: ``model.processor_kwargs``)."""
+_log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
+
+
+def preprocess_spec(processor, where: str) -> IP.ImagePrep | None:
+    """The torch preprocessing settings of ``processor``, or None (logged once per processor class)."""
+    spec = IP.spec_of(processor)
+    name = type(processor).__name__
+    if spec is None and name not in _WARNED:
+        _WARNED.add(name)
+        _log.info("%s: %s is not one giblet preprocesses in torch (%s); using the processor itself", where, name,
+                  ", ".join(IP.SUPPORTED))
+    return spec
+
+
+def _batches(path: str, times: list[Fraction], processor, batch_size: int, device: str = "cpu",
+             spec: IP.ImagePrep | None = None, used: set | None = None):
+    """Model inputs for consecutive slots, ``batch_size`` frames at a time: with ``spec``, one
+    uint8 tensor per batch preprocessed in torch on ``device`` (``imageprep``); else the
+    processor (on the model's GPU where it can: ``model.processor_kwargs``). ``used`` collects
+    which path ran (``imageprep.TORCH`` / ``imageprep.PROCESSOR``)."""
     edge, kw = decode_edge(processor), M.processor_kwargs(processor, device)
+    used = set() if used is None else used
+
+    def inputs(batch: list) -> dict:
+        if spec is not None and IP.fits(spec, *batch[0].shape[:2]):
+            used.add(IP.TORCH)
+            return IP.prepare(batch, spec, device)
+        used.add(IP.PROCESSOR)
+        return processor(images=batch, return_tensors="pt", **kw)
+
     batch = []
     for rgb in _rgb(path, times, edge):
         batch.append(rgb)
         if len(batch) == batch_size:
-            yield processor(images=batch, return_tensors="pt", **kw)
+            yield inputs(batch)
             batch = []
     if batch:
-        yield processor(images=batch, return_tensors="pt", **kw)
+        yield inputs(batch)
 
 
 def tr_means(per_slot: np.ndarray, slots: np.ndarray, tr0: int, tr1: int, frames_per_tr: int,
@@ -134,11 +164,12 @@ def extract_video(staging: str, where: str, path: str, model: str, model_fp: str
     context = context_slots(context_s, tr_s, frames_per_tr)
     slots, times = slot_times(tr0, tr1, tr_s, onset_s, frames_per_tr, context)
     t1 = time.perf_counter()
-    run = M.pooled_layers(m, layers, pooling, where)
-    per_slot = [run(inputs) for inputs in M.prefetch(_batches(path, times, m.processor, batch_size, dev))]
+    run, used = M.pooled_layers(m, layers, pooling, where), set()
+    batches = _batches(path, times, m.processor, batch_size, dev, preprocess_spec(m.processor, where), used)
+    per_slot = [run(inputs) for inputs in M.prefetch(batches)]
     per_layer = {f"layer-{k}": tr_means(np.concatenate([b[j] for b in per_slot]), slots, tr0, tr1, frames_per_tr,
                                         context) for j, k in enumerate(layers)}
     save_part(staging, tr0, per_layer, out_dtype)
-    return {"tr0": tr0, "tr1": tr1, "n_inputs": len(slots), "device": dev,
+    return {"tr0": tr0, "tr1": tr1, "n_inputs": len(slots), "device": dev, "preprocess": ",".join(sorted(used)),
             "load_s": round(t1 - t0, 3), "extract_s": round(time.perf_counter() - t1, 3),
             "stimulus_s": round((tr1 - tr0) * tr_s, 3)}
