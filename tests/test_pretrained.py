@@ -117,6 +117,8 @@ def test_round_trip_arrays_meta_and_their_docs(study, models):
         assert not undocumented, undocumented
     assert s.array("stimuli/run-1/features/vit/layer-1").chunks == (4, 32)
     assert s.unit_meta("features/vit/run-1")["n_tasks"] == 3  # segment_trs=4 over 10 TRs
+    assert s.unit_meta("features/vit/run-1")["preprocess"] == "torch"  # ViT's processor, reproduced in torch
+    assert s.unit_meta("features/w2v/run-1")["preprocess"] == "processor"
     rows = {}
     for name in (a for a in s._arrays if "/features/" in a):  # every array the stage writes: its row, its dims
         doc = re.sub(r"^stimuli/[^/]+/features/[^/]+/layer-\d+$", "stimuli/<run>/features/<name>/layer-<k>", name)
@@ -303,6 +305,55 @@ def test_video_slots_take_the_frame_on_screen(tmp_path):
     assert index == [int(t * fps) for t in times]  # the last frame presented at or before each slot
     # TR 1 pools slots {1, 2, 3} (one of context), TR 2 slots {3, 4, 5}
     assert V.tr_means(np.arange(5.0)[:, None], slots, 1, 3, 2, 1)[:, 0].tolist() == [1.0, 3.0]
+
+
+def test_torch_preprocessing_agrees_with_the_image_processor_and_falls_back(models, caplog):
+    from transformers import CLIPImageProcessor, ConvNextImageProcessor, ViTImageProcessor, ViTModel
+
+    from giblet.features.pretrained import imageprep as IP
+
+    rng = np.random.default_rng(3)  # smooth 90x120 frames (15x20 noise upscaled), downscaled by both paths
+    noise = torch.from_numpy(rng.uniform(0, 255, (4, 3, 15, 20)).astype(np.float32))
+    up = torch.nn.functional.interpolate(noise, size=(90, 120), mode="bilinear", align_corners=False)
+    frames = list(up.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy())
+    vit = ViTImageProcessor.from_pretrained(models["vit"])
+    clip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})  # bicubic, crop
+    for processor in (vit, clip):
+        want = _direct(models["vit"], processor(frames, return_tensors="pt"), ViTModel)
+        got = _direct(models["vit"], IP.prepare(frames, IP.spec_of(processor), "cpu"), ViTModel)
+        for k in (1, 2):
+            assert _cos(got[k].mean(1).numpy(), want[k].mean(1).numpy()).min() > COS, (type(processor).__name__, k)
+    convnext = ConvNextImageProcessor(size={"shortest_edge": 32})  # crop_pct resizing: not reproduced
+    assert IP.spec_of(convnext) is None
+    with caplog.at_level("INFO", logger=V.__name__):
+        specs = [V.preprocess_spec(convnext, "features.cnx") for _ in range(2)]
+    ours = [r.getMessage() for r in caplog.records if r.name == V.__name__]
+    assert specs == [None, None] and len(ours) == 1 and "ConvNextImageProcessor" in ours[0]  # logged once
+    used = set()
+    times = [Fraction(1, 4)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(V, "_rgb", lambda path, t, edge: iter(frames[:1]))
+        (batch,) = V._batches("unused.mp4", times, convnext, 4, "cpu", None, used)
+    assert used == {IP.PROCESSOR} and torch.equal(batch["pixel_values"], convnext(frames[:1], return_tensors="pt")
+                                                  ["pixel_values"])
+
+
+def test_whisper_log_mel_in_torch_agrees_with_the_extractor(tmp_path):
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    torch.manual_seed(0)
+    net = WhisperModel(WhisperConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                                     num_mel_bins=80)).get_encoder().eval()
+    fe = WhisperFeatureExtractor(feature_size=80)
+    assert A.on_device_logmel(fe)
+    w = (np.random.default_rng(5).standard_normal((2, 40000)) * np.linspace(0, 0.3, 40000)).astype(np.float32)
+    want = fe(list(w), sampling_rate=16000, return_tensors="pt")["input_features"]
+    got = A.whisper_logmel(fe, w, "cpu")["input_features"]
+    assert got.shape == want.shape == (2, 80, 3000)
+    with torch.no_grad():
+        a, b = (net(input_features=x, output_hidden_states=True).hidden_states[1] for x in (want, got))
+    assert _cos(b.mean(1).numpy(), a.mean(1).numpy()).min() > COS
 
 
 def test_an_out_of_memory_batch_is_split_and_later_batches_stay_small():
