@@ -9,7 +9,12 @@ forward, pooling, the parts written) runs over every TR of it; the bare loop run
 ``model(**inputs, output_hidden_states=True)`` over the *same* processor outputs, built
 beforehand (decoding and preprocessing are not timed on that side), host-to-device copy
 included. Ratio = bare seconds / giblet seconds (goal >= 0.9 on the GPU host); each side is
-the best of ``--repeat`` alternating runs, after a warm-up. Peak memory: CUDA
+the best of ``--repeat`` alternating runs, after a warm-up. The CPU side alone is timed too,
+no model: ``decode_only`` (video: PyAV decoding + the RGB conversion of the kept frames;
+audio: reading and resampling the soundtrack) and ``inputs_only`` (giblet's whole input
+pipeline as its task runs it: decoding, preprocessing, batches on the device; audio's
+soundtrack is cached per worker, so not included). ``limit_ratio`` = bare / inputs_only:
+the most the ratio can be while the inputs are made at that pace. Peak memory: CUDA
 ``max_memory_allocated`` per side on a GPU, the process tree's peak RSS on CPU.
 
     python benchmarks/bench_features.py --size small                  # CPU check, small configs
@@ -112,6 +117,27 @@ def audio_batches(movie: str, n_trs: int, m, args) -> list:
     return list(A._batches(wave, range(n_trs), m.processor, rate, TR, 0.0, args.context_s, size, args.device))
 
 
+def input_timers(modality: str, movie: str, n_trs: int, m, args) -> dict:
+    """``{name: fn}``: the CPU side of giblet's task alone (see the module docstring)."""
+    from giblet.features.audio import read_waveform
+    from giblet.features.pretrained import audio as A
+    from giblet.features.pretrained import video as V
+
+    if modality == "video":
+        _, times = V.slot_times(0, n_trs, TR, 0.0, args.frames_per_tr, 0)
+        edge, spec = V.decode_edge(m.processor), V.preprocess_spec(m.processor, "bench")
+        return {"decode_only": lambda: sum(1 for _ in V._rgb(movie, times, edge)),
+                "inputs_only": lambda: sum(1 for _ in V._batches(movie, times, m.processor, args.batch_size,
+                                                                 args.device, spec))}
+    rate = int(m.processor.sampling_rate)
+    wave = A.waveform(movie, "movie", "bench", rate)
+    size = A.max_batch(round((args.context_s + TR) * rate), args.batch_size, args.device)
+    logmel = args.device.startswith("cuda") and A.on_device_logmel(m.processor)
+    return {"decode_only": lambda: len(read_waveform(movie, "movie", rate, 0.0)[0]),
+            "inputs_only": lambda: sum(1 for _ in A._batches(wave, range(n_trs), m.processor, rate, TR, 0.0,
+                                                             args.context_s, size, args.device, logmel))}
+
+
 def compare(kind: str, path: Path, movie: str, n_trs: int, args) -> dict:
     from giblet.features.pretrained import audio as A
     from giblet.features.pretrained import model as M
@@ -135,6 +161,15 @@ def compare(kind: str, path: Path, movie: str, n_trs: int, args) -> dict:
         batches = audio_batches(movie, n_trs, m, args)
     run(tempfile.mkdtemp(prefix="bench_features_"), 2)  # warm-up: kernels, the decoder
     bare_loop(m, batches[:1], args.device)
+    timers = input_timers(modality, movie, n_trs, m, args)
+    cpu_side = {k: [] for k in timers}
+    for _ in range(args.repeat):
+        for k, fn in timers.items():
+            sync(args.device)
+            t0 = time.perf_counter()
+            fn()
+            sync(args.device)
+            cpu_side[k].append(time.perf_counter() - t0)
     times, peaks = {"bare": [], "giblet": []}, {"bare": 0.0, "giblet": 0.0}
     for _ in range(args.repeat):
         for side in ("bare", "giblet"):
@@ -155,7 +190,9 @@ def compare(kind: str, path: Path, movie: str, n_trs: int, args) -> dict:
             "n_batches": len(batches), "batch_size": args.batch_size,
             "bare_movie_s_per_s": round(seconds / bare_s, 2), "giblet_movie_s_per_s": round(seconds / ours_s, 2),
             "ratio_giblet_over_bare": round(bare_s / ours_s, 3),
-            "all_times_s": {k: [round(t, 3) for t in v] for k, v in times.items()},
+            **{f"{k}_movie_s_per_s": round(seconds / min(v), 2) for k, v in cpu_side.items()},
+            "limit_ratio": round(bare_s / min(cpu_side["inputs_only"]), 3),
+            "all_times_s": {k: [round(t, 3) for t in v] for k, v in {**times, **cpu_side}.items()},
             "peak_gb" if args.device.startswith("cuda") else "peak_rss_gb": peaks}
 
 
@@ -194,7 +231,8 @@ def main() -> None:
     path.write_text(json.dumps(out, indent=1))
     for r in results:
         print(f"{r['model']:8s} giblet {r['giblet_movie_s_per_s']:8.1f} movie-s/s   bare {r['bare_movie_s_per_s']:8.1f}"
-              f"   ratio {r['ratio_giblet_over_bare']:.3f}")
+              f"   ratio {r['ratio_giblet_over_bare']:.3f}   inputs-only {r['inputs_only_movie_s_per_s']:8.1f}"
+              f"   decode-only {r['decode_only_movie_s_per_s']:8.1f}   limit {r['limit_ratio']:.3f}")
     print(path)
 
 
