@@ -293,8 +293,10 @@ def test_video_slots_take_the_frame_on_screen(tmp_path):
 
     path, fps = tmp_path / "grey.mp4", 10
     with av.open(str(path), "w") as out:  # frame k is flat grey 5 k: its index is readable after decoding
-        st = out.add_stream("libx264", rate=fps, options={"crf": "0", "g": "5"})
+        st = out.add_stream("libx264", rate=fps, options={"qp": "10", "g": "5",
+                                                          "x264-params": "b-adapt=0:b-pyramid=0:scenecut=0"})
         st.width, st.height, st.pix_fmt = 32, 32, "yuv444p"
+        st.codec_context.max_b_frames = 2  # B-frames no frame refers to: the ones a reader may skip
         for k in range(50):
             frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 5 * k, np.uint8), format="rgb24")
             out.mux(st.encode(frame))
@@ -303,6 +305,13 @@ def test_video_slots_take_the_frame_on_screen(tmp_path):
     assert slots.tolist() == [1, 2, 3, 4, 5] and times == [Fraction(x, 40) for x in (53, 83, 113, 143, 173)]
     index = [round(img.mean() / 5) for img in V._rgb(str(path), times, None)]
     assert index == [int(t * fps) for t in times]  # the last frame presented at or before each slot
+    from giblet.features.video import _frames_from
+
+    # frames on screen at no slot and referred to by none (B-frames) are not decoded, and change nothing above
+    decoded = [sum(1 for _ in _frames_from(path, times[0], wanted)) for wanted in (None, V.shown(str(path), times))]
+    assert decoded[1] < decoded[0]
+    on_b = [Fraction(23, 20), Fraction(5, 4), Fraction(13, 5)]  # frames 11, 12, 26: B-frames (I B B P P ...)
+    assert [round(img.mean() / 5) for img in V._rgb(str(path), on_b, None)] == [11, 12, 26]
     # TR 1 pools slots {1, 2, 3} (one of context), TR 2 slots {3, 4, 5}
     assert V.tr_means(np.arange(5.0)[:, None], slots, 1, 3, 2, 1)[:, 0].tolist() == [1.0, 3.0]
 

@@ -221,11 +221,13 @@ def pixel_moments(frames: np.ndarray) -> np.ndarray:
     return np.stack([flat.sum(1, dtype=np.int64), _SQUARES[flat].sum(1, dtype=np.int64)], axis=1)
 
 
-def _frames_from(path: Path, t_start: Fraction):
+def _frames_from(path: Path, t_start: Fraction, wanted=None):
     """Yield ``(t, frame)`` in presentation order from the last keyframe at or before ``t_start``.
 
     One seek; if the demuxer lands on a keyframe that is presented after ``t_start`` (seeking
     goes by decode time), seek again further back, so no frame of the segment is ever missed.
+    ``wanted(pts) -> bool``: a packet it rejects is decoded only if other frames refer to it
+    (libavcodec's ``skip_frame = NONREF``): a caller that needs a few frames skips the rest.
     """
     for back in SEEK_BACKOFF_S + (None,):
         container, stream = _open(path)
@@ -234,7 +236,7 @@ def _frames_from(path: Path, t_start: Fraction):
         target = None if back is None else t_start - back
         if target is not None and target > 0:
             container.seek(start + math.floor(target / tb), stream=stream, backward=True, any_frame=False)
-        decoded = _decode(container, stream, path)
+        decoded = _decode(container, stream, path, wanted)
         first = next(decoded, None)
         if first is None or first.pts is None:
             container.close()
@@ -254,12 +256,19 @@ def _frames_from(path: Path, t_start: Fraction):
         container.close()
 
 
-def _decode(container, stream, path: Path):
+def _packets_decoded(container, stream, wanted):
+    ctx = stream.codec_context
+    for packet in container.demux(stream):  # the last packet (empty) flushes the decoder
+        ctx.skip_frame = "DEFAULT" if packet.pts is None or wanted(packet.pts) else "NONREF"
+        yield from packet.decode()
+
+
+def _decode(container, stream, path: Path, wanted=None):
     import av
 
     last = None
     try:
-        for last in container.decode(stream):
+        for last in (container.decode(stream) if wanted is None else _packets_decoded(container, stream, wanted)):
             yield last
     except av.error.FFmpegError as exc:
         at = (f"after t = {float((last.pts - (stream.start_time or 0)) * stream.time_base):.2f} s"

@@ -8,8 +8,9 @@ Rules (docs/store.md, "Pretrained features"):
 - Sampling: ``F = frames_per_tr`` slots per TR at ``t_m = onset_s + (m + 1/2) tr / F``
   (slot ``m`` belongs to TR ``floor(m / F)``; exact rational arithmetic); each slot takes
   the frame on screen at ``t_m`` (the last frame presented at or before it).
-- Decoding: the movie is decoded again (PyAV), not read from ``video/frames``: the stored
-  frames are small (160x90 by default) and a model sees its own resolution. Each kept
+- Decoding: the movie is decoded again (PyAV, frame threads), not read from ``video/frames``:
+  the stored frames are small (160x90 by default) and a model sees its own resolution. Frames
+  shown at no slot that no other frame refers to (most B-frames) are not decoded (``shown``). Each kept
   frame becomes full-range RGB by its stream's colour flags (as the video stage does) and
   is scaled (swscale, area) so that its shorter side is the image processor's largest
   target size (never enlarged); then the image processor's own resize, crop and
@@ -21,8 +22,10 @@ Rules (docs/store.md, "Pretrained features"):
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
+import math
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -34,7 +37,8 @@ from giblet.features.media import resolve_device
 from giblet.features.pretrained import imageprep as IP
 from giblet.features.pretrained import model as M
 from giblet.features.pretrained.parts import save_part
-from giblet.features.video import INTERPOLATIONS, _exact, _frames_from, make_grid, probe_movie
+from giblet.features.video import (INTERPOLATIONS, SEEK_BACKOFF_S, _exact, _frames_from, _open, make_grid,
+                                   probe_movie)
 
 RULE = ("slot m at t = onset_s + (m + 1/2) * tr_s / frames_per_tr on the movie's clock (first frame t = 0) "
         "belongs to TR floor(m / frames_per_tr) and shows the frame on screen at t; a TR's feature is the mean over "
@@ -72,13 +76,44 @@ def decode_edge(processor) -> int | None:
     return max(values) if values else None
 
 
+REORDER = 32  # packets demuxed past the last slot: more than any codec reorders (H.264/HEVC: <= 16)
+
+
+def shown(path: str, times: list[Fraction]):
+    """``wanted(pts) -> bool`` for ``_frames_from``: True for the frames on screen at ``times``
+    (and for any frame outside the packets seen), from one pass over the packets' timestamps
+    (demuxing only: no decoding). The rest need decoding only if other frames refer to them."""
+    container, stream = _open(Path(path))
+    tb, start = Fraction(stream.time_base), stream.start_time or 0
+    target = times[0] - SEEK_BACKOFF_S[-1]
+    if target > 0:
+        container.seek(start + math.floor(target / tb), stream=stream, backward=True, any_frame=False)
+    pts, past = [], 0
+    try:
+        for packet in container.demux(stream):
+            if packet.pts is not None:
+                pts.append(packet.pts)
+                past += (packet.pts - start) * tb > times[-1]
+                if past > REORDER:
+                    break
+    finally:
+        container.close()
+    if not pts:
+        return lambda p: True
+    order = sorted(set(pts))
+    clock = [(p - start) * tb for p in order]
+    on_screen = {order[i - 1] for i in (bisect.bisect_right(clock, t) for t in times) if i > 0}
+    lo, hi = order[0], order[-1]
+    return lambda p: p <= lo or p >= hi or p in on_screen
+
+
 def _rgb(path: str, times: list[Fraction], edge: int | None):
     """Yield the RGB frame ``(h, w, 3) uint8`` on screen at each time (times ascending)."""
     from av.video.reformatter import Interpolation, VideoReformatter
 
     reformatter, colours = VideoReformatter(), {}
     algo = Interpolation[INTERPOLATIONS["area"]] | Interpolation.FULL_CHR_H_INT
-    frames = _frames_from(Path(path), times[0])
+    frames = _frames_from(Path(path), times[0], shown(path, times))
     t, frame = next(frames)
     upcoming = next(frames, None)
     cached = None  # (frame, rgb): a frame shown at several slots is converted once
