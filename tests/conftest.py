@@ -13,6 +13,30 @@ REAL_XLSX = SHARED / "Sherlock_Segments_1000_NN_2017.xlsx"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+_INPROC: dict = {}
+
+
+def inproc_scheduler() -> str:
+    """The address of one in-process Dask cluster (one single-thread worker) per test process,
+    started on first use: builds of tests that *read* a store run the engine's real Dask path
+    without spawning and warming up worker processes for every build. Tests about the cluster
+    itself (worker processes dying, kills, several workers, an external scheduler, the CLI)
+    start their own."""
+    if "cluster" not in _INPROC:
+        import logging
+
+        from distributed import LocalCluster
+
+        _INPROC["cluster"] = LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                          dashboard_address=None, silence_logs=logging.ERROR)
+    return _INPROC["cluster"].scheduler_address
+
+
+def pytest_sessionfinish(session, exitstatus):
+    cluster = _INPROC.pop("cluster", None)
+    if cluster is not None:
+        cluster.close()
+
 
 @pytest.fixture(scope="session")
 def fmri_study_template(tmp_path_factory) -> Path:

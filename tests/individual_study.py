@@ -135,13 +135,15 @@ def make(root: str | Path, *, n_subjects: int = 3, n_trs: int = 360, shape=(10, 
     return path, truth
 
 
-def build(config: Path, truth: dict) -> Path:
-    """Run giblet-preprocess's engine on the study; returns the store (voxel order checked)."""
+def build(config: Path, truth: dict, scheduler: str | None = None) -> Path:
+    """Run giblet-preprocess's engine on the study (a LocalCluster of one worker process, or
+    ``scheduler``'s cluster); returns the store (voxel order checked)."""
     from giblet.config import load_config
     from giblet.reader import open_store
     from pipelines import engine
 
-    store = Path(engine.run(load_config(config), workers=1, progress=False).store)
+    store = Path(engine.run(load_config(config), workers=None if scheduler else 1, scheduler=scheduler,
+                            progress=False).store)
     view = open_store(store)
     if not np.array_equal(view.voxels, truth["ijk"]):
         raise AssertionError("the store's voxels are not the mask's in C order; truth would be misaligned")

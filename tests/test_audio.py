@@ -12,6 +12,8 @@ import pytest
 import torch
 import yaml
 
+from conftest import inproc_scheduler
+
 import giblet
 from giblet.config import load_config
 from giblet.errors import ConfigError, InputError, InputMissingError
@@ -57,7 +59,7 @@ def study(study_template, tmp_path) -> Path:
 
 
 def build(config, *overrides):
-    return engine.run(load_config(config, overrides), only=["fmri", "audio"], workers=1, progress=False)
+    return engine.run(load_config(config, overrides), only=["fmri", "audio"], scheduler=inproc_scheduler(), progress=False)
 
 
 def binned(stream: np.ndarray, n_trs: int) -> np.ndarray:

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 import giblet
+from conftest import inproc_scheduler
 from tests import individual_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("evaluate_study")
     config, truth = individual_study.make(root, n_subjects=3, n_trs=120, shape=(6, 6, 5), noise=0.3, shared=0.7,
                                           movie_size=(32, 18), seed=7)
-    return individual_study.build(config, truth)
+    return individual_study.build(config, truth, scheduler=inproc_scheduler())
 
 
 @pytest.fixture(scope="module")

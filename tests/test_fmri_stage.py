@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import inproc_scheduler
 import giblet
 from giblet.config import load_config
 from giblet.errors import InputError, StoreError
@@ -17,7 +18,7 @@ from tests.conftest import REAL_BOLD
 
 
 def build(config, *overrides, **kw):
-    return engine.run(load_config(config, overrides), workers=1, progress=False, **kw)
+    return engine.run(load_config(config, overrides), scheduler=inproc_scheduler(), progress=False, **kw)
 
 
 def raw_masked(path, mask):

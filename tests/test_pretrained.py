@@ -74,10 +74,9 @@ def extractors(models: dict) -> dict:
 @pytest.fixture(scope="module")
 def cluster():
     """An in-process Dask cluster (threads): builds skip worker start-up and imports."""
-    from distributed import LocalCluster
+    from conftest import inproc_scheduler
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as c:
-        yield c.scheduler_address
+    return inproc_scheduler()
 
 
 def build(config, scheduler, *overrides):

@@ -15,6 +15,7 @@ import torch
 
 from giblet.models.autoencoder import AutoencoderConfig, GibletAutoencoder, ModelSpec, prepare_batch
 from giblet.models.readout import SubjectReadout, readout_parameters, subject_table
+from conftest import inproc_scheduler
 from tests import individual_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def opposite_study(tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("opposite")
     config, truth = individual_study.make(root, n_subjects=3, n_trs=120, shape=(6, 6, 5), noise=0.3, opposite=True,
                                           movie_size=(32, 18), seed=5)
-    return individual_study.build(config, truth), truth
+    return individual_study.build(config, truth, scheduler=inproc_scheduler()), truth
 
 
 def _train(store, out, *overrides) -> dict:

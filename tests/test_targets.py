@@ -96,13 +96,9 @@ def make_targets_study(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def scheduler():
     """An in-process Dask cluster (threads): the engine runs as on a cluster, without spawning workers."""
-    import logging
+    from conftest import inproc_scheduler
 
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0",
-                      silence_logs=logging.ERROR) as cluster:
-        yield cluster.scheduler_address
+    return inproc_scheduler()
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import inproc_scheduler
 from giblet.config import load_config
 from giblet.synth import make_study
 from pipelines import engine
@@ -43,7 +44,7 @@ def study(tmp_path_factory) -> tuple[Path, Path]:
     config = make_study(root, n_subjects=3, n_trs=N_TRS, shape=(10, 12, 8), fps=10, movie_size=(96, 54),
                         movie={"video", "audio"} & registered != set(), annotations="text" in registered,
                         seed=3, stages=blocks)
-    store = engine.run(load_config(config), workers=1, progress=False).store
+    store = engine.run(load_config(config), scheduler=inproc_scheduler(), progress=False).store
     return Path(store), root / "truth.npz"
 
 

@@ -13,6 +13,7 @@ import pytest
 import yaml
 import zarr
 
+from conftest import inproc_scheduler
 import giblet
 from giblet.config import VIDEO_INTERPOLATIONS, load_config
 from giblet.errors import ConfigError, InputError, InputMissingError
@@ -312,7 +313,7 @@ def study(study_template, tmp_path) -> Path:
 
 
 def build(config, *overrides):
-    return engine.run(load_config(config, overrides), only=["fmri", "video"], workers=1, progress=False)
+    return engine.run(load_config(config, overrides), only=["fmri", "video"], scheduler=inproc_scheduler(), progress=False)
 
 
 def test_round_trip_cache_hit_and_targeted_recompute(study):
