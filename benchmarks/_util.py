@@ -71,3 +71,13 @@ def machine() -> str:
     return (f"{platform.machine()} {os.cpu_count()} cores, "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.python_implementation()} "
             f"{platform.python_version()}, {time.strftime('%Y-%m-%d')}")
+
+
+def timed(fn, *args, **kwargs) -> tuple[object, float, float, float]:
+    """``(result, seconds, peak RSS GB, RSS GB before)`` of one call."""
+    with PeakRSS() as rss:
+        before = rss.peak / 1e9
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        seconds = time.perf_counter() - t0
+    return out, seconds, rss.gb, before

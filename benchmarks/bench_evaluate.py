@@ -18,28 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import PeakRSS, machine  # noqa: E402
+from _util import machine, timed  # noqa: E402
 
 import giblet  # noqa: E402
 from giblet.evaluation.ceiling import noise_ceiling  # noqa: E402
 from giblet.evaluation.features import FeatureParams, store_features  # noqa: E402
 from giblet.evaluation.ridge import fit_subject, subject_samples  # noqa: E402
-
-
-def timed(fn, *args, **kwargs) -> tuple[object, float, float, float]:
-    """``(result, seconds, peak RSS GB, RSS GB before)`` of one call."""
-    with PeakRSS() as rss:
-        before = rss.peak / 1e9
-        t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        seconds = time.perf_counter() - t0
-    return out, seconds, rss.gb, before
 
 
 def read_all_fmri(view) -> int:

@@ -18,24 +18,13 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import PeakRSS, machine  # noqa: E402
+from _util import machine, timed  # noqa: E402
 
 import giblet  # noqa: E402
 from giblet.report import build_report  # noqa: E402
-
-
-def timed(fn, *args, **kwargs) -> tuple[object, float, float, float]:
-    """``(result, seconds, peak RSS GB, RSS GB before)`` of one call."""
-    with PeakRSS() as rss:
-        before = rss.peak / 1e9
-        t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        seconds = time.perf_counter() - t0
-    return out, seconds, rss.gb, before
 
 
 def read_subject(view, subject: str) -> int:

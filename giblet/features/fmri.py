@@ -322,7 +322,7 @@ def build_subject(staging: str, store_path: str, subject: str, runs: list[dict],
         scaler = ZScorer()
         for run in group:
             _fit(scaler, *data[run], block_trs)
-        n_zero = _zero_variance(scaler, f"{subject}/{'+'.join(group)}", zero_variance)
+        n_zero = zero_variance_rule(scaler, f"{subject}/{'+'.join(group)}", zero_variance, "in-mask voxels")
         for run in group:
             _write_run(staging, subject, run, data.pop(run), scaler, chunk_trs, zscore)
             meta[run].update(n_zero_variance=n_zero, first_zero_variance_voxel=int(np.argmax(scaler.zero_variance_))
@@ -356,13 +356,16 @@ def _fit(scaler: ZScorer, x: np.ndarray, offset: np.ndarray | None, censored: np
         scaler.partial_fit(block if offset is None else block.astype(np.float64) + offset)
 
 
-def _zero_variance(scaler: ZScorer, label: str, rule: str) -> int:
+def zero_variance_rule(scaler: ZScorer, label: str, rule: str, columns: str = "voxels",
+                       all_constant_fix: str = "an empty or all-zero run? check the file") -> int:
+    """``fmri.zero_variance`` over a fitted scaler's columns (voxels, or a target set's): the
+    count of constant columns; an error when every column is constant, or when any is and the
+    rule is ``error``. One rule for the voxels and every target set."""
     n_zero = int(scaler.zero_variance_.sum())
     if n_zero == len(scaler.zero_variance_):
-        raise InputError(f"{label}: all {n_zero} in-mask voxels are constant over the served TRs (an empty or "
-                         f"all-zero run?); check the file")
+        raise InputError(f"{label}: all {n_zero} {columns} are constant over the served TRs ({all_constant_fix})")
     if n_zero and rule == "error":
-        raise InputError(f"{label}: {n_zero} voxels have zero variance over tr (first: voxel "
+        raise InputError(f"{label}: {n_zero} {columns} have zero variance over tr (first: column "
                          f"{int(np.argmax(scaler.zero_variance_))}); set fmri.zero_variance=zero to keep them as 0 "
                          f"after z-scoring")
     return n_zero

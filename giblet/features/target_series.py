@@ -26,7 +26,8 @@ import nibabel as nib
 import numpy as np
 
 from giblet import store
-from giblet.errors import InputError, StoreError
+from giblet.errors import StoreError
+from giblet.features.fmri import zero_variance_rule
 from giblet.features.targets import (column_dim, definition_name, sample_surface, series_names, store_mask,
                                      surface_meshes)
 from giblet.normalize import ZScorer
@@ -115,24 +116,14 @@ def build_series(staging: str, store_path: str, spec: dict, subject: str, runs: 
     for x, censored in data.values():  # one group: a run (zscore=run, one run per unit) or the subject's runs
         scaler.partial_fit(x[~censored])
     label = f"target {spec['id']} {subject}/{'+'.join(runs)}"
-    n_zero = _zero_variance(scaler, label, zero_variance)
+    n_zero = zero_variance_rule(scaler, label, zero_variance, "targets",
+                                "check the atlas against the mask, and the run")
     meta = {}
     for r, (x, censored) in data.items():
         _write(Path(staging), spec, subject, r, x, censored, scaler, chunk_trs, zscore)
         meta[r] = {"n_trs": int(len(x)), "n_censored": int(censored.sum()), "n_zero_variance": n_zero,
                    "first_zero_variance_target": int(np.argmax(scaler.zero_variance_)) if n_zero else None}
     return {"target": spec["id"], "n_targets": n_targets, "zscore": zscore, "runs": meta}
-
-
-def _zero_variance(scaler: ZScorer, label: str, rule: str) -> int:
-    n_zero = int(scaler.zero_variance_.sum())
-    if n_zero == len(scaler.zero_variance_):
-        raise InputError(f"{label}: all {n_zero} targets are constant over the served TRs; check the atlas against "
-                         f"the mask (and the run)")
-    if n_zero and rule == "error":
-        raise InputError(f"{label}: {n_zero} targets have zero variance over tr (first: column "
-                         f"{int(np.argmax(scaler.zero_variance_))}); set fmri.zero_variance=zero to keep them as 0")
-    return n_zero
 
 
 def _write(staging: Path, spec: dict, subject: str, run: str, x: np.ndarray, censored: np.ndarray,
