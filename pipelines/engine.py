@@ -252,6 +252,8 @@ def _run_units(todo: list[Unit], writer: StoreWriter, client, bar: Progress, log
             state["t1"] = time.time()
             bar.unit_done()
             bar.log(log, f"{key}: done in {state['t1'] - state['t0']:.1f} s")
+            for note in meta.get("warnings", ()) if isinstance(meta, dict) else ():  # e.g. a fallback, kept in meta
+                bar.log(log, f"{key}: warning: {note}")
             if unit.cleanup and not any(k != key and pending[k].stage == unit.stage for k in waiting_on):
                 clean_workers(unit)
             release(key)

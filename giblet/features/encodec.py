@@ -205,4 +205,5 @@ def load_model(name: str, fingerprint: str, device: str):
                              f"it is not a complete EnCodec checkpoint: re-save it with save_pretrained")
     # Recorded in the store: a directory's weights are its files; random ones are hashed here.
     model.giblet_weights_hash = weights_hash(model) if name == RANDOM else fingerprint
+    model.decoder = None  # the stage only encodes: half the weights (~30 MB) need not stay in every worker
     return model.eval().to(torch.device(device))

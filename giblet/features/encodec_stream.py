@@ -1,0 +1,279 @@
+"""The ``stream`` encode path: transformers' EnCodec encoder, same weights and layers, run
+faster on CPU.
+
+Why by hand: on CPU the eager encoder spends most of its time outside arithmetic. Its
+convolutions see ``(batch, channel, time)`` tensors, which oneDNN reorders to and from its
+blocked layout at every layer (a 32-channel layer reaches ~20 GFLOP/s against ~160 for a
+matmul on one core); each reflect padding, ELU and residual add streams a whole window's
+activations (64 MB per tensor for 21 s at 24 kHz) through memory; and the LSTM multiplies
+one window's 512-vector by its 4 MB weights per code frame. No library runs this model
+better without an export step (ONNX Runtime measured ~1.35x, and needs a traced export per
+worker). So this path:
+
+1. keeps activations channels-last, ``(batch, time, channel)``: convolutions run as
+   ``conv2d`` in ``channels_last`` (1x1 ones as a matmul), with the weight-norm folded once;
+2. runs the convolutional front (everything before the LSTM) over each window in chunks of
+   ``CHUNK_FRAMES`` code frames that fit the cache, each with ``margin`` frames of the audio
+   before it (at least the front's receptive field) that are computed and dropped. The
+   chunks start on code-frame boundaries, so every layer sees the same samples, padding
+   and strides as in one pass over the window: the front's output is that of the window;
+3. runs the LSTM and the last layers once over all windows of a call as one batch
+   (windows right-padded with zeros: the LSTM runs forward and the convolutions are
+   causal, so padding never reaches a kept frame), then the model's own quantizer.
+
+Only causal models (``use_causal_conv``, e.g. ``facebook/encodec_24khz``) with weight-normed
+convolutions qualify (``StreamEncoder.check``); the stage falls back to transformers' own
+``encode`` otherwise, and says so. Codes equal the eager encode's up to float rounding
+(``audio.fast_path`` in docs/store.md: agreement measured and recorded), and do not change
+with the number of threads.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import numpy as np
+
+CHUNK_FRAMES = 256  # code frames per front chunk (3.4 s at 75 Hz: a 32-channel layer's tensor is ~10 MB)
+BACK_FRAMES = 2**14  # windows x code frames per LSTM call (a batch of windows shares each step's weights)
+
+Step = Callable  # (batch, time, channel) tensor -> (batch, time', channel') tensor
+
+
+class Unsupported(Exception):
+    """The model has a layer or setting this path does not reproduce (the stage falls back)."""
+
+
+class StreamEncoder:
+    """Encode windows of one EnCodec model's input (see the module docstring).
+
+    Args:
+        model: a transformers ``EncodecModel`` in eval mode, on CPU.
+        chunk_frames: code frames per front chunk.
+
+    Raises:
+        Unsupported: ``check(model)`` names what this path cannot run.
+    """
+
+    def __init__(self, model, chunk_frames: int = CHUNK_FRAMES):
+        reason = self.check(model)
+        if reason:
+            raise Unsupported(reason)
+        import torch
+
+        from transformers.models.encodec import modeling_encodec as me
+
+        self.model, self.chunk_frames = model, chunk_frames
+        layers = list(model.encoder.layers)
+        cut = next(i for i, m in enumerate(layers) if isinstance(m, me.EncodecLSTM))
+        with torch.no_grad():
+            self.front = [_step(m) for m in layers[:cut]]
+            self.lstm = layers[cut].lstm
+            self.tail = [_step(m) for m in layers[cut + 1:]]
+        self.hop = int(np.prod(model.config.upsampling_ratios))
+        self.margin = math.ceil(_lookback(layers[:cut]) / self.hop)  # frames
+
+    @staticmethod
+    def check(model) -> Optional[str]:
+        """Why this path cannot run ``model`` (None: it can)."""
+        from transformers.models.encodec import modeling_encodec as me
+
+        cfg = model.config
+        if not cfg.use_causal_conv:
+            return "the model is not causal (use_causal_conv=false): its chunks would need right context"
+        if cfg.norm_type != "weight_norm":
+            return f"norm_type={cfg.norm_type}: only weight-normed convolutions stream"
+        if next(model.parameters()).device.type != "cpu":
+            return "the model is not on the CPU"
+        known = (me.EncodecConv1d, me.EncodecResnetBlock, me.EncodecLSTM, me.EncodecEncoder)
+        for m in model.encoder.modules():
+            if not isinstance(m, known) and type(m).__module__.startswith("transformers"):
+                return f"unknown encoder layer {type(m).__name__}"
+        if sum(isinstance(m, me.EncodecLSTM) for m in model.encoder.layers) != 1:
+            return "the encoder does not have exactly one LSTM"
+        return None
+
+    def encode(self, windows: list[np.ndarray], bandwidth: float) -> list[np.ndarray]:
+        """Codes of each window, as transformers' ``encode`` of that window alone.
+
+        Args:
+            windows: ``(sample,) float32`` mono waveforms; each but the last of the audio
+                a whole number of code frames long.
+            bandwidth: kbps.
+
+        Returns:
+            per window, ``(codebook, ceil(samples / hop)) int64``.
+        """
+        import torch
+
+        out = []
+        with torch.inference_mode():
+            feats = [self._front(w) for w in windows]
+            group: list = []
+            for f in feats + [None]:  # LSTM batches of at most BACK_FRAMES frames
+                if group and (f is None or (len(group) + 1) * max(g.shape[0] for g in group + [f]) > BACK_FRAMES):
+                    out += self._back(group, bandwidth)
+                    group = []
+                if f is not None:
+                    group.append(f)
+        return out
+
+    def _front(self, wave: np.ndarray):
+        """``(frame, channel)`` features before the LSTM of one window, chunk by chunk."""
+        import torch
+
+        n, hop, step = len(wave), self.hop, self.chunk_frames * self.hop
+        parts = []
+        for a in range(0, n, step):
+            lead = min(a, self.margin * hop)
+            y = torch.from_numpy(np.array(wave[a - lead: a + step], np.float32)).reshape(1, -1, 1)
+            for f in self.front:
+                y = f(y)
+            parts.append(y[0, lead // hop:])
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _back(self, feats: list, bandwidth: float) -> list[np.ndarray]:
+        """LSTM, tail and quantizer over windows' features at once (zero-padded to the longest)."""
+        import torch
+
+        lengths = [f.shape[0] for f in feats]
+        y = torch.nn.utils.rnn.pad_sequence(feats)  # (time, batch, channel): the LSTM's layout
+        y = self.lstm(y)[0] + y
+        y = y.transpose(0, 1).contiguous()
+        for f in self.tail:
+            y = f(y)
+        codes = self.model.quantizer.encode(y.transpose(1, 2), bandwidth)  # (codebook, batch, frame)
+        return [codes[:, i, :n].numpy() for i, n in enumerate(lengths)]
+
+
+# -- the layers, channels-last ---------------------------------------------------------------
+
+def _lookback(layers) -> int:
+    """Input samples before its own that the last layer's output depends on (causal layers)."""
+    from transformers.models.encodec import modeling_encodec as me
+
+    total, stride = 0, 1  # stride: input samples per step of the current layer's input
+    for m in layers:
+        convs = [m] if isinstance(m, me.EncodecConv1d) else \
+            [b for b in m.block if isinstance(b, me.EncodecConv1d)] if isinstance(m, me.EncodecResnetBlock) else []
+        for c in convs:  # a residual block's 1x1 shortcut looks back nothing
+            k = (c.conv.kernel_size[0] - 1) * c.conv.dilation[0] + 1
+            total += (k - c.conv.stride[0]) * stride
+            stride *= c.conv.stride[0]
+    return total
+
+
+def _step(m, inplace: bool = True) -> Step:
+    """A layer as a function of ``(batch, time, channel)``; ``inplace``: an ELU may overwrite its
+    input (it is a fresh tensor no one else holds: every input but a residual block's)."""
+    import torch
+    import torch.nn.functional as F
+
+    from transformers.models.encodec import modeling_encodec as me
+
+    if isinstance(m, me.EncodecConv1d):
+        return _Conv(m)
+    if isinstance(m, torch.nn.ELU):
+        alpha = float(m.alpha)
+        return lambda y: F.elu(y, alpha, inplace=inplace)
+    if isinstance(m, me.EncodecResnetBlock):
+        block = [_step(b, inplace=i > 0) for i, b in enumerate(m.block)]  # the first reads the residual
+        shortcut = None if isinstance(m.shortcut, torch.nn.Identity) else _step(m.shortcut)
+
+        def residual(y):
+            h = y
+            for f in block:
+                h = f(h)
+            return (y if shortcut is None else shortcut(y)) + h
+        return residual
+    raise Unsupported(f"unknown encoder layer {type(m).__name__}")
+
+
+class _Conv:
+    """``EncodecConv1d`` (causal) on ``(batch, time, channel)``: the same padding rule."""
+
+    def __init__(self, m):
+        import torch
+
+        conv = m.conv
+        self.stride, self.dilation = conv.stride[0], conv.dilation[0]
+        self.kernel = (conv.kernel_size[0] - 1) * self.dilation + 1
+        self.pad_total, self.mode = self.kernel - self.stride, m.pad_mode
+        w = conv.weight.detach()  # the weight-norm parametrization, evaluated once
+        self.bias = None if conv.bias is None else conv.bias.detach().clone()
+        if conv.kernel_size[0] == 1 and self.stride == 1:
+            self.matrix = w[:, :, 0].clone()  # (out, in): a 1x1 convolution is a matmul
+            self.weight = None
+        else:
+            self.matrix = None
+            self.weight = w.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (out, in, 1, kernel)
+
+    def __call__(self, y):
+        import torch.nn.functional as F
+
+        if self.matrix is not None:
+            return F.linear(y, self.matrix, self.bias)
+        n = y.shape[1]
+        frames = -(-(n - self.kernel + self.pad_total) // self.stride)  # transformers' rule, in integers
+        extra = frames * self.stride + self.kernel - self.pad_total - n
+        y = _pad(y, self.pad_total, extra, self.mode)
+        x = y.permute(0, 2, 1).unsqueeze(2)  # (batch, channel, 1, time), channels_last in memory
+        out = F.conv2d(x, self.weight, self.bias, stride=(1, self.stride), dilation=(1, self.dilation))
+        return out.squeeze(2).permute(0, 2, 1)
+
+
+def _pad(y, left: int, right: int, mode: str):
+    """transformers' ``EncodecConv1d._pad1d`` along time of ``(batch, time, channel)``."""
+    import torch
+    import torch.nn.functional as F
+
+    if mode != "reflect":
+        return F.pad(y, (0, 0, left, right), mode) if left or right else y
+    n, extra = y.shape[1], 0
+    if n <= max(left, right):  # as transformers: zeros first, so that a short input can reflect
+        extra = max(left, right) - n + 1
+        y = F.pad(y, (0, 0, 0, extra))
+        n += extra
+    parts = ([y[:, 1:left + 1].flip(1)] if left else []) + [y] + ([y[:, n - 1 - right:n - 1].flip(1)] if right else [])
+    y = torch.cat(parts, 1) if len(parts) > 1 else y
+    return y[:, :y.shape[1] - extra] if extra else y
+
+
+# -- choosing the path, and checking it ------------------------------------------------------
+
+PATHS = ("auto", "stream", "eager")
+
+
+def choose(model, requested: str) -> tuple[str, Optional[str]]:
+    """The path a task runs (``stream`` or ``eager``) for ``audio.fast_path`` = ``requested``,
+    and why it is not the one asked for (None when it is).
+
+    ``auto``: ``stream`` on CPU when the model qualifies, else ``eager`` (on a GPU without a
+    note: cuDNN runs the eager encoder well). ``stream``: the same, with a note whenever it
+    falls back. ``eager``: transformers' ``encode``.
+    """
+    if requested == "eager":
+        return "eager", None
+    reason = StreamEncoder.check(model)
+    if reason is None:
+        return "stream", None
+    if requested == "auto" and next(model.parameters()).device.type != "cpu":
+        return "eager", None
+    return "eager", (f"audio.fast_path={requested}: the stream path cannot run this model ({reason}); "
+                     f"encoded with transformers' encode instead (same codes up to float rounding, slower on CPU)")
+
+
+def agreement(model, wave: np.ndarray, bandwidth: float) -> dict:
+    """Encode ``wave`` (one window) both ways: the fraction of codes equal, and their count."""
+    import torch
+
+    hop = int(np.prod(model.config.upsampling_ratios))
+    wave = wave[: len(wave) - len(wave) % hop]
+    if len(wave) == 0:
+        return {}
+    with torch.inference_mode():
+        eager = model.encode(torch.from_numpy(np.array(wave, np.float32))[None, None], bandwidth=float(bandwidth))
+    eager = eager.audio_codes[0, 0].numpy()
+    stream = model.giblet_stream.encode([wave], float(bandwidth))[0] if getattr(model, "giblet_stream", None) \
+        else StreamEncoder(model).encode([wave], float(bandwidth))[0]
+    return {"fast_path_agreement": round(float((stream == eager).mean()), 6), "agreement_codes": int(eager.size)}
