@@ -71,7 +71,9 @@ def run(cfg: StudyConfig, *, only: Optional[list[str]] = None, force: bool = Fal
     """Build or update the store described by ``cfg``; returns what ran and what was skipped.
 
     ``scheduler``: an existing Dask scheduler (``tcp://`` or ``tls://``; ``security``: its
-    ``distributed.Security``), else a LocalCluster of ``workers`` processes is started."""
+    ``distributed.Security``), else a LocalCluster of ``workers`` processes is started;
+    ``workers=0``: in-process; None: in-process when the build is small
+    (``pipelines.cluster``, the in-process rule)."""
     t_start = time.perf_counter()
     ctx, units = plan_for(cfg, only)
     _require_units(cfg, units, only)
@@ -138,6 +140,7 @@ def _execute(todo: list[Unit], writer: StoreWriter, cluster: Cluster, log, progr
     committed is a warning: the store is complete, and a rerun would find nothing to do."""
     # Every task is counted before the first one starts, so the progress total never moves.
     bar = Progress(len(todo), sum(u.task_count() for u in todo), enabled=progress)
+    cluster.choose(sum(u.cells for u in todo))
     try:
         client = cluster.start()
         try:

@@ -35,7 +35,8 @@ from typing import Callable, Optional
 import numpy as np
 
 CHUNK_FRAMES = 256  # code frames per front chunk (3.4 s at 75 Hz: a 32-channel layer's tensor is ~10 MB)
-BACK_FRAMES = 2**14  # windows x code frames per LSTM call (a batch of windows shares each step's weights)
+BACK_FRAMES = 2**13  # windows x code frames per LSTM batch (its windows share each step's weights: ~4x faster)
+LSTM_FRAMES = 256  # code frames per LSTM call (the state is carried from one to the next)
 
 Step = Callable  # (batch, time, channel) tensor -> (batch, time', channel') tensor
 
@@ -106,16 +107,15 @@ class StreamEncoder:
         """
         import torch
 
-        out = []
+        out, group = [], []
         with torch.inference_mode():
-            feats = [self._front(w) for w in windows]
-            group: list = []
-            for f in feats + [None]:  # LSTM batches of at most BACK_FRAMES frames
-                if group and (f is None or (len(group) + 1) * max(g.shape[0] for g in group + [f]) > BACK_FRAMES):
-                    out += self._back(group, bandwidth)
+            for w in windows + [None]:  # groups of at most BACK_FRAMES (windows x longest) frames
+                frames = [-(-len(g) // self.hop) for g in group + ([w] if w is not None else [])]
+                if group and (w is None or len(frames) * max(frames) > BACK_FRAMES):
+                    out += self._back([self._front(g) for g in group], bandwidth)
                     group = []
-                if f is not None:
-                    group.append(f)
+                if w is not None:
+                    group.append(w)
         return out
 
     def _front(self, wave: np.ndarray):
@@ -138,12 +138,15 @@ class StreamEncoder:
 
         lengths = [f.shape[0] for f in feats]
         y = torch.nn.utils.rnn.pad_sequence(feats)  # (time, batch, channel): the LSTM's layout
-        y = self.lstm(y)[0] + y
+        state = None
+        for t in range(0, y.shape[0], LSTM_FRAMES):  # in time slices, the state carried: small gate buffers
+            h, state = self.lstm(y[t:t + LSTM_FRAMES], state)
+            y[t:t + LSTM_FRAMES] += h
         y = y.transpose(0, 1).contiguous()
         for f in self.tail:
             y = f(y)
-        codes = self.model.quantizer.encode(y.transpose(1, 2), bandwidth)  # (codebook, batch, frame)
-        return [codes[:, i, :n].numpy() for i, n in enumerate(lengths)]
+        quantize = self.model.quantizer.encode  # per window: its distance matrix is (frames, codebook_size)
+        return [quantize(y[i:i + 1, :n].transpose(1, 2), bandwidth)[:, 0].numpy() for i, n in enumerate(lengths)]
 
 
 # -- the layers, channels-last ---------------------------------------------------------------
