@@ -297,7 +297,7 @@ def stream_encoder(model):
 
 
 def encode_frames(model, wave: np.ndarray, k0: int, k1: int, *, bandwidth: float, segment_s: float,
-                  context_s: float, batch_size: int, path: str = "eager") -> np.ndarray:
+                  context_s: float, batch_size: int, path: str = "eager", threads: int = 1) -> np.ndarray:
     """EnCodec codes of code frames ``[k0, k1)`` of the continuous stream of ``wave``.
 
     Args:
@@ -306,8 +306,9 @@ def encode_frames(model, wave: np.ndarray, k0: int, k1: int, *, bandwidth: float
         k0, k1: code frames to return; ``k1 <= len(wave) // hop_length``.
         bandwidth: kbps, passed to ``encode`` explicitly (never the API default).
         segment_s, context_s, batch_size: see ``plan_windows`` and ``_batches``.
-        path: ``eager`` (transformers' ``encode``, batched windows) or ``stream``
-            (``giblet.features.encodec_stream``: the same windows, faster on CPU).
+        path: ``eager`` (transformers' ``encode``, batched windows, torch's threads as set)
+            or ``stream`` (``giblet.features.encodec_stream``: the same windows, faster on
+            CPU, ``threads`` groups of windows at once).
 
     Returns:
         ``(codebook, k1 - k0) int16``.
@@ -320,7 +321,7 @@ def encode_frames(model, wave: np.ndarray, k0: int, k1: int, *, bandwidth: float
     windows = plan_windows(k0, k1, len(wave), hop, max(1, round(segment_s * rate)), round(context_s * rate),
                            bool(cfg.use_causal_conv))
     if path == "stream":
-        codes = stream_encoder(model).encode([wave[w.start:w.stop] for w in windows], float(bandwidth))
+        codes = stream_encoder(model).encode([wave[w.start:w.stop] for w in windows], float(bandwidth), threads)
         out = np.empty((codes[0].shape[0], k1 - k0), np.int16)
         for w, c in zip(windows, codes):
             out[:, w.keep0 - k0: w.keep1 - k0] = c[:, w.keep0 - w.start // hop: w.keep1 - w.start // hop]
@@ -363,8 +364,9 @@ def encode_trs(staging: str, name: str, source: str, source_key: str, source_fp:
     """Task: encode TRs ``[tr0, tr1)`` (whole chunks) into the staged codes array ``name``.
 
     ``fast_path`` (``auto | stream | eager``) picks the encoder (``encodec_stream.choose``);
-    torch runs ``threads`` intra-op threads (None: this worker's cores divided by the
-    ``concurrent`` audio tasks that may run beside it, ``media.task_threads``). The task
+    it runs on ``threads`` threads (None: this worker's cores divided by the ``concurrent``
+    audio tasks that may run beside it, ``media.task_threads``): torch's intra-op threads
+    for ``eager``, groups of windows at once for ``stream``. The task
     holding TR 0 also encodes the first ``AGREEMENT_S`` seconds both ways and records
     how many codes agree. TRs past the end of the audio are left unwritten
     (``finish_codes`` trims them). Returns the record merged into the unit's meta: TR
@@ -392,7 +394,8 @@ def encode_trs(staging: str, name: str, source: str, source_key: str, source_fp:
             n = arr.shape[2]
             starts = tr_start_frames(end, tr_s, rate)[tr0:]
             codes = encode_frames(net, wave, int(starts[0]), int(starts[-1]) + n, bandwidth=bandwidth,
-                                  segment_s=segment_s, context_s=context_s, batch_size=batch_size, path=path)
+                                  segment_s=segment_s, context_s=context_s, batch_size=batch_size, path=path,
+                                  threads=n_threads)
             if codes.shape[0] != arr.shape[1]:
                 raise InputError(f"audio.model: {model} returned {codes.shape[0]} codebooks at {bandwidth:g} kbps, "
                                  f"the plan expected {arr.shape[1]}; re-save the model or report this")

@@ -34,8 +34,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from giblet.features.media import torch_threads
+
 CHUNK_FRAMES = 256  # code frames per front chunk (3.4 s at 75 Hz: a 32-channel layer's tensor is ~10 MB)
-BACK_FRAMES = 2**13  # windows x code frames per LSTM batch (its windows share each step's weights: ~4x faster)
+BACK_FRAMES = 2**12  # windows x code frames per LSTM batch (its windows share each step's weights)
 LSTM_FRAMES = 256  # code frames per LSTM call (the state is carried from one to the next)
 
 Step = Callable  # (batch, time, channel) tensor -> (batch, time', channel') tensor
@@ -94,35 +96,54 @@ class StreamEncoder:
             return "the encoder does not have exactly one LSTM"
         return None
 
-    def encode(self, windows: list[np.ndarray], bandwidth: float) -> list[np.ndarray]:
+    def encode(self, windows: list[np.ndarray], bandwidth: float, threads: int = 1) -> list[np.ndarray]:
         """Codes of each window, as transformers' ``encode`` of that window alone.
+
+        Windows go in groups of at most ``BACK_FRAMES`` (windows x longest) frames, each
+        group on one of ``threads`` Python threads, every torch op single-threaded. Why not
+        torch's intra-op threads: this path runs thousands of small ops, and an OpenMP team
+        waits at every op's end for its slowest thread -- on a loaded machine, one whose core
+        was taken away (2 intra-op threads measured up to 10x slower than 1 at load 5). The
+        groups do not depend on ``threads``, so neither do the codes.
 
         Args:
             windows: ``(sample,) float32`` mono waveforms; each but the last of the audio
                 a whole number of code frames long.
             bandwidth: kbps.
+            threads: groups encoded at once.
 
         Returns:
             per window, ``(codebook, ceil(samples / hop)) int64``.
         """
+        from concurrent.futures import ThreadPoolExecutor
+
+        groups, group = [], []
+        for w in windows:
+            frames = [-(-len(g) // self.hop) for g in group + [w]]
+            if group and len(frames) * max(frames) > BACK_FRAMES:
+                groups.append(group)
+                group = []
+            group.append(w)
+        groups.append(group)
+        with torch_threads(1):
+            if threads <= 1 or len(groups) == 1:
+                return [c for g in groups for c in self._group(g, bandwidth)]
+            with ThreadPoolExecutor(min(threads, len(groups)), thread_name_prefix="giblet-encodec") as pool:
+                return [c for codes in pool.map(lambda g: self._group(g, bandwidth), groups) for c in codes]
+
+    def _group(self, windows: list[np.ndarray], bandwidth: float) -> list[np.ndarray]:
         import torch
 
-        out, group = [], []
         with torch.inference_mode():
-            for w in windows + [None]:  # groups of at most BACK_FRAMES (windows x longest) frames
-                frames = [-(-len(g) // self.hop) for g in group + ([w] if w is not None else [])]
-                if group and (w is None or len(frames) * max(frames) > BACK_FRAMES):
-                    out += self._back([self._front(g) for g in group], bandwidth)
-                    group = []
-                if w is not None:
-                    group.append(w)
-        return out
+            return self._back([self._front(w) for w in windows], bandwidth)
 
     def _front(self, wave: np.ndarray):
         """``(frame, channel)`` features before the LSTM of one window, chunk by chunk."""
         import torch
 
-        n, hop, step = len(wave), self.hop, self.chunk_frames * self.hop
+        n, hop = len(wave), self.hop
+        frames = -(-n // hop)
+        step = -(-frames // -(-frames // self.chunk_frames)) * hop  # near-equal chunks: no sliver at the end
         parts = []
         for a in range(0, n, step):
             lead = min(a, self.margin * hop)
