@@ -316,7 +316,7 @@ def run_stage(args, audio, model) -> dict:
         runs["baseline"].append(baseline())
     import giblet
 
-    meta = giblet.open_store(tmp / "bench.zarr").unit_meta("audio")
+    meta = giblet.open_store(tmp / "bench.zarr").unit_meta("audio/run-1")
     best = {s: min(r["wall_s"] for r in v) for s, v in runs.items()}
     stage_wall = min(r["stages"]["audio"]["wall_s"] for r in runs["stage"])
     out = {"movie_s": args.seconds, "runs": runs, "meta_last_stage": {k: meta.get(k) for k in (

@@ -57,7 +57,8 @@ def study(study_template, tmp_path) -> Path:
 
 
 def build(config, *overrides):
-    return engine.run(load_config(config, overrides), only=["fmri", "audio"], workers=1, progress=False)
+    """In-process (a small study: the engine's rule), as the command line runs it."""
+    return engine.run(load_config(config, overrides), only=["fmri", "audio"], progress=False)
 
 
 def binned(stream: np.ndarray, n_trs: int) -> np.ndarray:

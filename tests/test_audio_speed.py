@@ -34,42 +34,43 @@ def movie_track(tmp: str) -> np.ndarray:
     """The soundtrack of a giblet.synth movie (tones per scene, AAC, 44.1 kHz stereo), at 24 kHz."""
     rng = np.random.default_rng(4)
     path = f"{tmp}/movie.mp4"
-    write_movie(path, scenes(9.0, rng), 9.0, size=(32, 18), fps=5, rng=rng)
+    write_movie(path, scenes(7.0, rng), 7.0, size=(32, 18), fps=5, rng=rng)
     return audio.read_waveform(path, "movie", 24000, 0.0)[0]
 
 
 @pytest.fixture(scope="module")
 def signals(tmp_path_factory) -> dict:
     return {"movie track": movie_track(str(tmp_path_factory.mktemp("track"))),
-            "speech-like": speech_like(9.0, seed=1)[:-77]}  # ends off a code frame: the last window is partial
+            "speech-like": speech_like(7.0, seed=1)[:-77]}  # ends off a code frame: the last window is partial
 
 
 def test_stream_path_agrees_with_eager_on_a_movie_track_and_speech(model, signals):
     for name, wave in signals.items():
         k = len(wave) // 320
-        eager = audio.encode_frames(model, wave, 0, k, path="eager", **WINDOWS)
+        with torch_threads(1):  # an OpenMP team crawls on a loaded machine (tests run 2 files at once)
+            eager = audio.encode_frames(model, wave, 0, k, path="eager", **WINDOWS)
         stream = audio.encode_frames(model, wave, 0, k, path="stream", **WINDOWS)
-        assert len(np.unique(eager[0])) > 20, name  # codes that follow the audio, not a constant
+        assert len(np.unique(eager)) > 20, name  # codes that follow the audio, not a constant
         assert stream.shape == eager.shape and stream.dtype == np.int16
         assert (stream == eager).mean() >= AGREEMENT, (name, (stream == eager).mean())
         part = audio.encode_frames(model, wave, 300, 500, path="stream", **WINDOWS)  # a task's span
         assert (part == stream[:, 300:500]).mean() >= AGREEMENT, name
 
 
-def test_stream_codes_do_not_depend_on_threads_or_chunking(model, signals):
-    wave = signals["speech-like"]
+def test_stream_codes_do_not_depend_on_threads_or_chunking(model, signals, monkeypatch):
+    monkeypatch.setattr(encodec_stream, "BACK_FRAMES", 400)  # a group per window: two threads share the work
+    wave = signals["speech-like"][:120000]  # 5 s
     small = encodec_stream.StreamEncoder(model, chunk_frames=5)  # chunks not much longer than their margin
     assert small.margin >= 1
     with torch_threads(1):
-        one = audio.stream_encoder(model).encode([wave[:96000], wave], 3.0)
+        one = audio.stream_encoder(model).encode([wave[:48000], wave], 3.0)
         with torch.inference_mode():  # chunks rebuild the window's front (to float rounding: oneDNN may pick
             whole = encodec_stream.StreamEncoder(model, chunk_frames=10**6)._front(wave)  # other kernels)
             torch.testing.assert_close(small._front(wave), whole, rtol=1e-5, atol=1e-5)
             no_margin = encodec_stream.StreamEncoder(model, chunk_frames=5)
             no_margin.margin = 0  # each chunk starts cold: its first frames differ (why the margin exists)
             assert not torch.allclose(no_margin._front(wave), whole, rtol=1e-3, atol=1e-3)
-    with torch_threads(2):
-        two = audio.stream_encoder(model).encode([wave[:96000], wave], 3.0)
+    two = audio.stream_encoder(model).encode([wave[:48000], wave], 3.0, threads=2)
     assert all(np.array_equal(a, b) for a, b in zip(one, two))  # bit-identical codes with 1 and 2 threads
 
 
@@ -111,8 +112,9 @@ def test_fallback_for_a_model_the_stream_path_cannot_run(model, tmp_path):
     codes = zarr.open_array(report.store / "stimuli/run-1/audio/codes", mode="r")[:]
     wave = audio.read_waveform(str(tmp_path / "m.mp4"), "movie", 24000, 0.0)[0]
     starts = audio.tr_start_frames(len(codes), 1.5, 75.0)
-    eager = audio.encode_frames(noncausal, wave, 0, int(starts[-1]) + 112, bandwidth=3.0, segment_s=2.0,
-                                context_s=1.0, batch_size=8, path="eager")
+    with torch_threads(task_threads(None, 1)):  # as the task ran it (the eager path's floats follow the threads)
+        eager = audio.encode_frames(noncausal, wave, 0, int(starts[-1]) + 112, bandwidth=3.0, segment_s=2.0,
+                                    context_s=1.0, batch_size=8, path="eager")
     assert np.array_equal(codes, np.stack([eager[:, s:s + 112] for s in starts]))
 
 
@@ -136,17 +138,19 @@ def test_in_process_rule():
     assert exit_.value.code == 2
 
 
-def test_in_process_and_cluster_builds_are_bit_identical(tmp_path):
-    """Every stage, both ways, same folder: every array chunk and zarr.json checksum is equal."""
+def test_in_process_and_cluster_builds_are_bit_identical(tmp_path, monkeypatch):
+    """fMRI (numpy, BLAS), video (PyAV, OpenCV) and audio (torch) both ways, same folder: every
+    array chunk and zarr.json checksum is equal (text, the sentence model, would add ~5 s)."""
+    monkeypatch.chdir(tmp_path)  # an output override is relative to the working directory
     config = make_study(tmp_path / "s", n_subjects=1, n_trs=10, shape=(6, 7, 5), seed=2, fps=5, movie_size=(32, 18),
-                        stages={"audio": {"model": "random", "segment_s": 4.0, "chunk_trs": 4},
-                                "fmri": {"mask_strategy": "background"}})
+                        annotations=False, stages={"audio": {"model": "random", "segment_s": 4.0, "chunk_trs": 4},
+                                                   "fmri": {"mask_strategy": "background"}})
     lines = []
     inproc = engine.run(load_config(config), progress=False, log=lines.append)
     assert any(line.startswith("running in-process") for line in lines), lines
-    local = engine.run(load_config(config, ["output=cluster.zarr"]), workers=1, progress=False, log=lambda m: None)
+    local = engine.run(load_config(config, ["output=s/cluster.zarr"]), workers=1, progress=False, log=lambda m: None)
     a, b = read_manifest(inproc.store)["units"], read_manifest(local.store)["units"]
-    assert sorted(a) == sorted(b) and {k.split("/")[0] for k in a} == {"fmri", "video", "audio", "text"}
+    assert sorted(a) == sorted(b) and {k.split("/")[0] for k in a} == {"fmri", "video", "audio"}
     for key, entry in a.items():
         for name, rec in entry["arrays"].items():
             assert rec["checksums"] == b[key]["arrays"][name]["checksums"], (key, name)

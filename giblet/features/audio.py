@@ -52,7 +52,7 @@ from giblet.features.encodec import (  # noqa: E402,F401  (re-exported: part of 
 )
 from giblet.features.media import open_stream, resolve_device, task_threads, torch_threads  # noqa: E402
 
-AGREEMENT_S = 10.0  # seconds of audio the first task also encodes eagerly, to record the fast path's agreement
+AGREEMENT_S = 5.0  # seconds of audio the first task also encodes eagerly, to record the fast path's agreement
 
 
 # -- the waveform ---------------------------------------------------------------------------

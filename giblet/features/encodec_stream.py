@@ -36,7 +36,7 @@ import numpy as np
 
 from giblet.features.media import torch_threads
 
-CHUNK_FRAMES = 256  # code frames per front chunk (3.4 s at 75 Hz: a 32-channel layer's tensor is ~10 MB)
+CHUNK_FRAMES = 128  # code frames per front chunk (1.7 s at 75 Hz: a 32-channel layer's tensor is ~5 MB)
 BACK_FRAMES = 2**12  # windows x code frames per LSTM batch (its windows share each step's weights)
 LSTM_FRAMES = 256  # code frames per LSTM call (the state is carried from one to the next)
 
@@ -208,7 +208,8 @@ def _step(m, inplace: bool = True) -> Step:
             h = y
             for f in block:
                 h = f(h)
-            return (y if shortcut is None else shortcut(y)) + h
+            h += y if shortcut is None else shortcut(y)  # h: the block's own output (float + commutes exactly)
+            return h
         return residual
     raise Unsupported(f"unknown encoder layer {type(m).__name__}")
 
@@ -295,7 +296,7 @@ def agreement(model, wave: np.ndarray, bandwidth: float) -> dict:
     wave = wave[: len(wave) - len(wave) % hop]
     if len(wave) == 0:
         return {}
-    with torch.inference_mode():
+    with torch.inference_mode(), torch_threads(1):  # one thread: no OpenMP team to stall on a loaded machine
         eager = model.encode(torch.from_numpy(np.array(wave, np.float32))[None, None], bandwidth=float(bandwidth))
     eager = eager.audio_codes[0, 0].numpy()
     stream = model.giblet_stream.encode([wave], float(bandwidth))[0] if getattr(model, "giblet_stream", None) \
