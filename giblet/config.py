@@ -138,9 +138,10 @@ class AudioParams:
                                  "how the model runs")
     chunk_trs: int = 16  # TRs per Zarr chunk of audio/codes (24 s; tasks are whole chunks)
     workers: Optional[int] = runtime(1, "Dask workers that may run the model at once (each holds its own copy, "
-                                        "~1 GB on CPU); null: any. More is faster where memory allows")
-    threads: Optional[int] = runtime(None, "torch threads per audio task; null: the worker's cores / audio.workers "
-                                           "(all cores by default). The stream path's codes do not depend on it")
+                                        "~0.6 GB on CPU); null: any. More is faster where memory allows")
+    threads: Optional[int] = runtime(None, "threads per audio task; null: the worker's cores / the audio tasks "
+                                           "that run at once (all cores with audio.workers=1). The stream path's "
+                                           "codes do not depend on it")
     fast_path: str = runtime("auto", "auto | stream | eager: how the encoder runs (stream: faster on CPU, same "
                                      "codes up to float rounding; agreement recorded in the unit's meta)")
 

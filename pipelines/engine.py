@@ -189,6 +189,7 @@ def _run_units(todo: list[Unit], writer: StoreWriter, client, bar: Progress, log
                     bar.log(log, f"{key}: up to date")
                     release(key)
                     return
+            unit.slots = task_slots(client.scheduler_info()["workers"], unit.max_workers)
             with phase(f"{key}: preparing its staging folder in {writer.path}", writer.path):
                 staging, results, tasks = _open_staging(writer, unit)
             todo_tasks = [t for t in tasks if t.id not in results]
@@ -312,6 +313,13 @@ def _run_units(todo: list[Unit], writer: StoreWriter, client, bar: Progress, log
     finally:
         for fut in list(futures.futures):
             fut.cancel()
+
+
+def task_slots(workers: dict, max_workers: Optional[int]) -> int:
+    """Tasks of a unit that can run at once: its workers' threads (``max_workers`` of them at
+    most, the ones with the most threads). ``workers``: the scheduler's ``scheduler_info()``."""
+    threads = sorted((int(w.get("nthreads", 1)) for w in workers.values()), reverse=True)
+    return max(1, sum(threads[:max_workers] if max_workers else threads))
 
 
 def _stage_times(units: list[Unit], started: dict[str, dict], task_stream: list[dict],

@@ -55,6 +55,7 @@ class Unit:
     max_workers: Optional[int] = None  # its tasks run on at most this many workers (each loads a big model)
     cleanup: Optional[Callable[[], None]] = None  # run on every worker once no unit of its stage is left
     cells: int = 0  # single-threaded work its tasks do (fMRI: TRs x grid voxels); the in-process rule sums it
+    slots: Optional[int] = None  # tasks of it that can run at once (set by the engine before its tasks are made)
 
     @property
     def ready(self) -> bool:

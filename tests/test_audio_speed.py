@@ -63,18 +63,22 @@ def test_stream_codes_do_not_depend_on_threads_or_chunking(model, signals, monke
     small = encodec_stream.StreamEncoder(model, chunk_frames=5)  # chunks not much longer than their margin
     assert small.margin >= 1
     with torch_threads(1):
-        one = audio.stream_encoder(model).encode([wave[:48000], wave], 3.0)
+        one = encodec_stream.for_model(model).encode([wave[:48000], wave], 3.0)
         with torch.inference_mode():  # chunks rebuild the window's front (to float rounding: oneDNN may pick
             whole = encodec_stream.StreamEncoder(model, chunk_frames=10**6)._front(wave)  # other kernels)
             torch.testing.assert_close(small._front(wave), whole, rtol=1e-5, atol=1e-5)
             no_margin = encodec_stream.StreamEncoder(model, chunk_frames=5)
             no_margin.margin = 0  # each chunk starts cold: its first frames differ (why the margin exists)
             assert not torch.allclose(no_margin._front(wave), whole, rtol=1e-3, atol=1e-3)
-    two = audio.stream_encoder(model).encode([wave[:48000], wave], 3.0, threads=2)
+    two = encodec_stream.for_model(model).encode([wave[:48000], wave], 3.0, threads=2)
     assert all(np.array_equal(a, b) for a, b in zip(one, two))  # bit-identical codes with 1 and 2 threads
 
 
 def test_threads_rule():
+    from pipelines.engine import task_slots
+
+    workers = {"tcp://a": {"nthreads": 1}, "tcp://b": {"nthreads": 1}, "tcp://c": {"nthreads": 2}}
+    assert task_slots(workers, 1) == 2 and task_slots(workers, None) == 4 and task_slots({}, None) == 1
     assert task_threads(3, 1) == 3
     assert task_threads(None, 1) == len(os.sched_getaffinity(0))  # one audio task at a time: every core
     assert task_threads(None, None) == 1  # any number of audio tasks at once: one thread each, as before

@@ -17,9 +17,11 @@ worker). So this path:
    before it (at least the front's receptive field) that are computed and dropped. The
    chunks start on code-frame boundaries, so every layer sees the same samples, padding
    and strides as in one pass over the window: the front's output is that of the window;
-3. runs the LSTM and the last layers once over all windows of a call as one batch
-   (windows right-padded with zeros: the LSTM runs forward and the convolutions are
-   causal, so padding never reaches a kept frame), then the model's own quantizer.
+3. runs the LSTM and the last layers over a group of windows at once (their batch shares
+   each step's 4 MB of weights; windows right-padded with zeros: the LSTM runs forward and
+   the convolutions are causal, so padding never reaches a kept frame), then the model's
+   own quantizer;
+4. spreads the groups over Python threads, each torch op single-threaded (``encode``).
 
 Only causal models (``use_causal_conv``, e.g. ``facebook/encodec_24khz``) with weight-normed
 convolutions qualify (``StreamEncoder.check``); the stage falls back to transformers' own
@@ -81,6 +83,8 @@ class StreamEncoder:
         """Why this path cannot run ``model`` (None: it can)."""
         from transformers.models.encodec import modeling_encodec as me
 
+        import torch
+
         cfg = model.config
         if not cfg.use_causal_conv:
             return "the model is not causal (use_causal_conv=false): its chunks would need right context"
@@ -88,12 +92,17 @@ class StreamEncoder:
             return f"norm_type={cfg.norm_type}: only weight-normed convolutions stream"
         if next(model.parameters()).device.type != "cpu":
             return "the model is not on the CPU"
-        known = (me.EncodecConv1d, me.EncodecResnetBlock, me.EncodecLSTM, me.EncodecEncoder)
-        for m in model.encoder.modules():
-            if not isinstance(m, known) and type(m).__module__.startswith("transformers"):
-                return f"unknown encoder layer {type(m).__name__}"
-        if sum(isinstance(m, me.EncodecLSTM) for m in model.encoder.layers) != 1:
+        layers = list(model.encoder.layers)
+        if sum(isinstance(m, me.EncodecLSTM) for m in layers) != 1:
             return "the encoder does not have exactly one LSTM"
+        blocks = [m for m in layers if isinstance(m, me.EncodecResnetBlock)]
+        parts = [m for m in layers if not isinstance(m, me.EncodecResnetBlock)] + \
+            [b for m in blocks for b in list(m.block) + [m.shortcut]]
+        for m in parts:  # the layers _step reproduces, and nothing else
+            if not isinstance(m, (me.EncodecConv1d, me.EncodecLSTM, torch.nn.ELU, torch.nn.Identity)):
+                return f"unknown encoder layer {type(m).__name__}"
+            if isinstance(m, me.EncodecConv1d) and (m.conv.groups != 1 or m.conv.padding != (0,)):
+                return "a convolution with groups or built-in padding"
         return None
 
     def encode(self, windows: list[np.ndarray], bandwidth: float, threads: int = 1) -> list[np.ndarray]:
@@ -178,9 +187,8 @@ def _lookback(layers) -> int:
 
     total, stride = 0, 1  # stride: input samples per step of the current layer's input
     for m in layers:
-        convs = [m] if isinstance(m, me.EncodecConv1d) else \
-            [b for b in m.block if isinstance(b, me.EncodecConv1d)] if isinstance(m, me.EncodecResnetBlock) else []
-        for c in convs:  # a residual block's 1x1 shortcut looks back nothing
+        convs = list(m.block) if isinstance(m, me.EncodecResnetBlock) else [m]  # a 1x1 shortcut looks back nothing
+        for c in (c for c in convs if isinstance(c, me.EncodecConv1d)):
             k = (c.conv.kernel_size[0] - 1) * c.conv.dilation[0] + 1
             total += (k - c.conv.stride[0]) * stride
             stride *= c.conv.stride[0]
@@ -266,7 +274,11 @@ def _pad(y, left: int, right: int, mode: str):
 
 # -- choosing the path, and checking it ------------------------------------------------------
 
-PATHS = ("auto", "stream", "eager")
+def for_model(model) -> StreamEncoder:
+    """The model's ``StreamEncoder``, built once per loaded model (it holds channels-last weights)."""
+    if getattr(model, "giblet_stream", None) is None:
+        model.giblet_stream = StreamEncoder(model)
+    return model.giblet_stream
 
 
 def choose(model, requested: str) -> tuple[str, Optional[str]]:
@@ -299,6 +311,5 @@ def agreement(model, wave: np.ndarray, bandwidth: float) -> dict:
     with torch.inference_mode(), torch_threads(1):  # one thread: no OpenMP team to stall on a loaded machine
         eager = model.encode(torch.from_numpy(np.array(wave, np.float32))[None, None], bandwidth=float(bandwidth))
     eager = eager.audio_codes[0, 0].numpy()
-    stream = model.giblet_stream.encode([wave], float(bandwidth))[0] if getattr(model, "giblet_stream", None) \
-        else StreamEncoder(model).encode([wave], float(bandwidth))[0]
+    stream = for_model(model).encode([wave], float(bandwidth))[0]
     return {"fast_path_agreement": round(float((stream == eager).mean()), 6), "agreement_codes": int(eager.size)}
