@@ -21,7 +21,8 @@ worker). So this path:
    each step's 4 MB of weights; windows right-padded with zeros: the LSTM runs forward and
    the convolutions are causal, so padding never reaches a kept frame), then the model's
    own quantizer;
-4. spreads the groups over Python threads, each torch op single-threaded (``encode``).
+4. spreads the windows' fronts, then the groups, over Python threads, each torch op
+   single-threaded (``encode``).
 
 Only causal models (``use_causal_conv``, e.g. ``facebook/encodec_24khz``) with weight-normed
 convolutions qualify (``StreamEncoder.check``); the stage falls back to transformers' own
@@ -39,7 +40,7 @@ import numpy as np
 from giblet.features.media import torch_threads
 
 CHUNK_FRAMES = 128  # code frames per front chunk (1.7 s at 75 Hz: a 32-channel layer's tensor is ~5 MB)
-BACK_FRAMES = 2**12  # windows x code frames per LSTM batch (its windows share each step's weights)
+BACK_FRAMES = 2**13  # windows x code frames per LSTM batch (its windows share each step's weights)
 LSTM_FRAMES = 256  # code frames per LSTM call (the state is carried from one to the next)
 
 Step = Callable  # (batch, time, channel) tensor -> (batch, time', channel') tensor
@@ -108,18 +109,18 @@ class StreamEncoder:
     def encode(self, windows: list[np.ndarray], bandwidth: float, threads: int = 1) -> list[np.ndarray]:
         """Codes of each window, as transformers' ``encode`` of that window alone.
 
-        Windows go in groups of at most ``BACK_FRAMES`` (windows x longest) frames, each
-        group on one of ``threads`` Python threads, every torch op single-threaded. Why not
-        torch's intra-op threads: this path runs thousands of small ops, and an OpenMP team
-        waits at every op's end for its slowest thread -- on a loaded machine, one whose core
-        was taken away (2 intra-op threads measured up to 10x slower than 1 at load 5). The
-        groups do not depend on ``threads``, so neither do the codes.
+        The windows' fronts, then their backs in groups of at most ``BACK_FRAMES`` (windows
+        x longest) frames, run on ``threads`` Python threads, every torch op single-threaded.
+        Why not torch's intra-op threads: this path runs thousands of small ops, and an
+        OpenMP team waits at every op's end for its slowest thread -- on a loaded machine,
+        one whose core was taken away (2 intra-op threads measured up to 10x slower than 1
+        at load 5). The groups do not depend on ``threads``, so neither do the codes.
 
         Args:
             windows: ``(sample,) float32`` mono waveforms; each but the last of the audio
                 a whole number of code frames long.
             bandwidth: kbps.
-            threads: groups encoded at once.
+            threads: windows (then groups) encoded at once.
 
         Returns:
             per window, ``(codebook, ceil(samples / hop)) int64``.
@@ -127,24 +128,18 @@ class StreamEncoder:
         from concurrent.futures import ThreadPoolExecutor
 
         groups, group = [], []
-        for w in windows:
-            frames = [-(-len(g) // self.hop) for g in group + [w]]
+        for i, w in enumerate(windows):
+            frames = [-(-len(windows[j]) // self.hop) for j in group + [i]]
             if group and len(frames) * max(frames) > BACK_FRAMES:
                 groups.append(group)
                 group = []
-            group.append(w)
+            group.append(i)
         groups.append(group)
-        with torch_threads(1):
-            if threads <= 1 or len(groups) == 1:
-                return [c for g in groups for c in self._group(g, bandwidth)]
-            with ThreadPoolExecutor(min(threads, len(groups)), thread_name_prefix="giblet-encodec") as pool:
-                return [c for codes in pool.map(lambda g: self._group(g, bandwidth), groups) for c in codes]
-
-    def _group(self, windows: list[np.ndarray], bandwidth: float) -> list[np.ndarray]:
-        import torch
-
-        with torch.inference_mode():
-            return self._back([self._front(w) for w in windows], bandwidth)
+        front = _inference(self._front)
+        back = _inference(lambda g: self._back([feats[i] for i in g], bandwidth))
+        with torch_threads(1), ThreadPoolExecutor(max(1, threads), thread_name_prefix="giblet-encodec") as pool:
+            feats = list(pool.map(front, windows))
+            return [c for codes in pool.map(back, groups) for c in codes]
 
     def _front(self, wave: np.ndarray):
         """``(frame, channel)`` features before the LSTM of one window, chunk by chunk."""
@@ -177,6 +172,16 @@ class StreamEncoder:
             y = f(y)
         quantize = self.model.quantizer.encode  # per window: its distance matrix is (frames, codebook_size)
         return [quantize(y[i:i + 1, :n].transpose(1, 2), bandwidth)[:, 0].numpy() for i, n in enumerate(lengths)]
+
+
+def _inference(fn):
+    """``fn`` under ``torch.inference_mode`` (a per-thread mode: set in the pool's threads)."""
+    def run(*args):
+        import torch
+
+        with torch.inference_mode():
+            return fn(*args)
+    return run
 
 
 # -- the layers, channels-last ---------------------------------------------------------------
