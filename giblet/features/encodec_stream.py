@@ -135,26 +135,36 @@ class StreamEncoder:
                 group = []
             group.append(i)
         groups.append(group)
-        front = _inference(self._front)
+        import torch
+
+        chunk = _inference(self._chunk)
         back = _inference(lambda g: self._back([feats[i] for i in g], bandwidth))
         with torch_threads(1), ThreadPoolExecutor(max(1, threads), thread_name_prefix="giblet-encodec") as pool:
-            feats = list(pool.map(front, windows))
+            parts = [[pool.submit(chunk, w, *c) for c in self._chunks(len(w))] for w in windows]
+            feats = [torch.cat([p.result() for p in ps]) if len(ps) > 1 else ps[0].result() for ps in parts]
             return [c for codes in pool.map(back, groups) for c in codes]
+
+    def _chunks(self, n: int) -> list[tuple[int, int, int]]:
+        """``(start, stop, lead)`` of a window's front chunks: near-equal (no sliver at the end),
+        each computed from ``lead`` samples before ``start`` (the margin, or the window's start)."""
+        frames = -(-n // self.hop)
+        step = -(-frames // -(-frames // self.chunk_frames)) * self.hop
+        return [(a, min(n, a + step), min(a, self.margin * self.hop)) for a in range(0, n, step)]
+
+    def _chunk(self, wave: np.ndarray, a: int, b: int, lead: int):
+        """``(frame, channel)`` front features of samples ``[a, b)`` of a window."""
+        import torch
+
+        y = torch.from_numpy(np.array(wave[a - lead: b], np.float32)).reshape(1, -1, 1)
+        for f in self.front:
+            y = f(y)
+        return y[0, lead // self.hop:]
 
     def _front(self, wave: np.ndarray):
         """``(frame, channel)`` features before the LSTM of one window, chunk by chunk."""
         import torch
 
-        n, hop = len(wave), self.hop
-        frames = -(-n // hop)
-        step = -(-frames // -(-frames // self.chunk_frames)) * hop  # near-equal chunks: no sliver at the end
-        parts = []
-        for a in range(0, n, step):
-            lead = min(a, self.margin * hop)
-            y = torch.from_numpy(np.array(wave[a - lead: a + step], np.float32)).reshape(1, -1, 1)
-            for f in self.front:
-                y = f(y)
-            parts.append(y[0, lead // hop:])
+        parts = [self._chunk(wave, *c) for c in self._chunks(len(wave))]
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _back(self, feats: list, bandwidth: float) -> list[np.ndarray]:
