@@ -174,6 +174,7 @@ def release_caches() -> None:
     from giblet.features.encodec import load_model
 
     cached_waveform.cache_clear()
+    staged_waveform.cache_clear()
     load_model.cache_clear()
     gc.collect()
 
@@ -195,6 +196,29 @@ def cached_waveform(path: str, key: str, fingerprint: str, rate: int, onset_s: f
     wave, info = read_waveform(path, key, rate, onset_s)
     wave.setflags(write=False)
     return wave, info
+
+
+@functools.lru_cache(maxsize=1)
+def staged_waveform(staging: str, path: str, key: str, rate: int, onset_s: float) -> tuple[np.ndarray, dict]:
+    """``read_waveform``, once per unit: the first task writes the samples into the unit's
+    staging folder, and every task memory-maps them, so a worker holds the samples it
+    encodes rather than the whole track (a 50-minute one is 0.29 GB). A resumed run reuses
+    the file; two workers decoding at once write the same bytes (each renames its own)."""
+    import json
+    import os
+
+    samples, meta = Path(staging) / "waveform.f32", Path(staging) / "waveform.json"
+    if not meta.exists():
+        wave, info = read_waveform(path, key, rate, onset_s)
+        for dst, write in ((samples, wave.tofile), (meta, lambda f: Path(f).write_text(json.dumps(info)))):
+            tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
+            write(tmp)
+            os.replace(tmp, dst)
+        del wave
+    info = json.loads(meta.read_text())
+    if samples.stat().st_size == 0:  # an empty file cannot be mapped
+        return np.zeros(0, np.float32), info
+    return np.memmap(samples, np.float32, mode="r"), info
 
 
 # -- TR binning -----------------------------------------------------------------------------
@@ -371,7 +395,7 @@ def encode_trs(staging: str, name: str, source: str, source_key: str, source_fp:
     from giblet.features import encodec_stream
 
     t0 = time.perf_counter()
-    wave, info = cached_waveform(source, source_key, source_fp, sampling_rate, onset_s)
+    wave, info = staged_waveform(staging, source, source_key, sampling_rate, onset_s)
     t_read = time.perf_counter() - t0
     dev = resolve_device(device)
     net = load_model(model, model_fp, dev)
