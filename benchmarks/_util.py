@@ -11,16 +11,19 @@ import psutil
 
 class PeakRSS:
     """Samples the RSS of this process and all its children (e.g. Dask workers) every 50 ms;
-    ``breakdown`` is each process's RSS (GB) at the moment of the peak, largest first."""
+    ``breakdown`` is each process's RSS (GB) at the moment of the peak, largest first;
+    ``per_process`` each process's own peak RSS (GB) over the whole run."""
 
-    def __init__(self, interval: float = 0.05):
+    def __init__(self, interval: float = 0.05, include_self: bool = True):
         self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.include_self = include_self  # False: only the children (e.g. a command this script runs)
         self.breakdown: list[tuple[str, float]] = []
+        self.per_process: dict[str, float] = {}
 
     def _tree(self) -> list[tuple[str, int]]:
         me = psutil.Process()
         out = []
-        for p in [me] + me.children(recursive=True):
+        for p in ([me] if self.include_self else []) + me.children(recursive=True):
             try:
                 out.append((_role(p, me), p.memory_info().rss))
             except psutil.Error:
@@ -29,6 +32,8 @@ class PeakRSS:
 
     def _sample(self) -> None:
         tree = self._tree()
+        for role, rss in tree:
+            self.per_process[role] = max(self.per_process.get(role, 0.0), round(rss / 1e9, 3))
         total = sum(rss for _, rss in tree)
         if total > self.peak:
             self.peak = total

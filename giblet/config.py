@@ -164,7 +164,12 @@ class AudioParams:
                                  "how the model runs")
     chunk_trs: int = 16  # TRs per Zarr chunk of audio/codes (24 s; tasks are whole chunks)
     workers: Optional[int] = runtime(1, "Dask workers that may run the model at once (each holds its own copy, "
-                                        "~1 GB on CPU); null: any. More is faster where memory allows")
+                                        "~0.6 GB on CPU); null: any. More is faster where memory allows")
+    threads: Optional[int] = runtime(None, "threads per audio task; null: the worker's cores / the audio tasks "
+                                           "that run at once (all cores with audio.workers=1). The stream path's "
+                                           "codes do not depend on it")
+    fast_path: str = runtime("auto", "auto | stream | eager: how the encoder runs (stream: faster on CPU, same "
+                                     "codes up to float rounding; agreement recorded in the unit's meta)")
 
 
 @dataclass(frozen=True)
@@ -401,6 +406,10 @@ def _check_values(cfg: StudyConfig, problems: list[str]) -> None:
     check(0 < a.segment_s <= 600, f"audio.segment_s: must be in (0, 600] seconds, got {a.segment_s}")
     check(a.workers is None or (isinstance(a.workers, int) and not isinstance(a.workers, bool) and a.workers >= 1),
           f"audio.workers: must be a whole number >= 1 or null (any worker), got {a.workers!r}")
+    check(a.threads is None or (isinstance(a.threads, int) and not isinstance(a.threads, bool) and a.threads >= 1),
+          f"audio.threads: must be a whole number >= 1 or null (cores / audio.workers), got {a.threads!r}")
+    check(a.fast_path in ("auto", "stream", "eager"),
+          f"audio.fast_path: must be auto, stream or eager, got {a.fast_path!r}")
     check(0 <= a.context_s <= a.segment_s,
           f"audio.context_s: must be in [0, audio.segment_s={a.segment_s}] seconds, got {a.context_s}")
     from giblet.features.pretrained import extractor_problems

@@ -152,6 +152,41 @@ def write_movie(path: Path, scene_list: list[dict], duration_s: float, size=(192
                 out.mux(pkt)
 
 
+VOWELS_HZ = ((730, 1090, 2440), (270, 2290, 3010), (300, 870, 2240), (530, 1840, 2480), (570, 840, 2410))
+
+
+def speech_like(seconds: float, rate: int = 24000, seed: int = 0) -> np.ndarray:
+    """``(sample,) float32`` a speech-like signal: phrases of syllables, each a vowel (a glottal
+    pulse train at a gliding 90-230 Hz pitch through three formant resonators) or a fricative
+    (high-passed noise), with syllable envelopes and pauses between phrases. Tones (the movie
+    track) exercise few codes; this has speech's harmonics, formants, onsets and silences."""
+    from scipy.signal import butter, lfilter
+
+    rng = np.random.default_rng(seed)
+    out, pos, n = np.zeros(int(seconds * rate), np.float32), 0, int(seconds * rate)
+    hp = butter(4, 3000, "highpass", fs=rate)
+    while pos < n:
+        for _ in range(rng.integers(3, 12)):  # one phrase
+            m = min(n - pos, int(rng.uniform(0.08, 0.35) * rate))
+            if m <= 0:
+                break
+            if rng.random() < 0.75:
+                f0 = np.linspace(*rng.uniform(90, 230, 2), m) * (1 + 0.01 * rng.normal(size=m))
+                pulses = np.diff(np.floor(np.cumsum(f0 / rate)), prepend=0.0)  # one impulse per pitch period
+                seg = lfilter([1.0], [1.0, -0.95], pulses)  # glottal roll-off
+                for f, bw in zip(VOWELS_HZ[rng.integers(len(VOWELS_HZ))], (80, 120, 160)):
+                    r = np.exp(-np.pi * bw / rate)
+                    seg = lfilter([1 - r], [1.0, -2 * r * np.cos(2 * np.pi * f / rate), r * r], seg)
+            else:
+                seg = lfilter(*hp, rng.normal(size=m))
+            env = np.sin(np.pi * np.arange(m) / m) ** 0.5
+            seg = env * seg / (np.abs(seg).max() + 1e-9) * rng.uniform(0.1, 0.6)
+            out[pos:pos + m] = seg
+            pos += m
+        pos += int(rng.uniform(0.15, 0.6) * rate)  # a pause (silence plus the noise floor below)
+    return out + rng.normal(0, 0.003, n).astype(np.float32)
+
+
 # -- annotation sheets ------------------------------------------------------------------------------
 def annotation_rows(scene_list: list[dict], duration_s: float, tr_s: float, rng: np.random.Generator, *,
                     gap: tuple[float, float] | None = None, n_trs: int | None = None, first_tr: int = 1) -> list[dict]:

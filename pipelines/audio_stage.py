@@ -71,7 +71,8 @@ class AudioStage(Stage):
                 staging=str(staging), name=name, source=source.path, source_key=key, source_fp=source_fp,
                 model=model.name, model_fp=model.fingerprint, device=p.device, sampling_rate=model.sampling_rate,
                 tr_s=cfg.tr_s, onset_s=run.onset_s, tr0=t0, tr1=t1, bandwidth=p.bandwidth, segment_s=p.segment_s,
-                context_s=p.context_s, batch_size=p.batch_size)) for t0, t1 in spans]
+                context_s=p.context_s, batch_size=p.batch_size, fast_path=p.fast_path, threads=p.threads,
+                concurrent=unit.slots or p.workers)) for t0, t1 in spans]
 
         def prepare(unit: Unit, staging: Path) -> None:
             audio.create_codes(staging, name, n_upper, n_codebooks, frames_per_tr, p.chunk_trs, attrs)

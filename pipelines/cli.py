@@ -40,7 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--tls-ca-file", metavar="PEM", help="tls:// scheduler: the CA certificate")
     run.add_argument("--tls-cert", metavar="PEM", help="tls:// scheduler: this client's certificate")
     run.add_argument("--tls-key", metavar="PEM", help="tls:// scheduler: this client's key (if not in --tls-cert)")
-    run.add_argument("--workers", type=int, metavar="N", help="LocalCluster worker processes (default: min(4, cores))")
+    run.add_argument("--workers", type=int, metavar="N",
+                     help="LocalCluster worker processes; 0: run in-process (default: in-process for a small "
+                          "build, else min(4, cores); see docs/cli.md)")
+    run.add_argument("--in-process", action="store_true", help="run in this process (the same as --workers 0)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     run.add_argument("--report", metavar="FILE", help="also write what ran, per-stage times and totals as JSON")
     run.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -105,6 +108,10 @@ def cmd_run(args) -> int:
         config = _demo_config(Path(args.out))
     else:
         config = Path(args.config)
+    if args.in_process:
+        if args.workers or args.scheduler or args.scheduler_file:
+            args.usage_error("--in-process runs without a cluster: drop --workers N / --scheduler")
+        args.workers = 0
     cfg = load_config(config, args.overrides)
     scheduler = scheduler_address(args.scheduler, args.scheduler_file)
     security = tls_security(scheduler, args.tls_ca_file, args.tls_cert, args.tls_key)

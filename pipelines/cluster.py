@@ -1,4 +1,16 @@
-"""The Dask cluster a build runs on: a LocalCluster on loopback, or an existing scheduler.
+"""The Dask cluster a build runs on: a LocalCluster on loopback, an existing scheduler, or --
+for a small build -- Dask's scheduler and one worker thread inside this process.
+
+In-process rule (``Cluster.choose``): without ``--scheduler`` and ``--workers``, a build runs
+in-process when more worker processes would save less than they cost to start. Only the
+single-threaded tasks gain from them (fMRI: ``Unit.cells``, TRs x grid voxels, at
+``CELLS_PER_S``); audio, text and video already use every core in one process (torch
+threads, libavcodec frame threads). So: in-process when ``cells / CELLS_PER_S x (1 - 1 /
+workers) <= CLUSTER_START_S``, or when the machine has one core. ``--workers 0`` (or
+``--in-process``) forces it, ``--workers N`` forces a LocalCluster. In-process, the units,
+tasks, markers and commits are the same; the worker thread runs BLAS single-threaded, as
+Dask's nanny makes its worker processes do (``OMP/MKL/OPENBLAS_NUM_THREADS=1``), so the
+store is bit-identical to a cluster build's.
 
 Timeouts are sized for a slow, loaded machine (a 2-core VM at load 10+ takes tens of
 seconds to start a worker process), the LocalCluster start is retried once (nothing has
@@ -29,6 +41,11 @@ from pipelines.placement import GPU, local_gpu_count
 # set by the user (dask config or DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT) is kept.
 LOADED_TIMEOUTS_S = {"distributed.comm.timeouts.connect": 120, "distributed.comm.timeouts.tcp": 120}
 CLOSE_TIMEOUT_S = 120
+# The in-process rule. Start-up: a LocalCluster plus its workers importing giblet, torch and
+# nilearn, 3-6 s on a 2-core VM. Rate: one core's fMRI task throughput, TRs x grid voxels
+# (a Sherlock-shaped subject: 61x73x61 x 946 in ~9-10 s of task time, docs/performance.md).
+CLUSTER_START_S = 5.0
+CELLS_PER_S = 25e6
 
 
 def scheduler_address(scheduler: Optional[str], scheduler_file: Optional[str]) -> Optional[str]:
@@ -71,25 +88,59 @@ def tls_security(address: Optional[str], ca_file: Optional[str], cert: Optional[
     return Security(tls_ca_file=ca_file, tls_client_cert=cert, tls_client_key=key, require_encryption=True)
 
 
+def default_workers() -> int:
+    """LocalCluster worker processes when ``--workers`` is not given: ``min(4, cores)``."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _trim_freed_memory() -> None:
+    """What ``MALLOC_TRIM_THRESHOLD_=65536`` does in Dask's worker processes, for this one: glibc
+    gives freed memory back instead of keeping large tensors' pages (the audio task's peak
+    was ~0.1 GB lower with it). Best effort: other C libraries have no ``mallopt``."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-1, 65536)  # M_TRIM_THRESHOLD (also stops the dynamic mmap threshold)
+    except (OSError, AttributeError):
+        pass
+
+
 class Cluster:
     """A Dask client and, without ``scheduler``, the LocalCluster it owns.
 
     Args:
         scheduler: an existing scheduler's address (``tcp://`` or ``tls://``), or None.
-        workers: LocalCluster worker processes (default ``min(4, cores)``).
+        workers: LocalCluster worker processes; 0: in-process; None: ``choose`` decides
+            (in-process for a small build, else ``min(4, cores)`` processes).
         security: a ``distributed.Security`` for a ``tls://`` scheduler (``tls_security``).
-        log: where retry notes go (stderr lines).
+        log: where retry notes and the in-process decision go (stderr lines).
         gpus: whether the build has model units; a LocalCluster then counts this machine's CUDA
             devices and each worker advertises them as the Dask resource ``GPU`` (pipelines.placement).
     """
 
     def __init__(self, scheduler: Optional[str] = None, workers: Optional[int] = None, security=None,
                  log: Callable[[str], None] = lambda m: None, gpus: bool = False):
+        if workers is not None and workers < 0:
+            raise ConfigError(f"--workers {workers}: must be >= 1 worker processes, or 0 to run in-process")
         self.scheduler, self.security, self.log, self.gpus = scheduler, security, log, gpus
-        self.workers = workers or max(1, min(4, os.cpu_count() or 1))
+        self.in_process = workers == 0 and not scheduler
+        self.workers = workers or default_workers()
+        self.auto = workers is None and not scheduler
         self.client = self.local = None
-        self._config = None
+        self._config = self._limits = None
         self.n_gpus = 0  # CUDA devices a LocalCluster's workers advertise
+
+    def choose(self, cells: int) -> None:
+        """The in-process rule (module docstring) for a build of ``cells`` single-threaded work."""
+        if not self.auto:
+            return
+        gain_s = cells / CELLS_PER_S * (1 - 1 / self.workers)
+        self.in_process = gain_s <= CLUSTER_START_S
+        if self.in_process:
+            self.log(f"running in-process: {self.workers} worker processes would save ~{gain_s:.1f} s of fMRI work, "
+                     f"less than the ~{CLUSTER_START_S:g} s they take to start (--workers N for a LocalCluster)")
 
     def start(self):
         """Connect (or start a LocalCluster and connect); returns the ``distributed.Client``."""
@@ -107,6 +158,8 @@ class Cluster:
                 # an existing scheduler: a wrong address fails after Dask's connect timeout (30 s unless
                 # set), not the loaded-machine floor
                 self.client = self._connect(user_connect_s)
+            elif self.in_process:
+                self.client = self._start_in_process()
             else:
                 self.client = self._start_local()
         except BaseException:
@@ -156,12 +209,33 @@ class Cluster:
                     raise failure(exc, what) from exc
                 self.log(f"{what} failed ({describe(exc)}); retrying once")
 
+    def _start_in_process(self):
+        """Dask's scheduler and one single-threaded worker in this process (no ports but the
+        dashboard's, bound to loopback as for a LocalCluster); BLAS single-threaded while it lives."""
+        import dask
+        from distributed import Client, LocalCluster
+        from threadpoolctl import threadpool_limits
+
+        self._limits = threadpool_limits(1, user_api="blas")
+        _trim_freed_memory()
+        self.n_gpus = local_gpu_count() if self.gpus else 0  # the in-process worker advertises them too
+        try:
+            self.local = LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                      dashboard_address="127.0.0.1:0", silence_logs=logging.CRITICAL,
+                                      resources={GPU: self.n_gpus} if self.n_gpus else None)
+            return Client(self.local, timeout=dask.config.get("distributed.comm.timeouts.connect"))
+        except Exception as exc:
+            raise failure(exc, "starting Dask in-process") from exc
+
     def close(self) -> Optional[BaseException]:
         """Close the client, then the LocalCluster; returns the first error instead of raising."""
         problem = self._close_parts()
         if self._config is not None:
             self._config.__exit__(None, None, None)
             self._config = None
+        if self._limits is not None:
+            self._limits.restore_original_limits()
+            self._limits = None
         return problem
 
     def _close_parts(self) -> Optional[BaseException]:

@@ -73,7 +73,9 @@ def run(cfg: StudyConfig, *, only: Optional[list[str]] = None, force: bool = Fal
     """Build or update the store described by ``cfg``; returns what ran and what was skipped.
 
     ``scheduler``: an existing Dask scheduler (``tcp://`` or ``tls://``; ``security``: its
-    ``distributed.Security``), else a LocalCluster of ``workers`` processes is started."""
+    ``distributed.Security``), else a LocalCluster of ``workers`` processes is started;
+    ``workers=0``: in-process; None: in-process when the build is small
+    (``pipelines.cluster``, the in-process rule)."""
     t_start = time.perf_counter()
     try:
         ctx, units = plan_for(cfg, only)
@@ -145,6 +147,7 @@ def _execute(todo: list[Unit], writer, cluster: Cluster, log, progress,
     committed is a warning: the store is complete, and a rerun would find nothing to do."""
     # Every task is counted before the first one starts, so the progress total never moves.
     bar = Progress(len(todo), sum(u.task_count() for u in todo), enabled=progress)
+    cluster.choose(sum(u.cells for u in todo))
     try:
         client = cluster.start()
         try:
@@ -205,6 +208,7 @@ def _run_units(todo: list[Unit], writer, client, bar: Progress, log,
                     bar.log(log, f"{key}: up to date")
                     release(key)
                     return
+            unit.slots = task_slots(client.scheduler_info()["workers"], unit.max_workers)
             with phase(f"{key}: preparing its staging folder in {writer.path}", writer.path):
                 staging, results, tasks = _open_staging(writer, unit)
             todo_tasks = [t for t in tasks if t.id not in results]
@@ -276,6 +280,8 @@ def _run_units(todo: list[Unit], writer, client, bar: Progress, log,
             state["t1"] = time.time()
             bar.unit_done()
             bar.log(log, f"{key}: done in {state['t1'] - state['t0']:.1f} s")
+            for note in meta.get("warnings", ()) if isinstance(meta, dict) else ():  # e.g. a fallback, kept in meta
+                bar.log(log, f"{key}: warning: {note}")
             if unit.cleanup and not any(k != key and pending[k].stage == unit.stage for k in waiting_on):
                 clean_workers(unit)
             release(key)
@@ -331,6 +337,13 @@ def _run_units(todo: list[Unit], writer, client, bar: Progress, log,
     finally:
         for fut in list(futures.futures):
             fut.cancel()
+
+
+def task_slots(workers: dict, max_workers: Optional[int]) -> int:
+    """Tasks of a unit that can run at once: its workers' threads (``max_workers`` of them at
+    most, the ones with the most threads). ``workers``: the scheduler's ``scheduler_info()``."""
+    threads = sorted((int(w.get("nthreads", 1)) for w in workers.values()), reverse=True)
+    return max(1, sum(threads[:max_workers] if max_workers else threads))
 
 
 def _stage_times(units: list[Unit], started: dict[str, dict], task_stream: list[dict],

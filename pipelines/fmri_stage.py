@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from giblet import store
 from giblet.config import mask_threshold
 from giblet.features import confounds, fmri
@@ -56,9 +58,11 @@ class FmriStage(Stage):
             key = f"fmri/{s}/{r}" if p.zscore == "run" else f"fmri/{s}"
             groups.setdefault(key, []).append((s, r))
         units, mask_fp = [mask], mask.fingerprint  # once: it hashes every run's mask file with fmriprep
+        voxels = int(np.prod(ref_img.shape[:3]))
         for key, members in groups.items():
             units.append(self._unit(ctx, key, members, pairs, lengths, header_tr, mask, mask_fp, subj_params,
                                     upstream, confound_files))
+            units[-1].cells = voxels * sum(lengths[m] for m in members)  # pipelines.cluster: the in-process rule
         if p.targets:
             units += plan_targets(ctx, groups, {u.key: u for u in units}, mask, mask_fp, ref_img, list(pairs.values()))
         return units

@@ -56,6 +56,8 @@ class Unit:
     cleanup: Optional[Callable[[], None]] = None  # run on every worker once no unit of its stage is left
     device: Optional[str] = None  # a model stage's configured device (auto | cpu | cuda[:N]): cuda asks its
     #   tasks onto GPU workers (the Dask resource GPU, pipelines.placement); None: CPU work (fMRI, video)
+    cells: int = 0  # single-threaded work its tasks do (fMRI: TRs x grid voxels); the in-process rule sums it
+    slots: Optional[int] = None  # tasks of it that can run at once (set by the engine before its tasks are made)
 
     @property
     def ready(self) -> bool:

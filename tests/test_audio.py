@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import inproc_scheduler
 
 import giblet
 from giblet.config import load_config
@@ -59,7 +58,8 @@ def study(study_template, tmp_path) -> Path:
 
 
 def build(config, *overrides):
-    return engine.run(load_config(config, overrides), only=["fmri", "audio"], scheduler=inproc_scheduler(), progress=False)
+    """In-process (a small study: the engine's rule), as the command line runs it."""
+    return engine.run(load_config(config, overrides), only=["fmri", "audio"], progress=False)
 
 
 def binned(stream: np.ndarray, n_trs: int) -> np.ndarray:

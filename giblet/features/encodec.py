@@ -141,7 +141,11 @@ def build_random_model(seed: int = RANDOM_SEED):
     import torch
     from transformers import EncodecConfig, EncodecModel
 
-    with torch.random.fork_rng(), torch.no_grad():
+    from giblet.features.media import torch_threads
+
+    # One thread: the codebooks come from an eager encode, whose float sums change with the
+    # thread count (a Dask worker has 1, a plain process all cores): the same weights everywhere.
+    with torch.random.fork_rng(), torch.no_grad(), torch_threads(1):
         torch.manual_seed(seed)
         model = EncodecModel(EncodecConfig(**ENCODEC_24KHZ)).eval()
         for conv in model.modules():
@@ -205,4 +209,9 @@ def load_model(name: str, fingerprint: str, device: str):
                              f"it is not a complete EnCodec checkpoint: re-save it with save_pretrained")
     # Recorded in the store: a directory's weights are its files; random ones are hashed here.
     model.giblet_weights_hash = weights_hash(model) if name == RANDOM else fingerprint
+    # The stage only encodes: the decoder and the codebooks' training statistics (~47 MB of the
+    # 24 kHz model's 93) need not stay in every worker.
+    model.decoder = None
+    for layer in model.quantizer.layers:
+        del layer.codebook.embed_avg, layer.codebook.cluster_size
     return model.eval().to(torch.device(device))

@@ -1,7 +1,11 @@
-"""Pieces the stimulus stages share: the compute device, and opening a media file's stream."""
+"""Pieces the stimulus stages share: the compute device, torch's CPU threads, and opening a
+media file's stream."""
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
+from typing import Optional
 
 from giblet.errors import ConfigError, InputError, InputMissingError
 
@@ -21,6 +25,37 @@ def resolve_device(device: str, stage: str = "audio") -> str:
         raise ConfigError(f"{stage}.device: {device!r} but no CUDA device is visible on this worker; "
                           f"set {stage}.device=auto or {stage}.device=cpu")
     return device
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def task_threads(requested: Optional[int], concurrent: Optional[int]) -> int:
+    """torch intra-op threads for one task: ``requested``, else this process's cores divided
+    by the tasks of its kind that may run at once on them (``concurrent``; None: as many as
+    cores, one thread each -- the Dask workers' own setting)."""
+    if requested:
+        return int(requested)
+    cores = available_cores()
+    return max(1, cores // max(1, concurrent or cores))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` for the block, then restored (a Dask worker
+    starts with 1: its nanny sets OMP_NUM_THREADS=1)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def open_stream(path: Path, kind: str, stage: str, *, missing: str, unreadable: str, absent: str):

@@ -1,0 +1,330 @@
+"""The ``stream`` encode path: transformers' EnCodec encoder, same weights and layers, run
+faster on CPU.
+
+Why by hand: on CPU the eager encoder spends most of its time outside arithmetic. Its
+convolutions see ``(batch, channel, time)`` tensors, which oneDNN reorders to and from its
+blocked layout at every layer (a 32-channel layer reaches ~20 GFLOP/s against ~160 for a
+matmul on one core); each reflect padding, ELU and residual add streams a whole window's
+activations (64 MB per tensor for 21 s at 24 kHz) through memory; and the LSTM multiplies
+one window's 512-vector by its 4 MB weights per code frame. No library runs this model
+better without an export step (ONNX Runtime measured ~1.35x, and needs a traced export per
+worker). So this path:
+
+1. keeps activations channels-last, ``(batch, time, channel)``: convolutions run as
+   ``conv2d`` in ``channels_last`` (1x1 ones as a matmul), with the weight-norm folded once;
+2. runs the convolutional front (everything before the LSTM) over each window in chunks of
+   ``CHUNK_FRAMES`` code frames that fit the cache, each with ``margin`` frames of the audio
+   before it (at least the front's receptive field) that are computed and dropped. The
+   chunks start on code-frame boundaries, so every layer sees the same samples, padding
+   and strides as in one pass over the window: the front's output is that of the window;
+3. runs the LSTM and the last layers over a group of windows at once (their batch shares
+   each step's 4 MB of weights; windows right-padded with zeros: the LSTM runs forward and
+   the convolutions are causal, so padding never reaches a kept frame), then the model's
+   own quantizer;
+4. spreads the windows' fronts, then the groups, over Python threads, each torch op
+   single-threaded (``encode``).
+
+Only causal models (``use_causal_conv``, e.g. ``facebook/encodec_24khz``) with weight-normed
+convolutions qualify (``StreamEncoder.check``); the stage falls back to transformers' own
+``encode`` otherwise, and says so. Codes equal the eager encode's up to float rounding
+(``audio.fast_path`` in docs/store.md: agreement measured and recorded), and do not change
+with the number of threads.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import numpy as np
+
+from giblet.features.media import torch_threads
+
+CHUNK_FRAMES = 128  # code frames per front chunk (1.7 s at 75 Hz: a 32-channel layer's tensor is ~5 MB)
+BACK_FRAMES = 2**13  # windows x code frames per LSTM batch (its windows share each step's weights)
+LSTM_FRAMES = 256  # code frames per LSTM call (the state is carried from one to the next)
+
+Step = Callable  # (batch, time, channel) tensor -> (batch, time', channel') tensor
+
+
+class Unsupported(Exception):
+    """The model has a layer or setting this path does not reproduce (the stage falls back)."""
+
+
+class StreamEncoder:
+    """Encode windows of one EnCodec model's input (see the module docstring).
+
+    Args:
+        model: a transformers ``EncodecModel`` in eval mode, on CPU.
+        chunk_frames: code frames per front chunk.
+
+    Raises:
+        Unsupported: ``check(model)`` names what this path cannot run.
+    """
+
+    def __init__(self, model, chunk_frames: int = CHUNK_FRAMES):
+        reason = self.check(model)
+        if reason:
+            raise Unsupported(reason)
+        import torch
+
+        from transformers.models.encodec import modeling_encodec as me
+
+        self.model, self.chunk_frames = model, chunk_frames
+        layers = list(model.encoder.layers)
+        cut = next(i for i, m in enumerate(layers) if isinstance(m, me.EncodecLSTM))
+        with torch.no_grad():
+            self.front = [_step(m) for m in layers[:cut]]
+            self.lstm = layers[cut].lstm
+            self.tail = [_step(m) for m in layers[cut + 1:]]
+        self.hop = int(np.prod(model.config.upsampling_ratios))
+        self.margin = math.ceil(_lookback(layers[:cut]) / self.hop)  # frames
+
+    @staticmethod
+    def check(model) -> Optional[str]:
+        """Why this path cannot run ``model`` (None: it can)."""
+        from transformers.models.encodec import modeling_encodec as me
+
+        import torch
+
+        cfg = model.config
+        if not cfg.use_causal_conv:
+            return "the model is not causal (use_causal_conv=false): its chunks would need right context"
+        if cfg.norm_type != "weight_norm":
+            return f"norm_type={cfg.norm_type}: only weight-normed convolutions stream"
+        if next(model.parameters()).device.type != "cpu":
+            return "the model is not on the CPU"
+        layers = list(model.encoder.layers)
+        if sum(isinstance(m, me.EncodecLSTM) for m in layers) != 1:
+            return "the encoder does not have exactly one LSTM"
+        blocks = [m for m in layers if isinstance(m, me.EncodecResnetBlock)]
+        parts = [m for m in layers if not isinstance(m, me.EncodecResnetBlock)] + \
+            [b for m in blocks for b in list(m.block) + [m.shortcut]]
+        for m in parts:  # the layers _step reproduces, and nothing else
+            if not isinstance(m, (me.EncodecConv1d, me.EncodecLSTM, torch.nn.ELU, torch.nn.Identity)):
+                return f"unknown encoder layer {type(m).__name__}"
+            if isinstance(m, me.EncodecConv1d) and (m.conv.groups != 1 or m.conv.padding != (0,)):
+                return "a convolution with groups or built-in padding"
+        return None
+
+    def encode(self, windows: list[np.ndarray], bandwidth: float, threads: int = 1) -> list[np.ndarray]:
+        """Codes of each window, as transformers' ``encode`` of that window alone.
+
+        The windows' fronts, then their backs in groups of at most ``BACK_FRAMES`` (windows
+        x longest) frames, run on ``threads`` Python threads, every torch op single-threaded.
+        Why not torch's intra-op threads: this path runs thousands of small ops, and an
+        OpenMP team waits at every op's end for its slowest thread -- on a loaded machine,
+        one whose core was taken away (2 intra-op threads measured up to 10x slower than 1
+        at load 5). The groups do not depend on ``threads``, so neither do the codes.
+
+        Args:
+            windows: ``(sample,) float32`` mono waveforms; each but the last of the audio
+                a whole number of code frames long.
+            bandwidth: kbps.
+            threads: windows (then groups) encoded at once.
+
+        Returns:
+            per window, ``(codebook, ceil(samples / hop)) int64``.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        groups, group = [], []
+        for i, w in enumerate(windows):
+            frames = [-(-len(windows[j]) // self.hop) for j in group + [i]]
+            if group and len(frames) * max(frames) > BACK_FRAMES:
+                groups.append(group)
+                group = []
+            group.append(i)
+        groups.append(group)
+        import torch
+
+        chunk = _inference(self._chunk)
+        back = _inference(lambda g: self._back([feats[i] for i in g], bandwidth))
+        with torch_threads(1), ThreadPoolExecutor(max(1, threads), thread_name_prefix="giblet-encodec") as pool:
+            parts = [[pool.submit(chunk, w, *c) for c in self._chunks(len(w))] for w in windows]
+            feats = [torch.cat([p.result() for p in ps]) if len(ps) > 1 else ps[0].result() for ps in parts]
+            return [c for codes in pool.map(back, groups) for c in codes]
+
+    def _chunks(self, n: int) -> list[tuple[int, int, int]]:
+        """``(start, stop, lead)`` of a window's front chunks: near-equal (no sliver at the end),
+        each computed from ``lead`` samples before ``start`` (the margin, or the window's start)."""
+        frames = -(-n // self.hop)
+        step = -(-frames // -(-frames // self.chunk_frames)) * self.hop
+        return [(a, min(n, a + step), min(a, self.margin * self.hop)) for a in range(0, n, step)]
+
+    def _chunk(self, wave: np.ndarray, a: int, b: int, lead: int):
+        """``(frame, channel)`` front features of samples ``[a, b)`` of a window."""
+        import torch
+
+        y = torch.from_numpy(np.array(wave[a - lead: b], np.float32)).reshape(1, -1, 1)
+        for f in self.front:
+            y = f(y)
+        return y[0, lead // self.hop:]
+
+    def _front(self, wave: np.ndarray):
+        """``(frame, channel)`` features before the LSTM of one window, chunk by chunk."""
+        import torch
+
+        parts = [self._chunk(wave, *c) for c in self._chunks(len(wave))]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def _back(self, feats: list, bandwidth: float) -> list[np.ndarray]:
+        """LSTM, tail and quantizer over windows' features at once (zero-padded to the longest)."""
+        import torch
+
+        lengths = [f.shape[0] for f in feats]
+        y = torch.nn.utils.rnn.pad_sequence(feats)  # (time, batch, channel): the LSTM's layout
+        state = None
+        for t in range(0, y.shape[0], LSTM_FRAMES):  # in time slices, the state carried: small gate buffers
+            h, state = self.lstm(y[t:t + LSTM_FRAMES], state)
+            y[t:t + LSTM_FRAMES] += h
+        y = y.transpose(0, 1).contiguous()
+        for f in self.tail:
+            y = f(y)
+        quantize = self.model.quantizer.encode  # per window: its distance matrix is (frames, codebook_size)
+        return [quantize(y[i:i + 1, :n].transpose(1, 2), bandwidth)[:, 0].numpy() for i, n in enumerate(lengths)]
+
+
+def _inference(fn):
+    """``fn`` under ``torch.inference_mode`` (a per-thread mode: set in the pool's threads)."""
+    def run(*args):
+        import torch
+
+        with torch.inference_mode():
+            return fn(*args)
+    return run
+
+
+# -- the layers, channels-last ---------------------------------------------------------------
+
+def _lookback(layers) -> int:
+    """Input samples before its own that the last layer's output depends on (causal layers)."""
+    from transformers.models.encodec import modeling_encodec as me
+
+    total, stride = 0, 1  # stride: input samples per step of the current layer's input
+    for m in layers:
+        convs = list(m.block) if isinstance(m, me.EncodecResnetBlock) else [m]  # a 1x1 shortcut looks back nothing
+        for c in (c for c in convs if isinstance(c, me.EncodecConv1d)):
+            k = (c.conv.kernel_size[0] - 1) * c.conv.dilation[0] + 1
+            total += (k - c.conv.stride[0]) * stride
+            stride *= c.conv.stride[0]
+    return total
+
+
+def _step(m, inplace: bool = True) -> Step:
+    """A layer as a function of ``(batch, time, channel)``; ``inplace``: an ELU may overwrite its
+    input (it is a fresh tensor no one else holds: every input but a residual block's)."""
+    import torch
+    import torch.nn.functional as F
+
+    from transformers.models.encodec import modeling_encodec as me
+
+    if isinstance(m, me.EncodecConv1d):
+        return _Conv(m)
+    if isinstance(m, torch.nn.ELU):
+        alpha = float(m.alpha)
+        return lambda y: F.elu(y, alpha, inplace=inplace)
+    if isinstance(m, me.EncodecResnetBlock):
+        block = [_step(b, inplace=i > 0) for i, b in enumerate(m.block)]  # the first reads the residual
+        shortcut = None if isinstance(m.shortcut, torch.nn.Identity) else _step(m.shortcut)
+
+        def residual(y):
+            h = y
+            for f in block:
+                h = f(h)
+            h += y if shortcut is None else shortcut(y)  # h: the block's own output (float + commutes exactly)
+            return h
+        return residual
+    raise Unsupported(f"unknown encoder layer {type(m).__name__}")
+
+
+class _Conv:
+    """``EncodecConv1d`` (causal) on ``(batch, time, channel)``: the same padding rule."""
+
+    def __init__(self, m):
+        import torch
+
+        conv = m.conv
+        self.stride, self.dilation = conv.stride[0], conv.dilation[0]
+        self.kernel = (conv.kernel_size[0] - 1) * self.dilation + 1
+        self.pad_total, self.mode = self.kernel - self.stride, m.pad_mode
+        w = conv.weight.detach()  # the weight-norm parametrization, evaluated once
+        self.bias = None if conv.bias is None else conv.bias.detach().clone()
+        if conv.kernel_size[0] == 1 and self.stride == 1:
+            self.matrix = w[:, :, 0].clone()  # (out, in): a 1x1 convolution is a matmul
+            self.weight = None
+        else:
+            self.matrix = None
+            self.weight = w.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (out, in, 1, kernel)
+
+    def __call__(self, y):
+        import torch.nn.functional as F
+
+        if self.matrix is not None:
+            return F.linear(y, self.matrix, self.bias)
+        n = y.shape[1]
+        frames = -(-(n - self.kernel + self.pad_total) // self.stride)  # transformers' rule, in integers
+        extra = frames * self.stride + self.kernel - self.pad_total - n
+        y = _pad(y, self.pad_total, extra, self.mode)
+        x = y.permute(0, 2, 1).unsqueeze(2)  # (batch, channel, 1, time), channels_last in memory
+        out = F.conv2d(x, self.weight, self.bias, stride=(1, self.stride), dilation=(1, self.dilation))
+        return out.squeeze(2).permute(0, 2, 1)
+
+
+def _pad(y, left: int, right: int, mode: str):
+    """transformers' ``EncodecConv1d._pad1d`` along time of ``(batch, time, channel)``."""
+    import torch
+    import torch.nn.functional as F
+
+    if mode != "reflect":
+        return F.pad(y, (0, 0, left, right), mode) if left or right else y
+    n, extra = y.shape[1], 0
+    if n <= max(left, right):  # as transformers: zeros first, so that a short input can reflect
+        extra = max(left, right) - n + 1
+        y = F.pad(y, (0, 0, 0, extra))
+        n += extra
+    parts = ([y[:, 1:left + 1].flip(1)] if left else []) + [y] + ([y[:, n - 1 - right:n - 1].flip(1)] if right else [])
+    y = torch.cat(parts, 1) if len(parts) > 1 else y
+    return y[:, :y.shape[1] - extra] if extra else y
+
+
+# -- choosing the path, and checking it ------------------------------------------------------
+
+def for_model(model) -> StreamEncoder:
+    """The model's ``StreamEncoder``, built once per loaded model (it holds channels-last weights)."""
+    if getattr(model, "giblet_stream", None) is None:
+        model.giblet_stream = StreamEncoder(model)
+    return model.giblet_stream
+
+
+def choose(model, requested: str) -> tuple[str, Optional[str]]:
+    """The path a task runs (``stream`` or ``eager``) for ``audio.fast_path`` = ``requested``,
+    and why it is not the one asked for (None when it is).
+
+    ``auto``: ``stream`` on CPU when the model qualifies, else ``eager`` (on a GPU without a
+    note: cuDNN runs the eager encoder well). ``stream``: the same, with a note whenever it
+    falls back. ``eager``: transformers' ``encode``.
+    """
+    if requested == "eager":
+        return "eager", None
+    reason = StreamEncoder.check(model)
+    if reason is None:
+        return "stream", None
+    if requested == "auto" and next(model.parameters()).device.type != "cpu":
+        return "eager", None
+    return "eager", (f"audio.fast_path={requested}: the stream path cannot run this model ({reason}); "
+                     f"encoded with transformers' encode instead (same codes up to float rounding, slower on CPU)")
+
+
+def agreement(model, wave: np.ndarray, bandwidth: float) -> dict:
+    """Encode ``wave`` (one window) both ways: the fraction of codes equal, and their count."""
+    import torch
+
+    hop = int(np.prod(model.config.upsampling_ratios))
+    wave = wave[: len(wave) - len(wave) % hop]
+    if len(wave) == 0:
+        return {}
+    with torch.inference_mode(), torch_threads(1):  # one thread: no OpenMP team to stall on a loaded machine
+        eager = model.encode(torch.from_numpy(np.array(wave, np.float32))[None, None], bandwidth=float(bandwidth))
+    eager = eager.audio_codes[0, 0].numpy()
+    stream = for_model(model).encode([wave], float(bandwidth))[0]
+    return {"fast_path_agreement": round(float((stream == eager).mean()), 6), "agreement_codes": int(eager.size)}
