@@ -141,7 +141,7 @@ def build(config: Path, truth: dict) -> Path:
     from giblet.reader import open_store
     from pipelines import engine
 
-    store = Path(engine.run(load_config(config), workers=1, progress=False).store)
+    store = Path(engine.run(load_config(config), progress=False).store)  # in-process: a small study
     view = open_store(store)
     if not np.array_equal(view.voxels, truth["ijk"]):
         raise AssertionError("the store's voxels are not the mask's in C order; truth would be misaligned")

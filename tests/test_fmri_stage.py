@@ -17,7 +17,7 @@ from tests.conftest import REAL_BOLD
 
 
 def build(config, *overrides, **kw):
-    return engine.run(load_config(config, overrides), workers=1, progress=False, **kw)
+    return engine.run(load_config(config, overrides), progress=False, **kw)  # in-process: a small study
 
 
 def raw_masked(path, mask):

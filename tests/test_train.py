@@ -43,7 +43,7 @@ def study(tmp_path_factory) -> tuple[Path, Path]:
     config = make_study(root, n_subjects=3, n_trs=N_TRS, shape=(10, 12, 8), fps=10, movie_size=(96, 54),
                         movie={"video", "audio"} & registered != set(), annotations="text" in registered,
                         seed=3, stages=blocks)
-    store = engine.run(load_config(config), workers=1, progress=False).store
+    store = engine.run(load_config(config), progress=False).store  # in-process: a small study
     return Path(store), root / "truth.npz"
 
 

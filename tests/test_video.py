@@ -312,7 +312,7 @@ def study(study_template, tmp_path) -> Path:
 
 
 def build(config, *overrides):
-    return engine.run(load_config(config, overrides), only=["fmri", "video"], workers=1, progress=False)
+    return engine.run(load_config(config, overrides), only=["fmri", "video"], progress=False)  # in-process
 
 
 def test_round_trip_cache_hit_and_targeted_recompute(study):
