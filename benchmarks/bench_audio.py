@@ -239,8 +239,9 @@ def agreement_only(model, wave, audio, args) -> dict:
     ref = whole(model, wave, args.bandwidth)[:, :k]
     eager = audio.encode_frames(model, wave, 0, k, path="eager", **kw)
     stream = audio.encode_frames(model, wave, 0, k, path="stream", **kw)
-    return {"audio_s": round(len(wave) / model.config.sampling_rate, 2), "stream_vs_eager": float((stream == eager).mean()),
-            "stream_vs_whole": float((stream == ref).mean()), "eager_vs_whole": float((eager == ref).mean())}
+    return {"audio_s": round(len(wave) / model.config.sampling_rate, 2),
+            "stream_vs_eager": float((stream == eager).mean()), "stream_vs_whole": float((stream == ref).mean()),
+            "eager_vs_whole": float((eager == ref).mean())}
 
 
 def load(audio, model: str | None, device: str):
@@ -268,7 +269,8 @@ def run_cli(config: Path, extra: list[str], report: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     stages = json.loads(report.read_text())["stages"]
-    return {"wall_s": round(wall, 2), "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1),
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 1),
             "tree_peak_rss_gb": round(rss.gb, 3), "process_peak_rss_gb": dict(sorted(rss.per_process.items(),
                                                                                      key=lambda x: -x[1])),
             "stages": {k: {f: v[f] for f in ("wall_s", "task_s", "tasks")} | {"workers": len(v["workers"])}

@@ -88,7 +88,7 @@ def real_study(tmp_path_factory):
 
 
 def build(config, *overrides):
-    return engine.run(load_config(config, overrides), only=["fmri", "text"], workers=2, progress=False)
+    return engine.run(load_config(config, overrides), only=["fmri", "text"], progress=False)  # in-process: small
 
 
 def test_real_file_end_to_end_cache_and_column_change(real_study, reference):

@@ -173,7 +173,6 @@ def release_caches() -> None:
     from giblet.features.encodec import load_model
 
     cached_waveform.cache_clear()
-    staged_waveform.cache_clear()
     load_model.cache_clear()
     gc.collect()
 
@@ -197,12 +196,12 @@ def cached_waveform(path: str, key: str, fingerprint: str, rate: int, onset_s: f
     return wave, info
 
 
-@functools.lru_cache(maxsize=1)
 def staged_waveform(staging: str, path: str, key: str, rate: int, onset_s: float) -> tuple[np.ndarray, dict]:
     """``read_waveform``, once per unit: the first task writes the samples into the unit's
-    staging folder, and every task memory-maps them, so a worker holds the samples it
-    encodes rather than the whole track (a 50-minute one is 0.29 GB). A resumed run reuses
-    the file; two workers decoding at once write the same bytes (each renames its own)."""
+    staging folder, and each task memory-maps them (a new map per task, dropped with it), so
+    a worker holds the samples it encodes rather than the whole track (a 50-minute one is
+    0.29 GB). A resumed run reuses the file; two workers decoding at once write the same
+    bytes (each renames its own)."""
     import json
     import os
 

@@ -168,20 +168,25 @@ class StreamEncoder:
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def _back(self, feats: list, bandwidth: float) -> list[np.ndarray]:
-        """LSTM, tail and quantizer over windows' features at once (zero-padded to the longest)."""
+        """The LSTM over windows' features at once (zero-padded to the longest), then per window
+        the tail and the quantizer (its distance matrix is ``(frames, codebook_size)``)."""
         import torch
 
         lengths = [f.shape[0] for f in feats]
         y = torch.nn.utils.rnn.pad_sequence(feats)  # (time, batch, channel): the LSTM's layout
+        del feats
         state = None
         for t in range(0, y.shape[0], LSTM_FRAMES):  # in time slices, the state carried: small gate buffers
             h, state = self.lstm(y[t:t + LSTM_FRAMES], state)
             y[t:t + LSTM_FRAMES] += h
-        y = y.transpose(0, 1).contiguous()
+        return [self._tail(y[:n, i], bandwidth) for i, n in enumerate(lengths)]
+
+    def _tail(self, y, bandwidth: float) -> np.ndarray:
+        """The layers after the LSTM and the quantizer, one window's ``(frame, channel)`` at a time."""
+        y = y[None].contiguous()
         for f in self.tail:
             y = f(y)
-        quantize = self.model.quantizer.encode  # per window: its distance matrix is (frames, codebook_size)
-        return [quantize(y[i:i + 1, :n].transpose(1, 2), bandwidth)[:, 0].numpy() for i, n in enumerate(lengths)]
+        return self.model.quantizer.encode(y.transpose(1, 2), bandwidth)[:, 0].numpy()
 
 
 def _inference(fn):
