@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def build(config, **kw):
-    return engine.run(load_config(config), progress=False, **kw).store  # in-process: a small study
+    return engine.run(load_config(config), workers=1, progress=False, **kw).store
 
 
 @pytest.fixture(scope="session")
