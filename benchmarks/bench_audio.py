@@ -179,7 +179,6 @@ def _timed(fn) -> tuple[float, float, object]:
 
 def compare(model, wave, audio, args, threads: int) -> dict:
     """Best-of-``repeat`` times of the paths and baselines on ``wave`` (sides alternate)."""
-
     cfg = model.config
     hop = int(np.prod(cfg.upsampling_ratios))
     seg = int(round(args.segment_s * cfg.sampling_rate))

@@ -44,7 +44,7 @@ def built(stim_template, tmp_path_factory):
     raw = yaml.safe_load(config.read_text())
     fmri_only = dict(raw, inputs={"fmri": raw["inputs"]["fmri"]})
     config.write_text(yaml.safe_dump(fmri_only))
-    assert cli("run", config, "--workers", "1").returncode == 0
+    assert cli("run", config).returncode == 0
     return config, raw
 
 
@@ -59,7 +59,7 @@ def study(built, tmp_path):
 
 def _run_bad(config, raw, before, *overrides, needles=()):
     config.write_text(yaml.safe_dump(raw))
-    r = cli("run", config, "--workers", "1", *overrides)
+    r = cli("run", config, *overrides)
     _one_line_error(r, *needles)
     after = store_arrays(config.parent / "study.zarr")
     for name, arr in before.items():

@@ -60,7 +60,7 @@ def built(dataset) -> Path:
     """The store of CONFIG, built through the CLI."""
     root = dataset.parent
     (root / "study.yaml").write_text(yaml.safe_dump(CONFIG))
-    r = cli("run", root / "study.yaml", "--workers", "1", "--no-progress")
+    r = cli("run", root / "study.yaml", "--no-progress")
     assert r.returncode == 0, r.stderr
     return Path(r.stdout.strip().splitlines()[-1])
 
@@ -275,7 +275,7 @@ def test_init_writes_a_config_that_runs_unchanged(dataset, tmp_path):
     config.write_text(r.stdout)
     raw = yaml.safe_load(r.stdout)
     assert raw["bids"]["space"] == SPACE and raw["fmri"]["confounds"]["strategy"] == "simple" and "tr_s" not in raw
-    r = cli("run", config, "--workers", "1", "--no-progress")
+    r = cli("run", config, "--no-progress")
     assert r.returncode == 0, r.stderr
     s = giblet.open_store(r.stdout.strip().splitlines()[-1])
     assert s.runs == RUNS and s.has_modality("video") and s.array("fmri/mask").attrs["strategy"] == "fmriprep"

@@ -54,7 +54,7 @@ def make_study(root):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     config = make_study(tmp_path_factory.mktemp("ceiling"))
-    assert (r := cli("run", config, "--workers", "1", "--no-progress")).returncode == 0, r.stderr
+    assert (r := cli("run", config, "--no-progress")).returncode == 0, r.stderr
     return config
 
 
@@ -146,7 +146,7 @@ def test_saved_cached_verified_and_recomputed_when_the_store_changes(study, monk
     raw = yaml.safe_load(config.read_text())
     raw["split"] = {"val_fraction": 0.4}  # a new align record: the cached ceiling is stale
     config.write_text(yaml.safe_dump(raw))
-    assert cli("run", config, "--workers", "1", "--no-progress").returncode == 0
+    assert cli("run", config, "--no-progress").returncode == 0
     assert giblet.open_store(store).derived(ceiling_name("val")) is None
     third = noise_ceiling(store, "val")
     assert len(calls) == 2 and not third.cached
@@ -163,7 +163,7 @@ def test_a_locked_or_rebuilt_store_is_not_written(study):
     raw = yaml.safe_load(config.read_text())
     raw["split"] = {"val_fraction": 0.4}
     config.write_text(yaml.safe_dump(raw))
-    assert cli("run", config, "--workers", "1", "--no-progress").returncode == 0
+    assert cli("run", config, "--no-progress").returncode == 0
     with pytest.raises(StoreError, match="rebuilt while derived/noise_ceiling-val was computed"):
         noise_ceiling(view, "val")  # opened before the rebuild
     assert giblet.open_store(store).derived(ceiling_name("val")) is None

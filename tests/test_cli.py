@@ -31,7 +31,7 @@ def store_arrays(store):
 
 
 def test_run_status_verify_stats(fmri_study, tmp_path):
-    r = cli("run", fmri_study, "--workers", "1", "--report", tmp_path / "report.json")
+    r = cli("run", fmri_study, "--report", tmp_path / "report.json")
     assert r.returncode == 0, r.stderr
     store = r.stdout.strip().splitlines()[-1]
     assert store.endswith("study.zarr")
@@ -83,7 +83,7 @@ def built_fmri(tmp_path_factory, fmri_study_template):
     root = tmp_path_factory.mktemp("built_fmri")
     shutil.copytree(fmri_study_template.parent, root / "s")
     config = root / "s" / fmri_study_template.name
-    assert cli("run", config, "--workers", "1").returncode == 0
+    assert cli("run", config).returncode == 0
     return config
 
 
@@ -143,7 +143,7 @@ def test_bad_bold_inputs_fail_in_one_line_and_keep_completed_arrays(built_fmri, 
     bold = study.parent / "bold"
     needles = _bad_bold(case, bold, bold / "bad.nii.gz")
     _set_subject(study, "sub-09", bold / "bad.nii.gz")
-    r = cli("run", study, "--workers", "1")
+    r = cli("run", study)
     _one_line_error(r, *needles, *(["sub-09"]))
     after = store_arrays(store)
     assert before.keys() <= after.keys()
@@ -202,11 +202,11 @@ def test_second_concurrent_run_is_refused_naming_the_holder(fmri_study):
     _one_line_error(r, "locked by another run", f"pid {os.getpid()}")
     (store / ".giblet").mkdir(exist_ok=True)
     (store / ".giblet" / "lock").write_text(json.dumps({"host": os.uname().nodename, "pid": 2**22 + 7}))
-    assert cli("run", fmri_study, "--workers", "1").returncode == 0  # stale lock recovered
+    assert cli("run", fmri_study).returncode == 0  # stale lock recovered
 
 
 def test_verify_names_a_flipped_byte(fmri_study):
-    assert cli("run", fmri_study, "--workers", "1").returncode == 0
+    assert cli("run", fmri_study).returncode == 0
     store = fmri_study.parent / "study.zarr"
     chunk = store / "fmri/sub-02/run-1/bold/c/1/0"
     data = bytearray(chunk.read_bytes())

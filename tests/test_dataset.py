@@ -17,7 +17,6 @@ import torch
 import zarr
 from torch.utils.data import DataLoader
 
-from conftest import inproc_scheduler
 import giblet
 from giblet import store as gstore
 from giblet.config import load_config, parse_config
@@ -36,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def build(config, **kw):
-    return engine.run(load_config(config), scheduler=inproc_scheduler(), progress=False, **kw).store
+    return engine.run(load_config(config), workers=1, progress=False, **kw).store
 
 
 @pytest.fixture(scope="session")

@@ -33,7 +33,7 @@ def built(tmp_path_factory):
     config = root / "study.yaml"
     config.write_text(yaml.safe_dump({"output": "study.zarr", "tr_s": 1.5, "runs": runs,
                                       "fmri": {"chunk_trs": 8}}))
-    r = cli("run", config, "--workers", "1", "--no-progress")
+    r = cli("run", config, "--no-progress")
     assert r.returncode == 0, r.stderr
     return config
 
@@ -80,7 +80,7 @@ def test_manifest_path_outside_the_store_touches_nothing(study, tmp_path, name):
 
     _edit_manifest(store, plant)
     before_tree = [t for t in _tree(store) if t[0] != "manifest.json"]
-    r = cli("run", config, "--workers", "1", "--no-progress")
+    r = cli("run", config, "--no-progress")
     _one_line_error(r, "not a plain relative path inside the store")
     assert (victim / "keep" / "precious.txt").read_text() == "do not delete"
     assert [t for t in _tree(store) if t[0] != "manifest.json"] == before_tree  # nothing in the store changed
@@ -98,7 +98,7 @@ def test_symlinked_array_folder_pointing_outside_is_never_deleted(study, tmp_pat
     raw = yaml.safe_load(config.read_text())
     del raw["runs"]["run-2"]["fmri"]["sub-02"]  # the run would delete sub-02's run-2 arrays
     config.write_text(yaml.safe_dump(raw))
-    r = cli("run", config, "--workers", "1", "--no-progress")
+    r = cli("run", config, "--no-progress")
     _one_line_error(r, "outside the store")
     assert (victim / "keep" / "precious.txt").read_text() == "do not delete"
 
@@ -116,7 +116,7 @@ def test_planted_links_in_the_meta_folder_are_refused(study, tmp_path, where):
     raw = yaml.safe_load(config.read_text())
     raw["fmri"]["detrend"] = True  # every subject unit runs again: staging is used
     config.write_text(yaml.safe_dump(raw))
-    r = cli("run", config, "--workers", "1", "--no-progress")
+    r = cli("run", config, "--no-progress")
     _one_line_error(r)
     assert "symbolic link" in r.stderr or "outside the store" in r.stderr, r.stderr
     assert (victim / "keep" / "precious.txt").read_text() == "do not delete"
@@ -150,7 +150,7 @@ def test_edited_study_attributes_and_missing_group_metadata(study):
     assert any("group fmri/sub-01" in p and "missing" in p for p in problems), problems
     assert any("tr_s 2.0" in p for p in problems), problems
     assert cli("verify", store).returncode == 1
-    r = cli("run", config, "--workers", "1", "--no-progress")  # writes the group metadata again
+    r = cli("run", config, "--no-progress")  # writes the group metadata again
     assert r.returncode == 0, r.stderr
     assert verify_store(store) == []
     import xarray as xr
@@ -193,7 +193,7 @@ def test_reserved_subject_names_are_refused_before_anything_is_touched(study, na
     raw = yaml.safe_load(config.read_text())
     raw["runs"]["run-1"]["fmri"][name] = raw["runs"]["run-1"]["fmri"]["sub-01"]
     config.write_text(yaml.safe_dump(raw))
-    r = cli("run", config, "--workers", "1", "--no-progress")
+    r = cli("run", config, "--no-progress")
     _one_line_error(r, "reserved", name)
     assert (store / "manifest.json").read_text() == manifest
     after = store_arrays(store)
@@ -207,7 +207,7 @@ def test_a_view_opened_before_a_rebuild_fails_clearly_when_checked(study):
     raw = yaml.safe_load(config.read_text())
     raw["fmri"]["detrend"] = True
     config.write_text(yaml.safe_dump(raw))
-    assert cli("run", config, "--workers", "1", "--no-progress").returncode == 0
+    assert cli("run", config, "--no-progress").returncode == 0
     with pytest.raises(StoreError, match="reopen the store"):
         view.fmri("sub-01", "run-1")
     assert giblet.open_store(store).generation > view.generation
@@ -237,7 +237,7 @@ def test_a_derived_result_is_served_while_its_basis_holds_and_verified(study):
     raw = yaml.safe_load(config.read_text())
     raw["split"] = {"val_runs": ["run-2"]}  # a new align record: the result is stale, never served
     config.write_text(yaml.safe_dump(raw))
-    assert cli("run", config, "--workers", "1", "--no-progress").returncode == 0
+    assert cli("run", config, "--no-progress").returncode == 0
     s = giblet.open_store(store)
     assert s.derived("derived/test-val") is None and not s.has("derived/test-val/isc")
     assert verify_store(store) == []

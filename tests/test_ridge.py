@@ -70,7 +70,7 @@ def built(tmp_path_factory):
         "output": "study.zarr", "tr_s": TR, "runs": runs,
         "fmri": {"mask_strategy": "file", "mask_file": "mask.nii.gz", "zscore": "subject", "chunk_trs": 16},
         "video": {"width": 32, "height": 18, "chunk_trs": 16, "segment_trs": 32}}, sort_keys=False))
-    assert (r := cli("run", config, "--workers", "1", "--no-progress")).returncode == 0, r.stderr
+    assert (r := cli("run", config, "--no-progress")).returncode == 0, r.stderr
     store = root / "study.zarr"
     features = store_features(giblet.open_store(store), PARAMS)  # the store's own features, planted back
     weights = {s: rng.normal(size=(features.n_features, n_vox)) for s in ("sub-01", "sub-02")}
@@ -79,7 +79,7 @@ def built(tmp_path_factory):
             write_nifti(root / f"{s}_{run}.nii.gz", planted_bold(x, w))
         shuffled = planted_bold(x, weights["sub-01"])[..., rng.permutation(len(x))]
         write_nifti(root / f"sub-03_{run}.nii.gz", shuffled)
-    assert (r := cli("run", config, "--workers", "1", "--no-progress")).returncode == 0, r.stderr
+    assert (r := cli("run", config, "--no-progress")).returncode == 0, r.stderr
     return store
 
 

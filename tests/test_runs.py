@@ -190,7 +190,7 @@ def test_split_by_run_changes_no_unit(study):
     raw = yaml.safe_load(study.read_text())
     raw["split"] = {"val_runs": ["run-2"]}
     study.write_text(yaml.safe_dump(raw))
-    r = cli("run", study, "--workers", "1", "--no-progress")
+    r = cli("run", study, "--no-progress")
     assert r.returncode == 0 and "all 10 unit(s) up to date" in r.stderr, r.stderr
     s = giblet.open_store(study.parent / "study.zarr")
     assert s.split["train"] == {"run-1": (0, 16)} and s.split["val"] == {"run-2": (0, 21)}
@@ -225,7 +225,7 @@ def test_adding_a_run_or_a_subject_builds_only_its_units(study):
 
 
 def test_subject_zscore_pools_a_subjects_runs(study):
-    r = cli("run", study, "--workers", "1", "--no-progress", "fmri.zscore=subject")
+    r = cli("run", study, "--no-progress", "fmri.zscore=subject")
     assert r.returncode == 0, r.stderr
     s = giblet.open_store(study.parent / "study.zarr")
     assert sorted(k for k in s.manifest["units"] if k.startswith("fmri/sub")) == ["fmri/sub-01", "fmri/sub-02",
@@ -244,7 +244,7 @@ def test_a_format_1_store_is_refused_with_how_to_rebuild(study):
     (store / "manifest.json").write_text(json.dumps(old))
     with pytest.raises(StoreError, match="store format 1.*reads format 2.*new output path"):
         giblet.open_store(store)
-    _one_line_error(cli("run", study, "--workers", "1", "--no-progress"), "format 1")
+    _one_line_error(cli("run", study, "--no-progress"), "format 1")
     assert json.loads((store / "manifest.json").read_text()) == old  # untouched
 
 
@@ -255,9 +255,9 @@ def test_one_run_of_a_shared_sheet_takes_its_rows_from_text_run_rows(study):
     del raw["runs"]["run-2"]
     raw["output"] = "one.zarr"
     study.write_text(yaml.safe_dump(raw))
-    _one_line_error(cli("run", study, "--only", "text", "--workers", "1", "--no-progress"),
+    _one_line_error(cli("run", study, "--only", "text", "--no-progress"),
                     "sheet.csv", "text.run_rows")
-    r = cli("run", study, "--only", "text", "--workers", "1", "--no-progress", "text.run_rows={run-1: 1-8}")
+    r = cli("run", study, "--only", "text", "--no-progress", "text.run_rows={run-1: 1-8}")
     assert r.returncode == 0, r.stderr
     s = giblet.open_store(study.parent / "one.zarr")
     assert s.runs == ["run-1"] and s.unit_meta("text/run-1")["shared_sheet_rows"] == [1, 8]
@@ -269,7 +269,7 @@ def test_a_run_every_subject_lacks_is_an_error_a_missing_pair_is_not(study):
     raw = yaml.safe_load(study.read_text())
     raw["runs"]["run-2"]["fmri"] = {}
     study.write_text(yaml.safe_dump(raw))
-    _one_line_error(cli("run", study, "--workers", "1", "--no-progress"), "run-2", "no subject")
+    _one_line_error(cli("run", study, "--no-progress"), "run-2", "no subject")
 
 
 def test_the_real_sherlock_sheet_lands_in_the_right_runs_and_trs():
