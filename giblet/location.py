@@ -96,7 +96,16 @@ class RemoteLocation:
         return hashlib.blake2b(self.url.encode(), digest_size=8).hexdigest()
 
     def key(self, rel: str = "") -> str:
-        return f"{self.root}/{rel}" if rel else self.root
+        """The object key of ``rel`` below the store; a name read from the manifest that would
+        leave the store (absolute, ``..`` or empty segments) is refused before any
+        read, write or delete -- the remote twin of ``giblet.store.contained``."""
+        if not rel:
+            return self.root
+        parts = rel.split("/")
+        if any(p in ("", ".", "..") for p in parts) or rel.startswith("/"):
+            raise StoreError(f"{self.url}: {rel!r} is not a name inside the store (edited manifest?); "
+                             f"rebuild into a new output")
+        return f"{self.root}/{rel}"
 
     def url_of(self, rel: str = "") -> str:
         return f"{self.url}/{rel}" if rel else self.url
