@@ -86,3 +86,14 @@ def timed(fn, *args, **kwargs) -> tuple[object, float, float, float]:
         out = fn(*args, **kwargs)
         seconds = time.perf_counter() - t0
     return out, seconds, rss.gb, before
+
+
+def emit(res: dict, path) -> None:
+    """Print a benchmark's results as JSON, and write them to ``path`` when given."""
+    import json
+    from pathlib import Path
+
+    text = json.dumps(res, indent=1)
+    print(text)
+    if path:
+        Path(path).write_text(text)

@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _util import PeakRSS, machine  # noqa: E402
+from _util import PeakRSS, machine, emit  # noqa: E402
 
 from giblet.config import load_config  # noqa: E402
 from giblet.synth import make_study  # noqa: E402
@@ -85,9 +85,7 @@ def main() -> None:
     manifest = json.loads((work / "s1.zarr/manifest.json").read_text())
     res["n_voxels"] = manifest["units"]["fmri/mask"]["meta"]["n_voxels"]
     shutil.rmtree(work)
-    print(json.dumps(res, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+    emit(res, args.json)
 
 
 if __name__ == "__main__":

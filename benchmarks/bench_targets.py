@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _util import PeakRSS, machine  # noqa: E402
+from _util import PeakRSS, machine, emit  # noqa: E402
 
 from giblet.config import load_config  # noqa: E402
 from pipelines import engine  # noqa: E402
@@ -180,9 +180,7 @@ def main() -> None:
     res["engine_targets_s"] = time.perf_counter() - t
     res["trainer_cpu"] = trainer_rates(store, work, args.steps)
     shutil.rmtree(work)
-    print(json.dumps(res, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+    emit(res, args.json)
 
 
 if __name__ == "__main__":
