@@ -12,8 +12,9 @@ Pipeline (each step a well-kept library; only the segmenting is written here):
    of about ``segment_s`` seconds that also take ``context_s`` seconds of the audio before
    them (and after them, for a non-causal model); only each window's own code frames are
    kept, so window boundaries barely change the codes. Windows are batched. On CPU the
-   ``stream`` path runs the same layers and weights ~2.4x faster
-   (``giblet.features.encodec_stream``; ``audio.fast_path``, ``audio.threads``).
+   ``stream`` path runs the same layers and weights several times faster, read from the
+   model's folder without importing transformers (``giblet.features.encodec_stream`` and
+   ``encodec_torch``; ``audio.fast_path``, ``audio.threads``).
 4. **Bin** the continuous code stream into TRs by the fixed rule below.
 
 TR binning rule (exact, recorded in ``audio/codes`` attrs and the unit's meta): code frame
@@ -49,7 +50,7 @@ def codes_name(run: str) -> str:
 # The EnCodec model side (resolve, build, load, fingerprint) lives in giblet.features.encodec.
 from giblet.features.encodec import (  # noqa: E402,F401  (re-exported: part of this stage's API)
     ENCODEC_24KHZ, MAX_PAD_ELEMENTS, RANDOM, RANDOM_RECIPE, RANDOM_SEED, ModelInfo, build_random_model, load_model,
-    resolve_model, weights_hash,
+    load_spec, resolve_model, weights_hash,
 )
 from giblet.features.media import open_stream, resolve_device, task_threads, torch_threads  # noqa: E402
 
@@ -170,10 +171,9 @@ def release_caches() -> None:
     worker once the audio stage is done, so a worker moving on to fMRI does not keep ~0.6 GB)."""
     import gc
 
-    from giblet.features.encodec import load_model
-
     cached_waveform.cache_clear()
     load_model.cache_clear()
+    load_spec.cache_clear()
     gc.collect()
 
 
@@ -396,12 +396,11 @@ def encode_trs(staging: str, name: str, source: str, source_key: str, source_fp:
     wave, info = staged_waveform(staging, source, source_key, sampling_rate, onset_s)
     t_read = time.perf_counter() - t0
     dev = resolve_device(device)
-    net = load_model(model, model_fp, dev)
-    path, note = encodec_stream.choose(net, fast_path)
+    arr = store.open_staged(staging, name)
+    net, path, note = encodec_stream.load(model, model_fp, dev, fast_path, n_codebooks=arr.shape[1])
     hop = int(np.prod(net.config.upsampling_ratios))
     rate = net.config.sampling_rate / hop
     n_trs = count_trs(len(wave), hop, tr_s, rate)
-    arr = store.open_staged(staging, name)
     end = min(tr1, n_trs)
     n_threads = task_threads(threads, concurrent)
     t1 = time.perf_counter()

@@ -215,3 +215,23 @@ def load_model(name: str, fingerprint: str, device: str):
     for layer in model.quantizer.layers:
         del layer.codebook.embed_avg, layer.codebook.cluster_size
     return model.eval().to(torch.device(device))
+
+
+@functools.lru_cache(maxsize=1)
+def load_spec(name: str, fingerprint: str, n_codebooks: Optional[int] = None):
+    """The encoder and first ``n_codebooks`` codebooks (None: all) of model ``name`` as an
+    ``encodec_torch.Spec`` (the stream path), cached per process like ``load_model``. A directory is read without importing
+    transformers; "random" is built with it (``build_random_model``), then converted.
+
+    Raises:
+        encodec_torch.Unsupported: encoder weights outside EnCodec's known layout.
+        InputError: missing or unreadable weights.
+    """
+    from giblet.features import encodec_torch
+
+    if name != RANDOM:
+        return encodec_torch.load_dir(name, fingerprint, n_codebooks)
+    model = build_random_model()
+    spec = encodec_torch.from_model(model, n_codebooks)
+    spec.giblet_weights_hash = weights_hash(model)
+    return spec

@@ -1,5 +1,5 @@
-"""The ``stream`` encode path: transformers' EnCodec encoder, same weights and layers, run
-faster on CPU.
+"""The ``stream`` encode path: EnCodec's encoder, same weights and layers as transformers'
+(read by ``giblet.features.encodec_torch``), run faster on CPU.
 
 Why by hand: on CPU the eager encoder spends most of its time outside arithmetic. Its
 convolutions see ``(batch, channel, time)`` tensors, which oneDNN reorders to and from its
@@ -25,14 +25,16 @@ worker). So this path:
    single-threaded (``encode``).
 
 Only causal models (``use_causal_conv``, e.g. ``facebook/encodec_24khz``) with weight-normed
-convolutions qualify (``StreamEncoder.check``); the stage falls back to transformers' own
-``encode`` otherwise, and says so. Codes equal the eager encode's up to float rounding
+convolutions qualify (``choose``; a checkpoint outside EnCodec's known layout too: ``load``);
+the stage falls back to transformers' own ``encode`` otherwise, and says so. Codes equal the
+eager encode's up to float rounding
 (``audio.fast_path`` in docs/store.md: agreement measured and recorded), and do not change
 with the number of threads.
 """
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -46,86 +48,51 @@ LSTM_FRAMES = 256  # code frames per LSTM call (the state is carried from one to
 Step = Callable  # (batch, time, channel) tensor -> (batch, time', channel') tensor
 
 
-class Unsupported(Exception):
-    """The model has a layer or setting this path does not reproduce (the stage falls back)."""
-
-
 class StreamEncoder:
     """Encode windows of one EnCodec model's input (see the module docstring).
 
     Args:
-        model: a transformers ``EncodecModel`` in eval mode, on CPU.
+        spec: the model's ``giblet.features.encodec_torch.Spec`` (its layers, on CPU).
         chunk_frames: code frames per front chunk.
-
-    Raises:
-        Unsupported: ``check(model)`` names what this path cannot run.
     """
 
-    def __init__(self, model, chunk_frames: int = CHUNK_FRAMES):
-        reason = self.check(model)
-        if reason:
-            raise Unsupported(reason)
+    def __init__(self, spec, chunk_frames: int = CHUNK_FRAMES):
         import torch
 
-        from transformers.models.encodec import modeling_encodec as me
-
-        self.model, self.chunk_frames = model, chunk_frames
-        layers = list(model.encoder.layers)
-        cut = next(i for i, m in enumerate(layers) if isinstance(m, me.EncodecLSTM))
+        self.spec, self.chunk_frames = spec, chunk_frames
+        cut = next(i for i, m in enumerate(spec.layers) if isinstance(m, torch.nn.LSTM))
         with torch.no_grad():
-            self.front = [_step(m) for m in layers[:cut]]
-            self.lstm = layers[cut].lstm
-            self.tail = [_step(m) for m in layers[cut + 1:]]
-        self.hop = int(np.prod(model.config.upsampling_ratios))
-        self.margin = math.ceil(_lookback(layers[:cut]) / self.hop)  # frames
-
-    @staticmethod
-    def check(model) -> Optional[str]:
-        """Why this path cannot run ``model`` (None: it can)."""
-        from transformers.models.encodec import modeling_encodec as me
-
-        import torch
-
-        cfg = model.config
-        if not cfg.use_causal_conv:
-            return "the model is not causal (use_causal_conv=false): its chunks would need right context"
-        if cfg.norm_type != "weight_norm":
-            return f"norm_type={cfg.norm_type}: only weight-normed convolutions stream"
-        if next(model.parameters()).device.type != "cpu":
-            return "the model is not on the CPU"
-        layers = list(model.encoder.layers)
-        if sum(isinstance(m, me.EncodecLSTM) for m in layers) != 1:
-            return "the encoder does not have exactly one LSTM"
-        blocks = [m for m in layers if isinstance(m, me.EncodecResnetBlock)]
-        parts = [m for m in layers if not isinstance(m, me.EncodecResnetBlock)] + \
-            [b for m in blocks for b in list(m.block) + [m.shortcut]]
-        for m in parts:  # the layers _step reproduces, and nothing else
-            if not isinstance(m, (me.EncodecConv1d, me.EncodecLSTM, torch.nn.ELU, torch.nn.Identity)):
-                return f"unknown encoder layer {type(m).__name__}"
-            if isinstance(m, me.EncodecConv1d) and (m.conv.groups != 1 or m.conv.padding != (0,)):
-                return "a convolution with groups or built-in padding"
-        return None
+            self.front = [_step(m) for m in spec.layers[:cut]]
+            self.lstm = spec.layers[cut]
+            self.tail = [_step(m) for m in spec.layers[cut + 1:]]
+        self.hop = spec.hop
+        self.margin = math.ceil(_lookback(spec.layers[:cut]) / self.hop)  # frames
 
     def encode(self, windows: list[np.ndarray], bandwidth: float, threads: int = 1) -> list[np.ndarray]:
         """Codes of each window, as transformers' ``encode`` of that window alone.
 
-        The windows' fronts, then their backs in groups of at most ``BACK_FRAMES`` (windows
-        x longest) frames, run on ``threads`` Python threads, every torch op single-threaded.
-        Why not torch's intra-op threads: this path runs thousands of small ops, and an
-        OpenMP team waits at every op's end for its slowest thread -- on a loaded machine,
-        one whose core was taken away (2 intra-op threads measured up to 10x slower than 1
-        at load 5). The groups do not depend on ``threads``, so neither do the codes.
+        Windows go in groups of at most ``BACK_FRAMES`` (windows x longest) frames: a group's
+        fronts, chunk by chunk, then its back (the LSTM over the group at once), all on
+        ``threads`` Python threads, every torch op single-threaded. The next group's fronts
+        run beside a group's back, and at most two groups' features are held (~16 MB each):
+        the task's memory does not grow with its audio. Why not torch's intra-op threads:
+        this path runs thousands of small ops, and an OpenMP team waits at every op's end
+        for its slowest thread -- on a loaded machine, one whose core was taken away (2
+        intra-op threads measured up to 10x slower than 1 at load 5). The groups do not
+        depend on ``threads``, so neither do the codes.
 
         Args:
             windows: ``(sample,) float32`` mono waveforms; each but the last of the audio
                 a whole number of code frames long.
             bandwidth: kbps.
-            threads: windows (then groups) encoded at once.
+            threads: chunks (and backs) encoded at once.
 
         Returns:
             per window, ``(codebook, ceil(samples / hop)) int64``.
         """
         from concurrent.futures import ThreadPoolExecutor
+
+        import torch
 
         groups, group = [], []
         for i, w in enumerate(windows):
@@ -135,14 +102,18 @@ class StreamEncoder:
                 group = []
             group.append(i)
         groups.append(group)
-        import torch
-
         chunk = _inference(self._chunk)
-        back = _inference(lambda g: self._back([feats[i] for i in g], bandwidth))
+        back = _inference(lambda feats: self._back(feats, bandwidth))
+        backs = []
         with torch_threads(1), ThreadPoolExecutor(max(1, threads), thread_name_prefix="giblet-encodec") as pool:
-            parts = [[pool.submit(chunk, w, *c) for c in self._chunks(len(w))] for w in windows]
-            feats = [torch.cat([p.result() for p in ps]) if len(ps) > 1 else ps[0].result() for ps in parts]
-            return [c for codes in pool.map(back, groups) for c in codes]
+            for g in groups:
+                if len(backs) >= 2:
+                    backs[-2].result()  # two groups' features in memory at most
+                parts = [[pool.submit(chunk, windows[i], *c) for c in self._chunks(len(windows[i]))] for i in g]
+                feats = [torch.cat([p.result() for p in ps]) if len(ps) > 1 else ps[0].result() for ps in parts]
+                backs.append(pool.submit(back, feats))
+                del parts, feats
+            return [c for b in backs for c in b.result()]
 
     def _chunks(self, n: int) -> list[tuple[int, int, int]]:
         """``(start, stop, lead)`` of a window's front chunks: near-equal (no sliver at the end),
@@ -174,7 +145,7 @@ class StreamEncoder:
 
         lengths = [f.shape[0] for f in feats]
         y = torch.nn.utils.rnn.pad_sequence(feats)  # (time, batch, channel): the LSTM's layout
-        del feats
+        feats.clear()  # the caller's list: the group's fronts are freed once copied
         state = None
         for t in range(0, y.shape[0], LSTM_FRAMES):  # in time slices, the state carried: small gate buffers
             h, state = self.lstm(y[t:t + LSTM_FRAMES], state)
@@ -186,7 +157,7 @@ class StreamEncoder:
         y = y[None].contiguous()
         for f in self.tail:
             y = f(y)
-        return self.model.quantizer.encode(y.transpose(1, 2), bandwidth)[:, 0].numpy()
+        return self.spec.quantize(y[0], bandwidth).numpy()
 
 
 def _inference(fn):
@@ -203,34 +174,31 @@ def _inference(fn):
 
 def _lookback(layers) -> int:
     """Input samples before its own that the last layer's output depends on (causal layers)."""
-    from transformers.models.encodec import modeling_encodec as me
+    from giblet.features.encodec_torch import Conv, Residual
 
     total, stride = 0, 1  # stride: input samples per step of the current layer's input
     for m in layers:
-        convs = list(m.block) if isinstance(m, me.EncodecResnetBlock) else [m]  # a 1x1 shortcut looks back nothing
-        for c in (c for c in convs if isinstance(c, me.EncodecConv1d)):
-            k = (c.conv.kernel_size[0] - 1) * c.conv.dilation[0] + 1
-            total += (k - c.conv.stride[0]) * stride
-            stride *= c.conv.stride[0]
+        convs = m.block if isinstance(m, Residual) else [m]  # a 1x1 shortcut looks back nothing
+        for c in (c for c in convs if isinstance(c, Conv)):
+            total += (c.kernel - c.stride) * stride
+            stride *= c.stride
     return total
 
 
 def _step(m, inplace: bool = True) -> Step:
     """A layer as a function of ``(batch, time, channel)``; ``inplace``: an ELU may overwrite its
     input (it is a fresh tensor no one else holds: every input but a residual block's)."""
-    import torch
     import torch.nn.functional as F
 
-    from transformers.models.encodec import modeling_encodec as me
+    from giblet.features.encodec_torch import Conv, Residual
 
-    if isinstance(m, me.EncodecConv1d):
+    if isinstance(m, Conv):
         return _Conv(m)
-    if isinstance(m, torch.nn.ELU):
-        alpha = float(m.alpha)
-        return lambda y: F.elu(y, alpha, inplace=inplace)
-    if isinstance(m, me.EncodecResnetBlock):
+    if m == "elu":
+        return lambda y: F.elu(y, inplace=inplace)
+    if isinstance(m, Residual):
         block = [_step(b, inplace=i > 0) for i, b in enumerate(m.block)]  # the first reads the residual
-        shortcut = None if isinstance(m.shortcut, torch.nn.Identity) else _step(m.shortcut)
+        shortcut = None if m.shortcut is None else _step(m.shortcut)
 
         def residual(y):
             h = y
@@ -239,27 +207,26 @@ def _step(m, inplace: bool = True) -> Step:
             h += y if shortcut is None else shortcut(y)  # h: the block's own output (float + commutes exactly)
             return h
         return residual
-    raise Unsupported(f"unknown encoder layer {type(m).__name__}")
+    raise TypeError(f"unknown encoder layer {m!r}")
 
 
 class _Conv:
-    """``EncodecConv1d`` (causal) on ``(batch, time, channel)``: the same padding rule."""
+    """A causal ``encodec_torch.Conv`` on ``(batch, time, channel)``: the same padding rule."""
 
-    def __init__(self, m):
+    def __init__(self, conv):
         import torch
 
-        conv = m.conv
-        self.stride, self.dilation = conv.stride[0], conv.dilation[0]
-        self.kernel = (conv.kernel_size[0] - 1) * self.dilation + 1
-        self.pad_total, self.mode = self.kernel - self.stride, m.pad_mode
-        w = conv.weight.detach()  # the weight-norm parametrization, evaluated once
-        self.bias = None if conv.bias is None else conv.bias.detach().clone()
-        if conv.kernel_size[0] == 1 and self.stride == 1:
-            self.matrix = w[:, :, 0].clone()  # (out, in): a 1x1 convolution is a matmul
+        self.stride, self.dilation, self.kernel = conv.stride, conv.dilation, conv.kernel
+        self.pad_total, self.mode = self.kernel - self.stride, conv.pad_mode
+        w = conv.weight  # (out, in, kernel), the weight norm folded
+        self.bias = conv.bias
+        if w.shape[-1] == 1 and self.stride == 1:
+            self.matrix = w[:, :, 0]  # (out, in), a view: a 1x1 convolution is a matmul
             self.weight = None
         else:
             self.matrix = None
             self.weight = w.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (out, in, 1, kernel)
+            conv.weight = self.weight.squeeze(2)  # the same floats, one copy held (the reference makes it contiguous)
 
     def __call__(self, y):
         import torch.nn.functional as F
@@ -294,42 +261,86 @@ def _pad(y, left: int, right: int, mode: str):
 
 # -- choosing the path, and checking it ------------------------------------------------------
 
+def spec_of(model):
+    """``model`` if it is an ``encodec_torch.Spec``, else the Spec of a transformers
+    ``EncodecModel`` (built once and kept on it: tests and benchmarks pass those)."""
+    from giblet.features.encodec_torch import Spec, from_model
+
+    if isinstance(model, Spec):
+        return model
+    if getattr(model, "giblet_spec", None) is None:
+        model.giblet_spec = from_model(model)
+    return model.giblet_spec
+
+
 def for_model(model) -> StreamEncoder:
     """The model's ``StreamEncoder``, built once per loaded model (it holds channels-last weights)."""
-    if getattr(model, "giblet_stream", None) is None:
-        model.giblet_stream = StreamEncoder(model)
-    return model.giblet_stream
+    spec = spec_of(model)
+    if spec.stream is None:
+        spec.stream = StreamEncoder(spec)
+    return spec.stream
 
 
-def choose(model, requested: str) -> tuple[str, Optional[str]]:
-    """The path a task runs (``stream`` or ``eager``) for ``audio.fast_path`` = ``requested``,
-    and why it is not the one asked for (None when it is).
+def choose(cfg, device: str, requested: str) -> tuple[str, Optional[str]]:
+    """The path a task runs (``stream`` or ``eager``) for ``audio.fast_path`` = ``requested``
+    with a model of config ``cfg`` (``encodec_torch.config_of``) on ``device``, and why it is
+    not the one asked for (None when it is).
 
     ``auto``: ``stream`` on CPU when the model qualifies, else ``eager`` (on a GPU without a
     note: cuDNN runs the eager encoder well). ``stream``: the same, with a note whenever it
     falls back. ``eager``: transformers' ``encode``.
     """
+    from giblet.features.encodec_torch import stream_reason
+
     if requested == "eager":
         return "eager", None
-    reason = StreamEncoder.check(model)
+    reason = stream_reason(cfg, device)
     if reason is None:
         return "stream", None
-    if requested == "auto" and next(model.parameters()).device.type != "cpu":
+    if requested == "auto" and device != "cpu":
         return "eager", None
-    return "eager", (f"audio.fast_path={requested}: the stream path cannot run this model ({reason}); "
-                     f"encoded with transformers' encode instead (same codes up to float rounding, slower on CPU)")
+    return "eager", _fallback_note(requested, reason)
+
+
+def _fallback_note(requested: str, reason: str) -> str:
+    return (f"audio.fast_path={requested}: the stream path cannot run this model ({reason}); "
+            f"encoded with transformers' encode instead (same codes up to float rounding, slower on CPU)")
+
+
+def load(name: str, fingerprint: str, device: str, requested: str,
+         n_codebooks: Optional[int] = None) -> tuple[object, str, Optional[str]]:
+    """The model a task encodes with, its path and the fallback note (``choose``);
+    the stream path keeps the first ``n_codebooks`` codebooks (None: all).
+
+    The stream path reads the encoder and codebooks from the folder with
+    ``encodec_torch`` (transformers is not imported: ~0.3 GB less per worker); the seeded
+    random model is built with transformers, then converted. The eager path loads
+    transformers' ``EncodecModel`` (``encodec.load_model``). A checkpoint whose encoder
+    does not fit EnCodec's known layout falls back to eager, with the reason in the note.
+    """
+    import json
+
+    from giblet.features import encodec, encodec_torch
+
+    raw = encodec.ENCODEC_24KHZ if name == encodec.RANDOM else json.loads((Path(name) / "config.json").read_text())
+    path, note = choose(encodec_torch.config_of(raw), device, requested)
+    if path == "stream":
+        try:
+            return encodec.load_spec(name, fingerprint, n_codebooks), path, None
+        except encodec_torch.Unsupported as exc:
+            path, note = "eager", _fallback_note(requested, str(exc))
+    return encodec.load_model(name, fingerprint, device), path, note
 
 
 def agreement(model, wave: np.ndarray, bandwidth: float) -> dict:
-    """Encode ``wave`` (one window) both ways: the fraction of codes equal, and their count."""
-    import torch
-
-    hop = int(np.prod(model.config.upsampling_ratios))
-    wave = wave[: len(wave) - len(wave) % hop]
+    """Encode ``wave`` (one window) with the stream path and the eager fp32 reference
+    (``Spec.reference``, equal to transformers' ``encode``): the fraction of codes equal,
+    and their count."""
+    spec = spec_of(model)
+    wave = wave[: len(wave) - len(wave) % spec.hop]
     if len(wave) == 0:
         return {}
-    with torch.inference_mode(), torch_threads(1):  # one thread: no OpenMP team to stall on a loaded machine
-        eager = model.encode(torch.from_numpy(np.array(wave, np.float32))[None, None], bandwidth=float(bandwidth))
-    eager = eager.audio_codes[0, 0].numpy()
-    stream = for_model(model).encode([wave], float(bandwidth))[0]
+    with torch_threads(1):  # one thread: no OpenMP team to stall on a loaded machine
+        eager = spec.reference(wave, float(bandwidth))
+    stream = for_model(spec).encode([wave], float(bandwidth))[0]
     return {"fast_path_agreement": round(float((stream == eager).mean()), 6), "agreement_codes": int(eager.size)}
