@@ -98,7 +98,7 @@ class RemoteLocation:
     def key(self, rel: str = "") -> str:
         """The object key of ``rel`` below the store; a name read from the manifest that would
         leave the store (absolute, ``..`` or empty segments) is refused before any
-        read, write or delete -- the remote twin of ``giblet.store.contained``."""
+        read, write or delete -- the remote twin of ``giblet.manifest.contained``."""
         if not rel:
             return self.root
         parts = rel.split("/")

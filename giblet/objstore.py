@@ -44,8 +44,9 @@ from zarr.storage import WrapperStore
 from giblet.errors import StoreError
 from giblet.fingerprint import hash_bytes
 from giblet.location import PreconditionFailed, RemoteLocation, is_url, local_path, store_location
-from giblet.store import (ALIGN_KEY, FORMAT, GROUP_META, MANIFEST, StoreLock, StoreWriter, _json_default, _kill_point,
-                          check_name, group_names, manifest_digest, now_iso, parse_manifest, read_manifest)
+from giblet.manifest import (ALIGN_KEY, FORMAT, GROUP_META, MANIFEST, _json_default, check_name, group_names,
+                             manifest_digest, now_iso, parse_manifest, read_manifest)
+from giblet.store import StoreLock, StoreWriter, _kill_point
 
 ATTEMPTS = "attempts"
 ATTEMPT_FILE = "attempt.json"
@@ -66,7 +67,7 @@ def referenced_attempts(manifest: dict) -> set[str]:
 
 
 def _json_bytes(obj: Any) -> bytes:
-    """The bytes ``giblet.store.atomic_write_json`` writes (so checksums agree with local stores)."""
+    """The bytes ``giblet.manifest.atomic_write_json`` writes (so checksums agree with local stores)."""
     return json.dumps(obj, indent=1, sort_keys=True, default=_json_default).encode()
 
 

@@ -21,7 +21,8 @@ from typing import Optional
 
 from giblet.errors import StoreError
 from giblet.location import is_remote, store_location
-from giblet.store import META_DIR, StoreLock, contained, read_manifest
+from giblet.manifest import META_DIR, contained, read_manifest
+from giblet.store import StoreLock
 
 DEFAULT_MIN_AGE_S = 24 * 3600.0
 

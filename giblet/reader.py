@@ -25,10 +25,10 @@ from giblet.errors import ModalityMissingError, StoreError
 from giblet.features.pretrained.reading import FeatureReader
 from giblet.fingerprint import hash_bytes
 from giblet.location import is_remote, store_location
+from giblet.manifest import (ALIGN_KEY, DERIVED_KEY, GROUP_META, MASK, TARGETS, VOXELS, VOXELS_TARGET, fmri_prefix,
+                             is_target_unit, read_manifest, stimulus_prefix, target_prefix)
 from giblet.normalize import ZScorer
 from giblet.split import SPLITS, split_ranges
-from giblet.store import (ALIGN_KEY, DERIVED_KEY, GROUP_META, MASK, TARGETS, VOXELS, VOXELS_TARGET, fmri_prefix,
-                          is_target_unit, read_manifest, stimulus_prefix, target_prefix)
 
 VERIFY_MODES = (None, "chunks")
 STIMULUS_ARRAYS = {"video": "frames", "audio": "codes", "text": "embeddings"}

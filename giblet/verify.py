@@ -18,10 +18,10 @@ import numpy as np
 from giblet.errors import StoreError
 from giblet.fingerprint import hash_file
 from giblet.location import is_remote, store_location
+from giblet.manifest import (ALIGN_KEY, DERIVED_KEY, FORMAT, GROUP_META, group_meta_path, group_names, is_target_unit,
+                             member, read_manifest)
 from giblet.reader import open_store
 from giblet.split import plan_split
-from giblet.store import (ALIGN_KEY, DERIVED_KEY, FORMAT, GROUP_META, group_meta_path, group_names, is_target_unit,
-                          member, read_manifest)
 
 Z_TOL = 1e-3  # |mean| and |std - 1| of a stored z-scored column, float32 round-off included
 

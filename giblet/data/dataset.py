@@ -19,9 +19,9 @@ from giblet.data.chunks import ArrayInfo, ChunkCache, stack
 from giblet.data.context import convolve_windows, frame_indices, hrf_kernel, source_trs
 from giblet.data.frames import pool_frames
 from giblet.errors import ConfigError, ModalityMissingError
+from giblet.manifest import STIMULI, VOXELS_TARGET, fmri_prefix, target_prefix
 from giblet.normalize import ZScorer
 from giblet.reader import STIMULUS_ARRAYS, open_store
-from giblet.store import STIMULI, VOXELS_TARGET, fmri_prefix, target_prefix
 
 MODALITIES = ("fmri", "video", "audio", "text")
 SPLITS = ("train", "val", "test", "all")

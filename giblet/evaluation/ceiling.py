@@ -33,7 +33,8 @@ from typing import Optional
 import numpy as np
 
 from giblet.errors import ConfigError, StoreError
-from giblet.store import ALIGN_KEY, DERIVED, VOXEL, StoreLock, StoreWriter, create_array, fmri_prefix
+from giblet.manifest import ALIGN_KEY, DERIVED, VOXEL, fmri_prefix
+from giblet.store import StoreLock, StoreWriter, create_array
 
 VERSION = 1  # of the definition and the computation; a change recomputes every cached ceiling
 SUBJECT = "subject"  # dimension name (on-disk contract, as in StoreView.to_xarray)

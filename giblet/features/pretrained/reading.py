@@ -14,7 +14,7 @@ import numpy as np
 
 from giblet.errors import ModalityMissingError, StoreError
 from giblet.features.pretrained import MASK, SPEC, parse_spec
-from giblet.store import STIMULI, stimulus_prefix
+from giblet.manifest import STIMULI, stimulus_prefix
 
 
 class FeatureReader:

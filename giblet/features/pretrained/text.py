@@ -62,7 +62,7 @@ def prepare_words(staging: str | Path, path: str, start_column: str, end_column:
                          f"onset_s, text.time_unit and the time columns")
     record = {"words": [w for w, k in zip(words, keep) if k], "tr": trs[keep].tolist(), "n_trs": n_trs,
               "n_rows": len(rows.text), "sheet_rows": [rows.sheet_row[0], rows.sheet_row[-1]] if rows.text else []}
-    from giblet.store import atomic_write_json
+    from giblet.manifest import atomic_write_json
 
     atomic_write_json(Path(staging) / WORDS_FILE, record)
     return record
