@@ -243,6 +243,13 @@ def agreement_only(model, wave, audio, args) -> dict:
             "eager_vs_whole": float((eager == ref).mean())}
 
 
+def saved_random_model(audio) -> str:
+    """The seeded random model, saved with ``save_pretrained`` to a temporary folder."""
+    folder = Path(tempfile.mkdtemp(prefix="bench_encodec_")) / "encodec"
+    audio.build_random_model().save_pretrained(folder)
+    return str(folder)
+
+
 def load(audio, model: str | None, device: str):
     if model:
         from transformers import EncodecModel
@@ -343,8 +350,10 @@ def run_build(args) -> dict:
     config = root / "study.yaml"
     if not config.exists():
         t0 = time.perf_counter()
+        from giblet.features import audio
+
         make_study(root, n_subjects=args.subjects, n_trs=n_trs, shape=tuple(args.shape), movie_size=(640, 360),
-                   fps=25, seed=0, stages={"audio": {"model": "random"}}, workers=2)
+                   fps=25, seed=0, stages={"audio": {"model": saved_random_model(audio)}}, workers=2)
         print(f"study written in {time.perf_counter() - t0:.0f} s: {config}", flush=True)
     sides = {"before": old_settings(), "after": []}
     runs = {s: [] for s in sides}
@@ -415,6 +424,8 @@ def main() -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         threads = torch.get_num_threads()
+        if args.stage and not args.model:  # a save_pretrained folder, as a real model arrives (the stream
+            args.model = saved_random_model(audio)  # path then reads it without importing transformers)
         model = load(audio, args.model, args.device)
         info.update({"torch": torch.__version__, "transformers": transformers.__version__, "device": args.device,
                      "torch_threads": threads, "model": args.model or "random (seed 0)", "bandwidth": args.bandwidth,

@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from giblet.config import load_config
-from giblet.features import audio, encodec_stream
+from giblet.errors import InputError
+from giblet.features import audio, encodec_stream, encodec_torch
 from giblet.features.media import task_threads, torch_threads
 from giblet.store import read_manifest
 from giblet.synth import make_study, scenes, write_movie
@@ -60,18 +61,109 @@ def test_stream_path_agrees_with_eager_on_a_movie_track_and_speech(model, signal
 def test_stream_codes_do_not_depend_on_threads_or_chunking(model, signals, monkeypatch):
     monkeypatch.setattr(encodec_stream, "BACK_FRAMES", 400)  # a group per window: two threads share the work
     wave = signals["speech-like"][:96000]  # 4 s
-    small = encodec_stream.StreamEncoder(model, chunk_frames=5)  # chunks not much longer than their margin
+    spec = encodec_stream.spec_of(model)
+    small = encodec_stream.StreamEncoder(spec, chunk_frames=5)  # chunks not much longer than their margin
     assert small.margin >= 1
+    windows = [wave[:48000], wave, wave[:24000]]  # three groups: the pipeline holds two at a time
     with torch_threads(1):
-        one = encodec_stream.for_model(model).encode([wave[:48000], wave], 3.0)
+        one = encodec_stream.for_model(model).encode(windows, 3.0)
         with torch.inference_mode():  # chunks rebuild the window's front (to float rounding: oneDNN may pick
-            whole = encodec_stream.StreamEncoder(model, chunk_frames=10**6)._front(wave)  # other kernels)
+            whole = encodec_stream.StreamEncoder(spec, chunk_frames=10**6)._front(wave)  # other kernels)
             torch.testing.assert_close(small._front(wave), whole, rtol=1e-5, atol=1e-5)
-            no_margin = encodec_stream.StreamEncoder(model, chunk_frames=5)
+            no_margin = encodec_stream.StreamEncoder(spec, chunk_frames=5)
             no_margin.margin = 0  # each chunk starts cold: its first frames differ (why the margin exists)
             assert not torch.allclose(no_margin._front(wave), whole, rtol=1e-3, atol=1e-3)
-    two = encodec_stream.for_model(model).encode([wave[:48000], wave], 3.0, threads=2)
+    two = encodec_stream.for_model(model).encode(windows, 3.0, threads=2)
     assert all(np.array_equal(a, b) for a, b in zip(one, two))  # bit-identical codes with 1 and 2 threads
+    assert [c.shape[1] for c in two] == [150, 300, 75]  # each window's own codes, in order
+
+
+# -- the stream path's own reading of the weights (no transformers) -----------------------------
+
+def test_reference_is_transformers_encode_exactly(model, signals, tmp_path):
+    """The eager reference the stage checks the stream path against: embeddings and codes
+    equal (not close) to transformers' ``EncodecModel.encode``, from the model or its folder,
+    before and after the stream path re-lays the weights."""
+    model.save_pretrained(tmp_path / "enc")
+    from_dir = encodec_torch.load_dir(str(tmp_path / "enc"), "fp", n_codebooks=4)
+    assert len(from_dir.codebooks) == 4 and not any(n.startswith("transformers") for n in encodec_torch.__dict__)
+    for name, wave in signals.items():
+        wave = wave[-60000:]  # 2.5 s, ending where the signal ends (off a code frame for speech)
+        x = torch.from_numpy(wave)[None, None]
+        with torch.inference_mode(), torch_threads(1):
+            emb = model.encoder(x)
+            codes = model.encode(x, bandwidth=3.0).audio_codes[0, 0].numpy()
+            assert torch.equal(encodec_stream.spec_of(model).embeddings(x), emb), name
+            assert torch.equal(from_dir.embeddings(x), emb), name
+        assert len(np.unique(codes)) > 20, name
+        for spec in (encodec_stream.spec_of(model), from_dir):
+            with torch_threads(1):
+                assert np.array_equal(spec.reference(wave, 3.0), codes), name
+            encodec_stream.for_model(spec)  # the stream path shares (re-lays) the convolution weights
+    with pytest.raises(InputError, match="5 codebooks are needed at 3.75 kbps, the checkpoint has 4"):
+        from_dir.quantize(torch.zeros(3, 128), 3.75)
+
+
+def test_weights_are_read_without_transformers(model, signals, tmp_path):
+    """A folder's stream-path model is read with safetensors and torch alone (what keeps an
+    audio worker's memory down), and encodes as transformers does."""
+    import subprocess
+    import sys
+
+    model.save_pretrained(tmp_path / "enc")
+    wave = signals["movie track"][:48000]
+    np.save(tmp_path / "wave.npy", wave)
+    code = (f"import sys, numpy as np; from giblet.features import encodec_stream as s; "
+            f"net, path, note = s.load({str(tmp_path / 'enc')!r}, 'fp', 'cpu', 'auto', 4); "
+            f"c = s.for_model(net).encode([np.load({str(tmp_path / 'wave.npy')!r})], 3.0)[0]; "
+            f"np.save({str(tmp_path / 'codes.npy')!r}, c); "
+            f"print(path, note, sorted(m for m in sys.modules if m.startswith('transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["stream", "None", "[]"], out
+    with torch.inference_mode(), torch_threads(1):
+        eager = model.encode(torch.from_numpy(wave)[None, None], bandwidth=3.0).audio_codes[0, 0].numpy()
+    assert (np.load(tmp_path / "codes.npy") == eager).mean() >= AGREEMENT
+
+
+def test_older_and_unknown_checkpoints(model, signals, tmp_path):
+    """weight_g/weight_v names (checkpoints saved before torch's parametrizations, as the hub's
+    facebook/encodec_24khz) and pytorch_model.bin read the same; weights outside EnCodec's
+    known layout fall back to transformers' encode with the reason; missing ones fail in one line."""
+    from safetensors.torch import save_file
+
+    model.save_pretrained(tmp_path / "new")
+    config = (tmp_path / "new" / "config.json").read_text()
+    state = {k.replace("parametrizations.weight.original0", "weight_g").replace("parametrizations.weight.original1",
+                                                                                  "weight_v"): v.contiguous()
+             for k, v in model.state_dict().items()}
+    for name, write in {"old": lambda d: save_file(state, d / "model.safetensors"),
+                        "bin": lambda d: torch.save(state, d / "pytorch_model.bin"),
+                        "odd": lambda d: save_file({**state, "encoder.layers.99.conv.bias": torch.zeros(2)},
+                                                   d / "model.safetensors"),
+                        "partial": lambda d: save_file({k: v for k, v in state.items() if "layers.4." not in k},
+                                                       d / "model.safetensors")}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(config)
+        write(tmp_path / name)
+    wave = signals["speech-like"][:24000]
+    want = encodec_stream.spec_of(model).reference(wave, 3.0)
+    for name in ("old", "bin"):
+        assert np.array_equal(encodec_torch.load_dir(str(tmp_path / name), "fp").reference(wave, 3.0), want), name
+    net, path, note = encodec_stream.load(str(tmp_path / "odd"), "fp-odd", "cpu", "auto")
+    assert path == "eager" and "encoder.layers.99.conv.bias" in note and "known layout" in note
+    assert type(net).__name__ == "EncodecModel"
+    with pytest.raises(InputError, match=r"lacks EnCodec weight encoder\.layers\.4\..*re-save it"):
+        encodec_torch.load_dir(str(tmp_path / "partial"), "fp")
+
+
+def test_defaults_are_transformers_defaults():
+    from transformers import EncodecConfig
+
+    ours = encodec_torch.config_of({})
+    theirs = EncodecConfig()
+    for key in encodec_torch.DEFAULTS:
+        norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v  # noqa: E731 (tuple in the config object)
+        assert norm(getattr(ours, key)) == norm(getattr(theirs, key)), key
 
 
 def test_threads_rule():
@@ -90,13 +182,15 @@ def test_fallback_for_a_model_the_stream_path_cannot_run(model, tmp_path):
 
     torch.manual_seed(0)
     noncausal = EncodecModel(EncodecConfig(**{**audio.ENCODEC_24KHZ, "use_causal_conv": False})).eval()
-    path, note = encodec_stream.choose(noncausal, "stream")
+    cfg = encodec_torch.config_of(noncausal.config.to_dict())
+    path, note = encodec_stream.choose(cfg, "cpu", "stream")
     assert path == "eager" and "not causal" in note and "audio.fast_path=stream" in note
-    assert encodec_stream.choose(noncausal, "auto")[0] == "eager"
-    assert encodec_stream.choose(model, "auto") == ("stream", None)
-    assert encodec_stream.choose(model, "eager") == ("eager", None)
-    with pytest.raises(encodec_stream.Unsupported, match="not causal"):
-        encodec_stream.StreamEncoder(noncausal)
+    assert encodec_stream.choose(cfg, "cpu", "auto")[0] == "eager"
+    causal = encodec_torch.config_of(model.config.to_dict())
+    assert encodec_stream.choose(causal, "cpu", "auto") == ("stream", None)
+    assert encodec_stream.choose(causal, "cpu", "eager") == ("eager", None)
+    assert encodec_stream.choose(causal, "cuda", "auto") == ("eager", None)  # cuDNN runs eager well: no note
+    assert "not on the CPU" in encodec_stream.choose(causal, "cuda", "stream")[1]
 
     # through the engine: the fallback is logged and recorded, and the codes are the eager ones
     noncausal.save_pretrained(tmp_path / "noncausal")
