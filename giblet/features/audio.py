@@ -52,7 +52,7 @@ from giblet.features.encodec import (  # noqa: E402,F401  (re-exported: part of 
     ENCODEC_24KHZ, MAX_PAD_ELEMENTS, RANDOM, RANDOM_RECIPE, RANDOM_SEED, ModelInfo, build_random_model, load_model,
     load_spec, resolve_model, weights_hash,
 )
-from giblet.features.media import open_stream, resolve_device, task_threads, torch_threads  # noqa: E402
+from giblet.features.media import open_stream, resolve_device, task_threads, torch_threads, trim_heap  # noqa: E402
 
 AGREEMENT_S = 5.0  # seconds of audio the first task also encodes eagerly, to record the fast path's agreement
 
@@ -389,6 +389,16 @@ def encode_trs(staging: str, name: str, source: str, source_key: str, source_fp:
     (``finish_codes`` trims them). Returns the record merged into the unit's meta: TR
     count, sample count, device, path, threads, timings.
     """
+    try:
+        return _encode_trs(staging, name, source, source_key, source_fp, model, model_fp, device, sampling_rate, tr_s,
+                           onset_s, tr0, tr1, bandwidth, segment_s, context_s, batch_size, fast_path, threads,
+                           concurrent)
+    finally:
+        trim_heap()
+
+
+def _encode_trs(staging, name, source, source_key, source_fp, model, model_fp, device, sampling_rate, tr_s, onset_s,
+                tr0, tr1, bandwidth, segment_s, context_s, batch_size, fast_path, threads, concurrent) -> dict:
     from giblet import store
     from giblet.features import encodec_stream
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from giblet.features.media import torch_threads
 
-CHUNK_FRAMES = 128  # code frames per front chunk (1.7 s at 75 Hz: a 32-channel layer's tensor is ~5 MB)
+CHUNK_FRAMES = 64  # code frames per front chunk (0.85 s at 75 Hz: a 32-channel layer's tensor is ~2.6 MB)
 BACK_FRAMES = 2**13  # windows x code frames per LSTM batch (its windows share each step's weights)
 LSTM_FRAMES = 256  # code frames per LSTM call (the state is carried from one to the next)
 

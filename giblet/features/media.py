@@ -58,6 +58,20 @@ def torch_threads(n: int):
             torch.set_num_threads(before)
 
 
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``; a no-op
+    elsewhere). A model task's thousands of multi-MB tensors leave its threads' arenas
+    fragmented: trimmed at each task's end, the next task starts from the live memory
+    (the audio stage's peak RSS stays flat across tasks instead of creeping ~0.07 GB)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def open_stream(path: Path, kind: str, stage: str, *, missing: str, unreadable: str, absent: str):
     """Open ``path`` with PyAV and return ``(container, first stream of kind)``.
 
