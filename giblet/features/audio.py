@@ -430,6 +430,7 @@ def _encode_trs(staging, name, source, source_key, source_fp, model, model_fp, d
             arr[tr0:tr1] = block  # whole chunks: tr0 and tr1 lie on chunk boundaries (or the array end)
         t2 = time.perf_counter()
         if tr0 == 0 and path != "eager":
+            trim_heap()  # the check's eager activations (~15 MB per layer) reuse the encode's freed pages
             record = encodec_stream.agreement(net, wave[: int(AGREEMENT_S * net.config.sampling_rate)], bandwidth)
     return {"n_trs": n_trs, "n_samples": int(len(wave)), "source": source, "device": dev, "read_s": round(t_read, 3),
             "encode_s": round(t2 - t1, 3), "audio_s": round(max(0, end - tr0) * tr_s, 3), "path": path,

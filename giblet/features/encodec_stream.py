@@ -42,7 +42,7 @@ import numpy as np
 from giblet.features.media import torch_threads
 
 CHUNK_FRAMES = 64  # code frames per front chunk (0.85 s at 75 Hz: a 32-channel layer's tensor is ~2.6 MB)
-BACK_FRAMES = 2**13  # windows x code frames per LSTM batch (its windows share each step's weights)
+BACK_FRAMES = 2**12  # windows x code frames per LSTM batch (its windows share each step's weights; ~8 MB)
 LSTM_FRAMES = 256  # code frames per LSTM call (the state is carried from one to the next)
 
 Step = Callable  # (batch, time, channel) tensor -> (batch, time', channel') tensor
@@ -74,7 +74,7 @@ class StreamEncoder:
         Windows go in groups of at most ``BACK_FRAMES`` (windows x longest) frames: a group's
         fronts, chunk by chunk, then its back (the LSTM over the group at once), all on
         ``threads`` Python threads, every torch op single-threaded. The next group's fronts
-        run beside a group's back, and at most two groups' features are held (~16 MB each):
+        run beside a group's back, and at most two groups' features are held (~8 MB each):
         the task's memory does not grow with its audio. Why not torch's intra-op threads:
         this path runs thousands of small ops, and an OpenMP team waits at every op's end
         for its slowest thread -- on a loaded machine, one whose core was taken away (2

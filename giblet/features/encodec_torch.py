@@ -141,14 +141,14 @@ class Spec:
         """``(batch, 1, sample)`` -> ``(batch, dim, frame)``: transformers' ``encoder`` forward."""
         import torch.nn.functional as F
 
-        for layer in self.layers:
+        for layer in self.layers:  # an ELU overwrites its input where no one else holds it (same floats)
             if isinstance(layer, Residual):
                 h = x
-                for part in layer.block:
-                    h = F.elu(h) if part == "elu" else part(h)
+                for i, part in enumerate(layer.block):
+                    h = F.elu(h, inplace=i > 0) if part == "elu" else part(h)
                 x = (x if layer.shortcut is None else layer.shortcut(x)) + h
             elif layer == "elu":
-                x = F.elu(x)
+                x = F.elu(x, inplace=True)
             elif isinstance(layer, Conv):
                 x = layer(x)
             else:  # the LSTM, on (time, batch, channel), with its residual
