@@ -171,6 +171,9 @@ def test_round_trip_cache_hit_and_bandwidth_recomputes_only_audio(study, encodec
     assert s.n_trs() == 6  # the run's grid is cut to the 6 TRs its fMRI serves
     assert meta["n_tasks"] == 3 and meta["n_samples"] == len(wave)  # 10 TRs allotted from the header: 3 tasks
     assert meta["model"] == str(encodec_dir.resolve()) and meta["model_hash"] == hash_tree(encodec_dir)
+    # the default path, its threads and its measured agreement with the eager encode are recorded
+    assert meta["fast_path"] == "stream" and meta["warnings"] == [] and meta["threads"] == [len(os.sched_getaffinity(0))]
+    assert meta["fast_path_agreement"] >= AGREEMENT and meta["agreement_codes"] == 4 * 375  # the first 5 s
     stored = s.array("stimuli/run-1/audio/codes")
     assert stored.shape == (8, 4, 112) and stored.dtype == np.int16 and stored.chunks == (2, 4, 112)
     assert stored.attrs["code_frames_per_tr"] == 112 and stored.attrs["bandwidth_kbps"] == 3.0
