@@ -138,6 +138,9 @@ def test_older_and_unknown_checkpoints(model, signals, tmp_path):
              for k, v in model.state_dict().items()}
     for name, write in {"old": lambda d: save_file(state, d / "model.safetensors"),
                         "bin": lambda d: torch.save(state, d / "pytorch_model.bin"),
+                        "legacy": lambda d: torch.save(state, d / "pytorch_model.bin",
+                                                       _use_new_zipfile_serialization=False),
+                        "none": lambda d: None,
                         "odd": lambda d: save_file({**state, "encoder.layers.99.conv.bias": torch.zeros(2)},
                                                    d / "model.safetensors"),
                         "partial": lambda d: save_file({k: v for k, v in state.items() if "layers.4." not in k},
@@ -147,13 +150,15 @@ def test_older_and_unknown_checkpoints(model, signals, tmp_path):
         write(tmp_path / name)
     wave = signals["speech-like"][:24000]
     want = encodec_stream.spec_of(model).reference(wave, 3.0)
-    for name in ("old", "bin"):
+    for name in ("old", "bin", "legacy"):
         assert np.array_equal(encodec_torch.load_dir(str(tmp_path / name), "fp").reference(wave, 3.0), want), name
     net, path, note = encodec_stream.load(str(tmp_path / "odd"), "fp-odd", "cpu", "auto")
     assert path == "eager" and "encoder.layers.99.conv.bias" in note and "known layout" in note
     assert type(net).__name__ == "EncodecModel"
     with pytest.raises(InputError, match=r"lacks EnCodec weight encoder\.layers\.4\..*re-save it"):
         encodec_torch.load_dir(str(tmp_path / "partial"), "fp")
+    with pytest.raises(InputError, match="could not be loaded as EncodecModel"):  # no weights: transformers says so
+        encodec_stream.load(str(tmp_path / "none"), "fp-none", "cpu", "auto")
 
 
 def test_defaults_are_transformers_defaults():

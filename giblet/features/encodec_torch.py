@@ -270,7 +270,12 @@ def load_dir(path: str, fingerprint: str, n_codebooks: Optional[int] = None) -> 
             where = {k: h for h in handles for k in h.keys()}
             with torch.no_grad():
                 return from_tensors(cfg, set(where), lambda k: where[k].get_tensor(k), fingerprint, n_codebooks)
-        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
+        if not (folder / "pytorch_model.bin").is_file():  # e.g. sharded .bin files: transformers reads those
+            raise Unsupported(f"no model.safetensors or pytorch_model.bin in {folder}")
+        try:  # memory-mapped: only the tensors taken are read
+            state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (pre-zip) torch.save file cannot be mapped
+            state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
         with torch.no_grad():
             return from_tensors(cfg, set(state), state.__getitem__, fingerprint, n_codebooks)
     except (OSError, RuntimeError, ValueError) as exc:  # no weights file, a corrupt one, a bad shape
