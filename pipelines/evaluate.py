@@ -224,7 +224,8 @@ def write_outputs(out: Path, view, rs: dict, ceilings: Optional[dict], title: st
     if target != "voxels":
         info, title = view.target_info(target), f"{title}, {target}"
         files = {"r_maps": maps.save_target_maps(rs, info, out, "r")}
-        figures = {"per_subject": maps.plot_subject_violins(rs, out / "r_per_subject.png", title, ceilings)}
+        column = "vertex" if info["kind"] == "surface" else "parcel"
+        figures = {"per_subject": maps.plot_subject_violins(rs, out / "r_per_subject.png", title, ceilings, column)}
         if ceilings:
             files["ceiling_maps"] = maps.save_target_maps(ceilings, info, out, "ceiling")
             figures["r_vs_ceiling"] = maps.plot_r_vs_ceiling(rs, ceilings, out / "r_vs_ceiling.png", title)
