@@ -291,29 +291,34 @@ def test_noise_ceiling_on_target_sets_is_the_loso_correlation_cached_under_its_o
     store = tmp_path / "copy.zarr"
     shutil.copytree(built[1], store)  # the ceilings are cached in the store: not in the module's
     view = open_store(store)
-    voxels = noise_ceiling(view, "val", cache=False)  # before any target set's entry exists
+    voxels = noise_ceiling(view, "all", cache=False)  # before any target set's entry exists
     for target, dim in ((PARCELS, "parcel"), (SURFACE, "vertex")):
-        got = noise_ceiling(view, "val", target=target)
-        assert not got.cached and got.isc.shape == (2, view.n_columns(target)) and got.subjects == view.subjects
-        np.testing.assert_allclose(got.isc, direct_ceiling(view, target, "val"), atol=1e-5)
-        name = ceiling_name("val", target)
+        val = noise_ceiling(view, "val", target=target, cache=False)
+        assert not val.cached and val.isc.shape == (2, view.n_columns(target)) and val.subjects == view.subjects
+        np.testing.assert_allclose(val.isc, direct_ceiling(view, target, "val"), atol=1e-5)
+        saved = noise_ceiling(store, "all", target=target)  # "all": no other test of the module caches it
+        assert not saved.cached
+        np.testing.assert_allclose(saved.isc, direct_ceiling(view, target, "all"), atol=1e-5)
+        name = ceiling_name("all", target)
         entry = open_store(store).derived(name)
-        assert entry["params"] == {"split": "val", "target": target, "version": 1}
+        assert entry["params"] == {"split": "all", "target": target, "version": 1}
+        assert entry["meta"]["n_trs"] == saved.n_trs == {s: N_TRS for s in view.subjects}
         arr = open_store(store).array(f"{name}/isc")
         assert tuple(arr.metadata.dimension_names) == ("subject", dim) and arr.attrs["target"] == target
-        again = noise_ceiling(store, "val", target=target)
-        assert again.cached and again.n_trs == got.n_trs
-        np.testing.assert_array_equal(again.isc, got.isc)
+        again = noise_ceiling(store, "all", target=target)
+        assert again.cached and again.n_trs == saved.n_trs
+        np.testing.assert_array_equal(again.isc, saved.isc)
     assert ceiling_name("val", PARCELS) == "derived/noise_ceiling-val-parcels-atlas"
-    assert (noise_ceiling(view, "val", target=PARCELS).isc > 0.5).all()  # the planted parcel signal is shared
+    assert (noise_ceiling(store, "all", target=PARCELS).isc > 0.5).all()  # the planted parcel signal is shared
     # the voxels: their name, params, attrs and values as before target sets had ceilings
-    cached = noise_ceiling(store, "val", target="voxels")
+    cached = noise_ceiling(store, "all", target="voxels")
     after = open_store(store)
-    assert ceiling_name("val") == ceiling_name("val", "voxels") == "derived/noise_ceiling-val"
-    assert after.derived("derived/noise_ceiling-val")["params"] == {"split": "val", "version": 1}
-    assert "target" not in after.array("derived/noise_ceiling-val/isc").attrs
+    assert ceiling_name("all") == ceiling_name("all", "voxels") == "derived/noise_ceiling-all"
+    assert after.derived("derived/noise_ceiling-all")["params"] == {"split": "all", "version": 1}
+    assert "target" not in after.array("derived/noise_ceiling-all/isc").attrs
+    assert tuple(after.array("derived/noise_ceiling-all/isc").metadata.dimension_names) == ("subject", "voxel")
     np.testing.assert_array_equal(cached.isc, voxels.isc)
-    assert after.derived(ceiling_name("val", PARCELS)) and after.derived(ceiling_name("val", SURFACE))  # all kept
+    assert after.derived(ceiling_name("all", PARCELS)) and after.derived(ceiling_name("all", SURFACE))  # all kept
     assert verify_store(store) == []
 
 
