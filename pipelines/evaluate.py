@@ -2,7 +2,7 @@
 
     giblet-evaluate RUN_DIR [--split val|test] [--out DIR] [--store STORE] [--device DEV] [--no-ceiling]
     giblet-evaluate --baseline ridge --store STORE [--split val|test] [--out DIR] [--no-ceiling]
-                    [--features features/<extractor>/layer-<k> ...]
+                    [--features features/<extractor>/layer-<k> ...] [--target voxels|parcels/<name>|...]
 
 A run: the model is rebuilt from the run's config (the ``config`` record of ``log.jsonl``) and
 its ``checkpoint.pt`` (``weights_only``, validated, shape-checked), then run over every TR of
@@ -10,11 +10,13 @@ the split for every subject of the store, in (subject, run, TR) order with the t
 context windows (a subject the run did not train on gets the shared, average-subject
 prediction). Each subject's ``(tr, voxel)`` predictions are scored with
 ``giblet.evaluation.metrics.pearson_r`` against its z-scored BOLD -- the same figures the
-trainer's validation logs. The baseline: ``giblet.evaluation.ridge.ridge_baseline``.
+trainer's validation logs. The baseline: ``giblet.evaluation.ridge.ridge_baseline``, on the
+voxels or on the target set ``--target`` names (a run: the target it trained on, ``data.target``).
 
-Both: the noise ceiling (``giblet.evaluation.ceiling.noise_ceiling``, cached in the store)
-and the fraction of it reached (``metrics.ceiling_fraction``); r and ceiling maps as NIfTI,
-PNG figures and ``summary.json`` (``giblet.evaluation.maps``) in ``--out``; a table on stdout.
+Both: the noise ceiling on the same targets (``giblet.evaluation.ceiling.noise_ceiling``,
+cached in the store per split and target) and the fraction of it reached
+(``metrics.ceiling_fraction``); r and ceiling maps (NIfTI; a target set: TSV or GIFTI), PNG
+figures and ``summary.json`` (``giblet.evaluation.maps``) in ``--out``; a table on stdout.
 Exit codes as every giblet command: 0, 1 (one line; ``--debug`` for the traceback), 2 (usage).
 """
 from __future__ import annotations
@@ -172,14 +174,23 @@ def model_scores(model, ds, cfg, device: str) -> tuple[dict[str, np.ndarray], di
     return rs, n_trs
 
 
-def ridge_scores(view, split: str, arrays: tuple = ()) -> tuple[dict[str, np.ndarray], dict]:
-    """``(subject -> (voxel,) r, what)`` of the ridge baseline on ``split`` (``arrays``: stored
-    pretrained-feature layers as its only features)."""
+def check_target(view, target: str) -> str:
+    """``--target`` checked against the store's target sets (one line naming them if it is not one)."""
+    if target != "voxels" and target not in view.targets:
+        raise StoreError(f"{view.path}: --target {target!r} is not a target set of this store (it serves: "
+                         f"{', '.join(['voxels', *view.targets])}); pass one of those, or add the set to fmri.targets "
+                         f"and rerun `giblet-preprocess run CONFIG`")
+    return target
+
+
+def ridge_scores(view, split: str, arrays: tuple = (), target: str = "voxels") -> tuple[dict[str, np.ndarray], dict]:
+    """``(subject -> (column,) r, what)`` of the ridge baseline on ``split`` (``arrays``: stored
+    pretrained-feature layers as its only features; ``target``: the voxels or a target set's columns)."""
     from giblet.evaluation.features import FeatureParams
     from giblet.evaluation.ridge import DEFAULT_ALPHAS, ridge_baseline
 
     params = FeatureParams(arrays=tuple(arrays))
-    result = ridge_baseline(view, params=params)
+    result = ridge_baseline(view, params=params, target=target)
     what = {"kind": "ridge baseline", "features": dataclasses.asdict(params),
             "alphas": list(DEFAULT_ALPHAS), "solver": result.solver, "fit_s": result.fit_s,
             "skipped": result.skipped}
@@ -188,33 +199,37 @@ def ridge_scores(view, split: str, arrays: tuple = ()) -> tuple[dict[str, np.nda
 
 def store_ceiling(view, split: str, subjects, target: str = "voxels") -> tuple[Optional[dict[str, np.ndarray]],
                                                                               Optional[str]]:
-    """``(subject -> (voxel,) ceiling, note)``: None and why when the store has < 2 subjects
-    (or the run predicts a target set: the ceiling is computed on voxels)."""
+    """``(subject -> (column,) ceiling, note)`` on ``target`` (the voxels or a target set's columns,
+    each cached under its own name): None and why when the store has < 2 subjects."""
     from giblet.evaluation.ceiling import noise_ceiling
 
-    if target != "voxels":
-        return None, f"noise ceiling skipped: it is computed on voxels, and this run predicts {target}"
     if len(view.subjects) < 2:
         return None, (f"noise ceiling skipped: the store has {len(view.subjects)} subject(s) with fMRI, and a "
                       f"leave-one-subject-out ceiling needs >= 2")
     note = None
     try:
-        nc = noise_ceiling(view, split)
+        nc = noise_ceiling(view, split, target=target)
     except PermissionError:  # a read-only store: compute it, keep nothing
-        nc, note = noise_ceiling(view, split, cache=False), "noise ceiling not cached: the store is read-only"
+        nc = noise_ceiling(view, split, cache=False, target=target)
+        note = "noise ceiling not cached: the store is read-only"
     return {s: nc.isc[i] for i, s in enumerate(nc.subjects) if s in subjects}, note
 
 
 # -- outputs ---------------------------------------------------------------------------------------
 def write_outputs(out: Path, view, rs: dict, ceilings: Optional[dict], title: str, target: str = "voxels") -> dict:
-    """NIfTI maps and PNGs in ``out`` (a target set: its table or GIFTIs, and the violins);
-    returns the ``files`` entry of the summary (absolute paths)."""
+    """NIfTI maps and PNGs in ``out`` (a target set: its tables or GIFTIs -- r and ceiling --, the
+    violins and r vs ceiling; no glass brain); returns the ``files`` entry of the summary (absolute paths)."""
     from giblet.evaluation import maps
 
     if target != "voxels":
-        files = {"r_maps": maps.save_target_maps(rs, view.target_info(target), out, "r"),
-                 "figures": {"per_subject": maps.plot_subject_violins(rs, out / "r_per_subject.png",
-                                                                      f"{title}, {target}")}}
+        info, title = view.target_info(target), f"{title}, {target}"
+        files = {"r_maps": maps.save_target_maps(rs, info, out, "r")}
+        column = "vertex" if info["kind"] == "surface" else "parcel"
+        figures = {"per_subject": maps.plot_subject_violins(rs, out / "r_per_subject.png", title, ceilings, column)}
+        if ceilings:
+            files["ceiling_maps"] = maps.save_target_maps(ceilings, info, out, "ceiling")
+            figures["r_vs_ceiling"] = maps.plot_r_vs_ceiling(rs, ceilings, out / "r_vs_ceiling.png", title)
+        files["figures"] = figures
         return json.loads(json.dumps(files, default=lambda p: str(Path(p).resolve())))
 
     maps.check_voxel_order(view.voxels, view.mask, str(view.path))
@@ -255,11 +270,11 @@ def evaluate(args) -> dict:
 
     if args.baseline:
         view = open_view(args.store, "--store")
+        target = check_target(view, args.target or "voxels")
         n_trs = check_split(view, args.split)
-        rs, what = ridge_scores(view, args.split, tuple(args.features or ()))
+        rs, what = ridge_scores(view, args.split, tuple(args.features or ()), target)
         out = Path(args.out or f"giblet-evaluation-ridge-{args.split}")
         title = f"ridge baseline, {args.split}"
-        target = "voxels"
     else:
         model, ds, cfg, state, view = load_model(args.run_dir, args.store, args.split, args.device)
         rs, n_trs = model_scores(model, ds, cfg, args.device)
@@ -285,6 +300,7 @@ def evaluate(args) -> dict:
     summary["files"] = files
     atomic_write_json(out / "summary.json", maps.json_ready(summary))
     head = (f"model {what['run_dir']} (step {what['step']})" if not args.baseline else "ridge baseline")
+    head += f" on {target}" if target != "voxels" else ""
     print(f"{PROG}: {head} on split {args.split!r} of {view.path}")
     print(table(summary))
     if note:
@@ -307,6 +323,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--features", nargs="+", metavar="LAYER",
                    help="ridge baseline: fit on these stored pretrained-feature layers (features/<extractor>/"
                         "layer-<k>) instead of the raw modalities' features")
+    p.add_argument("--target", metavar="ID",
+                   help="ridge baseline: fit and score these columns -- voxels (default) or a target set of the "
+                        "store (parcels/<name>, surface/<name>) -- with the ceiling on the same columns")
     p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu; e.g. cuda)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
@@ -323,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--baseline ridge needs --store STORE")
     if args.features and not args.baseline:
         p.error("--features chooses the ridge baseline's features; add --baseline ridge")
+    if args.target and not args.baseline:
+        p.error("--target chooses the ridge baseline's targets; a run is scored on the target it trained on "
+                "(its data.target); add --baseline ridge")
 
     def body() -> int:
         evaluate(args)

@@ -5,7 +5,8 @@ One tiny study is built by the engine once per module: 2 subjects on a 12 mm MNI
 signal -- every voxel of a parcel reads the parcel's mix of the movie's colour latents -- plus
 drift and noise, detrended by the fMRI stage. The atlas lies on another grid (6 mm, shifted)
 and has a label outside the brain. Each target is checked against nilearn called directly
-on the same cleaned data.
+on the same cleaned data. The evaluation on a target set (noise ceiling, ridge baseline,
+giblet-evaluate --target) uses the same store (copied where it caches a ceiling).
 """
 from __future__ import annotations
 
@@ -260,7 +261,120 @@ def test_training_on_parcels_learns_the_planted_parcel_signal_and_evaluates_per_
     assert evaluate([str(tmp_path / "run"), "--out", str(tmp_path / "eval")]) == 0
     table = (tmp_path / "eval" / "r_sub-01.tsv").read_text().splitlines()
     assert table[0] == "label\tname\tn_voxels\tvalue" and len(table) == 9 and table[1].startswith("1\toctant-1\t")
-    assert yaml.safe_load((tmp_path / "eval" / "summary.json").read_text())["target"] == PARCELS
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["target"] == PARCELS and "ceiling_note" not in summary  # the ceiling on the same parcels
+    assert len((tmp_path / "eval" / "ceiling_sub-01.tsv").read_text().splitlines()) == 9
+
+
+# -- evaluation on a target set: the noise ceiling and the ridge baseline on its columns --------------------
+def direct_ceiling(view, target: str, split: str) -> np.ndarray:
+    """``(subject, column)``: each subject's z-scored series over the split's TRs against the mean of the
+    other subjects' at the same TRs, Pearson r column by column in numpy (0 without variance). The study
+    has one run that every subject serves whole, uncensored: no TR is left out."""
+    run = view.runs[0]
+    assert all(view.n_trs(run, s) == view.n_trs(run) and not view.censored(s, run).any() for s in view.subjects)
+    a, b = view.split_trs(split, run)
+    ys = np.stack([view.fmri(s, run, target=target)[a:b] for s in view.subjects]).astype(np.float64)
+    out = []
+    for i in range(len(ys)):
+        x, m = ys[i] - ys[i].mean(0), np.delete(ys, i, 0).mean(0)
+        m = m - m.mean(0)
+        den = np.sqrt((x * x).sum(0) * (m * m).sum(0))
+        out.append(np.where(den > 1e-9, (x * m).sum(0) / np.where(den > 1e-9, den, 1), 0.0))
+    return np.array(out)
+
+
+def test_noise_ceiling_on_target_sets_is_the_loso_correlation_cached_under_its_own_name(built, tmp_path):
+    from giblet.evaluation.ceiling import ceiling_name, noise_ceiling
+    from giblet.verify import verify_store
+
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(built[1], store)  # the ceilings are cached in the store: not in the module's
+    view = open_store(store)
+    voxels = noise_ceiling(view, "all", cache=False)  # before any target set's entry exists
+    for target, dim in ((PARCELS, "parcel"), (SURFACE, "vertex")):
+        val = noise_ceiling(view, "val", target=target, cache=False)
+        assert not val.cached and val.isc.shape == (2, view.n_columns(target)) and val.subjects == view.subjects
+        np.testing.assert_allclose(val.isc, direct_ceiling(view, target, "val"), atol=1e-5)
+        saved = noise_ceiling(store, "all", target=target)  # "all": no other test of the module caches it
+        assert not saved.cached
+        np.testing.assert_allclose(saved.isc, direct_ceiling(view, target, "all"), atol=1e-5)
+        name = ceiling_name("all", target)
+        entry = open_store(store).derived(name)
+        assert entry["params"] == {"split": "all", "target": target, "version": 1}
+        assert entry["meta"]["n_trs"] == saved.n_trs == {s: N_TRS for s in view.subjects}
+        arr = open_store(store).array(f"{name}/isc")
+        assert tuple(arr.metadata.dimension_names) == ("subject", dim) and arr.attrs["target"] == target
+        again = noise_ceiling(store, "all", target=target)
+        assert again.cached and again.n_trs == saved.n_trs
+        np.testing.assert_array_equal(again.isc, saved.isc)
+    assert ceiling_name("val", PARCELS) == "derived/noise_ceiling-val-parcels-atlas"
+    assert (noise_ceiling(store, "all", target=PARCELS).isc > 0.5).all()  # the planted parcel signal is shared
+    # the voxels: their name, params, attrs and values as before target sets had ceilings
+    cached = noise_ceiling(store, "all", target="voxels")
+    after = open_store(store)
+    assert ceiling_name("all") == ceiling_name("all", "voxels") == "derived/noise_ceiling-all"
+    assert after.derived("derived/noise_ceiling-all")["params"] == {"split": "all", "version": 1}
+    assert "target" not in after.array("derived/noise_ceiling-all/isc").attrs
+    assert tuple(after.array("derived/noise_ceiling-all/isc").metadata.dimension_names) == ("subject", "voxel")
+    np.testing.assert_array_equal(cached.isc, voxels.isc)
+    assert after.derived(ceiling_name("all", PARCELS)) and after.derived(ceiling_name("all", SURFACE))  # all kept
+    assert verify_store(store) == []
+
+
+def test_ridge_baseline_on_parcels_scores_per_subject_with_the_parcel_ceiling(built, tmp_path, capsys):
+    from giblet.evaluation.ceiling import ceiling_name
+    from giblet.evaluation.features import FeatureParams, StoreFeatures, store_features
+    from giblet.evaluation.ridge import ridge_baseline
+    from pipelines.evaluate import main as evaluate
+
+    store, out = tmp_path / "copy.zarr", tmp_path / "eval"
+    shutil.copytree(built[1], store)
+    assert evaluate(["--baseline", "ridge", "--store", str(store), "--target", PARCELS, "--out", str(out)]) == 0
+    assert "ridge baseline on parcels/atlas" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    view = open_store(store)
+    direct = ridge_baseline(view, target=PARCELS).r["val"]
+    isc = view.array(f"{ceiling_name('val', PARCELS)}/isc")[...]  # the CLI cached the parcels' ceiling
+    assert summary["target"] == PARCELS and list(summary["subjects"]) == view.subjects == list(direct)
+    for i, name in enumerate(view.subjects):
+        assert direct[name].shape == (8,) and summary["subjects"][name]["n"] == 8
+        assert summary["subjects"][name]["mean"] == pytest.approx(float(direct[name].mean()), abs=1e-5)
+        assert summary["ceiling"]["subjects"][name]["mean"] == pytest.approx(float(isc[i].mean()), abs=1e-5)
+        for kind, values in (("r", direct[name]), ("ceiling", isc[i])):
+            rows = (out / f"{kind}_{name}.tsv").read_text().splitlines()
+            assert rows[0] == "label\tname\tn_voxels\tvalue" and len(rows) == 9
+            np.testing.assert_allclose([float(r.split("\t")[-1]) for r in rows[1:]], values, atol=1e-5)
+    assert set(summary["files"]["figures"]) == {"per_subject", "r_vs_ceiling"} and summary["fraction_of_ceiling"]
+    assert not list(out.glob("*.nii.gz"))  # no voxel maps for a target set
+    # the planted parcel signal is found; the same features shuffled in time find nothing
+    features = store_features(view, FeatureParams())
+    rng = np.random.default_rng(0)
+    null = StoreFeatures({r: x[rng.permutation(len(x))] for r, x in features.runs.items()}, features.bands,
+                         features.delays)
+    shuffled = ridge_baseline(view, target=PARCELS, features=null).r["val"]
+    for name in view.subjects:
+        assert direct[name].mean() > 0.5 and direct[name].mean() > shuffled[name].mean() + 0.3, name
+
+
+def test_an_unknown_target_is_one_line_naming_the_stores_sets(built, capsys):
+    from giblet.errors import ModalityMissingError
+    from giblet.evaluation.ceiling import noise_ceiling
+    from giblet.evaluation.ridge import ridge_baseline
+    from pipelines.evaluate import main as evaluate
+
+    _, store = built
+    assert evaluate(["--baseline", "ridge", "--store", str(store), "--target", "parcels/nope", "--out", "x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("giblet-evaluate: error: ") and "--target 'parcels/nope'" in err
+    assert "voxels, parcels/atlas, parcels/power, surface/fsaverage5" in err
+    with pytest.raises(SystemExit) as exit_:
+        evaluate([str(store), "--target", PARCELS])  # a run is scored on its own data.target
+    assert exit_.value.code == 2 and "--target chooses the ridge baseline's targets" in capsys.readouterr().err
+    for call in (lambda: ridge_baseline(store, target="surface/nope"),
+                 lambda: noise_ceiling(store, "val", target="surface/nope", cache=False)):
+        with pytest.raises(ModalityMissingError, match="no target set 'surface/nope'; it serves voxels, parcels/"):
+            call()
 
 
 # -- bad input: one line each -----------------------------------------------------------------------------

@@ -156,7 +156,7 @@ def plot_glass_brains(images: Mapping[str, object], path: str | Path, title: str
 
 
 def plot_subject_violins(rs: Mapping[str, np.ndarray], path: str | Path, title: str,
-                         ceilings: Optional[Mapping[str, np.ndarray]] = None) -> Path:
+                         ceilings: Optional[Mapping[str, np.ndarray]] = None, column: str = "voxel") -> Path:
     """Violins of each subject's voxel r, its mean (dot) and its mean noise ceiling (bar).
 
     Args:
@@ -164,6 +164,7 @@ def plot_subject_violins(rs: Mapping[str, np.ndarray], path: str | Path, title: 
         path: the PNG to write.
         title: the figure's title.
         ceilings: subject -> ``(voxel,)`` ceiling (NaN voxels left out), or None.
+        column: what a value is, for the axis label (``voxel``; a target set's ``parcel``, ``vertex``).
     """
     plt = _pyplot()
     names = list(rs)
@@ -180,7 +181,7 @@ def plot_subject_violins(rs: Mapping[str, np.ndarray], path: str | Path, title: 
         ax.hlines(ceil, pos - 0.35, pos + 0.35, colors="C3", label="mean noise ceiling")
     ax.axhline(0, c="gray", lw=0.5)
     ax.set_xticks(pos, names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
-    ax.set(ylabel="Pearson r per voxel", title=title)
+    ax.set(ylabel=f"Pearson r per {column}", title=title)
     ax.legend(fontsize=7, loc="upper right")
     return _save(plt, fig, path)
 

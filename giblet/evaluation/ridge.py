@@ -2,7 +2,8 @@
 
 Per subject: the store's stimulus features (:mod:`giblet.evaluation.features`: z-scored over
 the training TRs, FIR-delayed within each run) at the (run, TR) samples the subject serves
-in the training split -> the subject's z-scored targets ``view.fmri(subject, run)``, less
+in the training split -> the subject's z-scored targets ``view.fmri(subject, run)`` (the
+voxels, or with ``target=`` the columns of a target set: parcels, spheres, vertices), less
 the TRs the store marks censored for the subject (``view.censored``: no fMRI there); one
 ridge penalty per target chosen by cross-validation over ``alphas``; then the Pearson r per
 target between prediction and target over the subject's val (and test) TRs, concatenated
@@ -70,7 +71,8 @@ class Samples:
     lengths: list[int]
 
 
-def subject_samples(view, features: StoreFeatures, subject: str, split: str) -> Optional[Samples]:
+def subject_samples(view, features: StoreFeatures, subject: str, split: str,
+                    target: Optional[str] = None) -> Optional[Samples]:
     """The subject's ``split`` TRs of every run it has, censored TRs left out (None if it has none).
 
     Args:
@@ -78,6 +80,7 @@ def subject_samples(view, features: StoreFeatures, subject: str, split: str) -> 
         features: its design matrices (:func:`~giblet.evaluation.features.store_features`).
         subject: a subject of the store.
         split: ``train``, ``val`` or ``test``.
+        target: a target set's id (``y`` holds its columns); None: the voxels.
     """
     xs, ys, lengths = [], [], []
     for run in view.subject_runs(subject):
@@ -85,7 +88,7 @@ def subject_samples(view, features: StoreFeatures, subject: str, split: str) -> 
         keep = ~view.censored(subject, run)[a:b]  # censored TRs have no fMRI (NaN): neither fitted nor scored
         if b > a and keep.any():
             xs.append(features.runs[run][a:b][keep])
-            ys.append(view.fmri(subject, run, slice(a, b))[keep])
+            ys.append(view.fmri(subject, run, slice(a, b), target=target)[keep])
             lengths.append(int(keep.sum()))
     if not lengths:
         return None
@@ -172,7 +175,8 @@ def _check_splits(view) -> list[str]:
 
 def ridge_baseline(store, *, subjects: Optional[list[str]] = None, params: FeatureParams = FeatureParams(),
                    alphas=DEFAULT_ALPHAS, n_blocks: int = 5, target_block: int = 8192,
-                   predictions: bool = False, features: Optional[StoreFeatures] = None) -> RidgeResult:
+                   predictions: bool = False, features: Optional[StoreFeatures] = None,
+                   target: Optional[str] = None) -> RidgeResult:
     """Per-subject ridge from the store's stimulus features to each subject's targets.
 
     Args:
@@ -184,26 +188,30 @@ def ridge_baseline(store, *, subjects: Optional[list[str]] = None, params: Featu
         target_block: targets fitted at once.
         predictions: keep the ``(tr, target)`` predictions.
         features: precomputed design matrices (default: computed from ``params``).
+        target: a target set's id (``view.targets``, e.g. ``parcels/schaefer``): fit its columns
+            instead of the voxels (same features, splits and CV). None or ``"voxels"``: the voxels.
 
     Returns:
         :class:`RidgeResult` with ``r[split][subject]`` ``(target,)`` for ``val`` and ``test``.
 
     Raises:
-        StoreError: no val/test TR, no subject, no stimulus, or no training TR.
+        StoreError: no val/test TR, no subject, no stimulus, or no training TR;
+            ModalityMissingError (a ``StoreError``): a target set the store does not serve.
     """
     from giblet.reader import StoreView, open_store
 
     view = store if isinstance(store, StoreView) else open_store(store)
     splits = _check_splits(view)
+    target = view.target(target)  # before any fitting: an unknown set fails at once
     features = features or store_features(view, params)
     out = RidgeResult(r={s: {} for s in splits}, predictions={s: {} for s in splits} if predictions else None)
     for subject in subjects or view.subjects:
         t0 = time.perf_counter()
-        train = subject_samples(view, features, subject, "train")
+        train = subject_samples(view, features, subject, "train", target)
         if train is None or len(train.y) < 2:
             out.skipped[subject] = "fewer than 2 training TRs"
             continue
-        evals = {s: e for s in splits if (e := subject_samples(view, features, subject, s)) is not None}
+        evals = {s: e for s in splits if (e := subject_samples(view, features, subject, s, target)) is not None}
         r, best, preds, solver = fit_subject(train, evals, alphas, n_blocks, target_block, predictions)
         for s in evals:
             out.r[s][subject] = r[s]
