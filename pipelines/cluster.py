@@ -93,14 +93,6 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-# Set in LocalCluster workers' environment (and this process's, in-process). Under Dask's
-# MALLOC_TRIM_THRESHOLD_ (which keeps a worker's memory from growing) every tensor over 128 KB
-# is a fresh mmap, zero-filled page by page; the audio stage allocates thousands of 2-16 MB
-# ones. torch's THP_MEM_ALLOC_ENABLE backs allocations >= 2 MB with huge pages: 512x fewer
-# page faults, the stream encode ~1.2x faster at the same peak memory (docs/performance.md).
-WORKER_ENVIRON = {"THP_MEM_ALLOC_ENABLE": "1"}
-
-
 def _trim_freed_memory() -> None:
     """What ``MALLOC_TRIM_THRESHOLD_=65536`` does in Dask's worker processes, for this one: glibc
     gives freed memory back instead of keeping large tensors' pages (the audio task's peak
@@ -160,9 +152,7 @@ class Cluster:
         user_connect_s = parse_timedelta(dask.config.get("distributed.comm.timeouts.connect"), "s")
         raised = {k: f"{floor}s" for k, floor in LOADED_TIMEOUTS_S.items()
                   if parse_timedelta(dask.config.get(k), "s") < floor}
-        environ = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENVIRON.items()
-                   if dask.config.get(f"distributed.nanny.pre-spawn-environ.{k}", None) is None}
-        self._config = dask.config.set({**raised, **environ})  # LocalCluster workers inherit it when spawned
+        self._config = dask.config.set(raised)  # LocalCluster workers inherit it when spawned
         try:
             if self.scheduler:
                 # an existing scheduler: a wrong address fails after Dask's connect timeout (30 s unless
@@ -228,8 +218,6 @@ class Cluster:
 
         self._limits = threadpool_limits(1, user_api="blas")
         _trim_freed_memory()
-        for key, value in WORKER_ENVIRON.items():  # read by torch at its first allocation: best effort here
-            os.environ.setdefault(key, value)
         self.n_gpus = local_gpu_count() if self.gpus else 0  # the in-process worker advertises them too
         try:
             self.local = LocalCluster(n_workers=1, threads_per_worker=1, processes=False,

@@ -281,26 +281,3 @@ def test_in_process_and_cluster_builds_of_every_stage_are_bit_identical(tmp_path
     assert meta["fast_path"] == "stream" and meta["threads"] == [task_threads(None, 1)]
     assert meta["fast_path_agreement"] >= AGREEMENT and meta["agreement_codes"] > 0 and meta["warnings"] == []
 
-
-def test_worker_environment_asks_torch_for_huge_pages(monkeypatch):
-    """LocalCluster workers are spawned with THP_MEM_ALLOC_ENABLE (set in the nanny's
-    pre-spawn environment while the cluster lives), an in-process build sets it for itself,
-    and a value in the user's Dask config is kept."""
-    import dask
-
-    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
-    key = "distributed.nanny.pre-spawn-environ.THP_MEM_ALLOC_ENABLE"
-    c = Cluster(None, 0)
-    c.start()
-    try:
-        assert dask.config.get(key) == "1" and os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
-    finally:
-        c.close()
-    assert dask.config.get(key, None) is None  # restored with the cluster
-    with dask.config.set({key: "0"}):
-        c = Cluster(None, 0)
-        c.start()
-        try:
-            assert dask.config.get(key) == "0"
-        finally:
-            c.close()
