@@ -64,10 +64,9 @@ def trim_heap() -> None:
     fragmented: trimmed at each task's end, the next task starts from the live memory
     (the audio stage's peak RSS stays flat across tasks instead of creeping ~0.07 GB)."""
     import ctypes
-    import ctypes.util
 
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    try:  # the process's own symbols (libc among them): no `ldconfig` child forked from a large process
+        ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
