@@ -98,11 +98,9 @@ def _trim_freed_memory() -> None:
     gives freed memory back instead of keeping large tensors' pages (the audio task's peak
     was ~0.1 GB lower with it). Best effort: other C libraries have no ``mallopt``."""
     import ctypes
-    import ctypes.util
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-1, 65536)  # M_TRIM_THRESHOLD (also stops the dynamic mmap threshold)
+    try:  # the process's own symbols, libc's among them (as giblet.features.media.trim_heap)
+        ctypes.CDLL(None).mallopt(-1, 65536)  # M_TRIM_THRESHOLD (also stops the dynamic mmap threshold)
     except (OSError, AttributeError):
         pass
 

@@ -52,7 +52,8 @@ from giblet.features.encodec import (  # noqa: E402,F401  (re-exported: part of 
     ENCODEC_24KHZ, MAX_PAD_ELEMENTS, RANDOM, RANDOM_RECIPE, RANDOM_SEED, ModelInfo, build_random_model, load_model,
     load_spec, resolve_model, weights_hash,
 )
-from giblet.features.media import open_stream, resolve_device, task_threads, torch_threads, trim_heap  # noqa: E402
+from giblet.features.media import open_stream, resolve_device, task_threads, torch_threads, trim_heap, \
+    trims_heap  # noqa: E402
 
 AGREEMENT_S = 5.0  # seconds of audio the first task also encodes eagerly, to record the fast path's agreement
 
@@ -374,6 +375,7 @@ def create_codes(staging: Path, name: str, n_trs: int, n_codebooks: int, frames_
                        (chunk_trs, n_codebooks, frames_per_tr), (store.TR, store.CODEBOOK, store.CODE_FRAME), attrs)
 
 
+@trims_heap  # the next task starts from the live memory, not this one's fragmented arenas
 def encode_trs(staging: str, name: str, source: str, source_key: str, source_fp: str, model: str, model_fp: str,
                device: str, sampling_rate: int, tr_s: float, onset_s: float, tr0: int, tr1: int,
                bandwidth: float, segment_s: float, context_s: float, batch_size: int, fast_path: str = "eager",
@@ -389,16 +391,6 @@ def encode_trs(staging: str, name: str, source: str, source_key: str, source_fp:
     (``finish_codes`` trims them). Returns the record merged into the unit's meta: TR
     count, sample count, device, path, threads, timings.
     """
-    try:
-        return _encode_trs(staging, name, source, source_key, source_fp, model, model_fp, device, sampling_rate, tr_s,
-                           onset_s, tr0, tr1, bandwidth, segment_s, context_s, batch_size, fast_path, threads,
-                           concurrent)
-    finally:
-        trim_heap()
-
-
-def _encode_trs(staging, name, source, source_key, source_fp, model, model_fp, device, sampling_rate, tr_s, onset_s,
-                tr0, tr1, bandwidth, segment_s, context_s, batch_size, fast_path, threads, concurrent) -> dict:
     from giblet import store
     from giblet.features import encodec_stream
 

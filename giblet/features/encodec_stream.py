@@ -211,34 +211,31 @@ def _step(m, inplace: bool = True) -> Step:
 
 
 class _Conv:
-    """A causal ``encodec_torch.Conv`` on ``(batch, time, channel)``: the same padding rule."""
+    """A causal ``encodec_torch.Conv`` on ``(batch, time, channel)``: its padding rule, its weights
+    re-laid channels-last (the Conv then reads them back: one copy held)."""
 
     def __init__(self, conv):
         import torch
 
-        self.stride, self.dilation, self.kernel = conv.stride, conv.dilation, conv.kernel
-        self.pad_total, self.mode = self.kernel - self.stride, conv.pad_mode
+        self.conv = conv
         w = conv.weight  # (out, in, kernel), the weight norm folded
-        self.bias = conv.bias
-        if w.shape[-1] == 1 and self.stride == 1:
+        if w.shape[-1] == 1 and conv.stride == 1:
             self.matrix = w[:, :, 0]  # (out, in), a view: a 1x1 convolution is a matmul
             self.weight = None
         else:
             self.matrix = None
             self.weight = w.unsqueeze(2).contiguous(memory_format=torch.channels_last)  # (out, in, 1, kernel)
-            conv.weight = self.weight.squeeze(2)  # the same floats, one copy held (the reference makes it contiguous)
+            conv.weight = self.weight.squeeze(2)  # the same floats (the reference makes them contiguous)
 
     def __call__(self, y):
         import torch.nn.functional as F
 
+        c = self.conv
         if self.matrix is not None:
-            return F.linear(y, self.matrix, self.bias)
-        n = y.shape[1]
-        frames = -(-(n - self.kernel + self.pad_total) // self.stride)  # transformers' rule, in integers
-        extra = frames * self.stride + self.kernel - self.pad_total - n
-        y = _pad(y, self.pad_total, extra, self.mode)
+            return F.linear(y, self.matrix, c.bias)
+        y = _pad(y, c.kernel - c.stride, c.extra(y.shape[1]), c.pad_mode)
         x = y.permute(0, 2, 1).unsqueeze(2)  # (batch, channel, 1, time), channels_last in memory
-        out = F.conv2d(x, self.weight, self.bias, stride=(1, self.stride), dilation=(1, self.dilation))
+        out = F.conv2d(x, self.weight, c.bias, stride=(1, c.stride), dilation=(1, c.dilation))
         return out.squeeze(2).permute(0, 2, 1)
 
 

@@ -71,6 +71,19 @@ def trim_heap() -> None:
         pass
 
 
+def trims_heap(fn):
+    """``fn``, then ``trim_heap`` however it ends (a decorator for model tasks)."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            trim_heap()
+    return run
+
+
 def open_stream(path: Path, kind: str, stage: str, *, missing: str, unreadable: str, absent: str):
     """Open ``path`` with PyAV and return ``(container, first stream of kind)``.
 
